@@ -1,0 +1,107 @@
+"""Data sets by name (tmwpl, pmtd): found locally, or downloaded from the paper's repository and checked by sha256."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from ncal_core.errors import NCALError, at
+
+DATA_DIR_ENV = "NCAL_DATA_DIR"
+CACHE_DIR_ENV = "NCAL_CACHE_DIR"
+DATA_URL_ENV = "NCAL_DATA_URL"
+_CHUNK = 1 << 20
+
+
+@functools.cache
+def registry() -> dict:
+    """The contents of data/datasets.json (shipped as package `ncal_data`): base URL, names, files, checksums."""
+    # importlib.resources cannot read a namespace package under setuptools' editable finder, so look on its path.
+    spec = importlib.util.find_spec("ncal_data")
+    for folder in spec.submodule_search_locations if spec else []:
+        path = Path(folder) / "datasets.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    raise FileNotFoundError("ncal_data/datasets.json is not installed; reinstall the package (pip install -e .)")
+
+
+def default_search_dirs() -> list[Path]:
+    """Folders searched before the cache: $NCAL_DATA_DIR, shared/data beside the checkout, ../shared/data from cwd."""
+    dirs = [Path(os.environ[DATA_DIR_ENV]).expanduser()] if os.environ.get(DATA_DIR_ENV) else []
+    return [*dirs, Path(__file__).resolve().parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+
+
+def cache_dir() -> Path:
+    """Where downloaded files go: ($NCAL_CACHE_DIR or ~/.cache/ncal)/data."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "ncal").expanduser() / "data"
+
+
+def download(url: str, dest: Path, sha256: str) -> Path:
+    """Fetch url to dest atomically (temporary file, fsync, rename), keeping it only if its sha256 matches."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as err:
+        raise NCALError(f"{at(dest.parent)}: cannot write the download there: {err.strerror}") from None
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    for chunk in iter(lambda: response.read(_CHUNK), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+            except OSError as err:
+                raise NCALError(
+                    f"{url}: download failed ({getattr(err, 'reason', err)}); "
+                    f"put {dest.name} in ${DATA_DIR_ENV} instead"
+                ) from None
+            out.flush()
+            os.fsync(out.fileno())
+        actual = digest.hexdigest()
+        if actual != sha256:
+            raise NCALError(f"{url}: sha256 mismatch for {dest.name}: expected {sha256}, got {actual}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in folder durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def resolve_dataset(name_or_path: str, split: str = "train", *, search_dirs: Sequence[Path] | None = None) -> Path:
+    """An existing path as is; else a known name's split file, found locally or in the cache, or downloaded."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    known = registry()["datasets"]
+    entry = known.get(name_or_path.lower())
+    if entry is None:
+        raise NCALError(f"{name_or_path}: no such file, and not a known data set name ({', '.join(known)})")
+    if split not in entry["files"]:
+        raise NCALError(f"{name_or_path}: unknown split {split!r} (known: {', '.join(entry['files'])})")
+    file = entry["files"][split]
+    dirs = default_search_dirs() if search_dirs is None else list(search_dirs)
+    for folder in [*dirs, cache_dir()]:
+        candidate = folder / file["name"]
+        if candidate.is_file():
+            return candidate
+    base_url = os.environ.get(DATA_URL_ENV) or registry()["base_url"]
+    return download(base_url.rstrip("/") + "/" + file["name"], cache_dir() / file["name"], file["sha256"])

@@ -1,0 +1,142 @@
+"""`python -m ncal_core.infer`: predict labels by constrained label scoring, and report against gold labels."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ncal_core.cli import parse_config
+from ncal_core.data import Example, check_labels, load_examples
+from ncal_core.errors import NCALError, run_cli
+from ncal_core.generate import greedy_generate
+from ncal_core.metrics import classification_report, format_report
+from ncal_core.predictor import Predictor, load_predictor
+from ncal_core.prompts import PromptBuilder
+from ncal_core.scoring import score_labels
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class InferConfig:
+    """Flags of `python -m ncal_core.infer`."""
+
+    model_path: str | None = _f(None, "a training output, checkpoint, merged/full checkpoint, base checkpoint "
+                                      "or PEFT adapter folder")
+    base_model_path: str | None = _f(None, "the base checkpoint under an adapter (default: the one its run or "
+                                           "adapter_config.json names)")
+    prompt: str | None = _f(None, "one text to classify")
+    prompts_file: str | None = _f(None, "rows to classify (TMWPL, PMTD or conversation format; gold labels optional)")
+    interactive: bool = _f(False, "read texts from stdin, one per line, and print label and probability")
+    output_file: str | None = _f(None, "write one JSON line per row: id, prediction, scores, label")
+    metrics_file: str | None = _f(None, "write the report (accuracy, macro_f1, per class, confusion) as JSON")
+    labels: list[str] | None = _f(None, "the class names, when the model folder does not record them "
+                                        "(default: the sorted gold labels of --prompts_file)")
+    instruction: str | None = _f(None, "system turn before each prompt (default: the training run's)")
+    batch_size: int = _f(16, "prompts scored per forward pass")
+    generate: bool = _f(False, "decode greedily instead of scoring labels, and count invalid outputs")
+    max_new_tokens: int = _f(16, "token limit of --generate")
+    dtype: str = _f("float32", "float32, bfloat16 or float16")
+
+
+def _labels(cfg: InferConfig, predictor: Predictor, rows: list[Example]) -> list[str]:
+    labels = cfg.labels or predictor.labels
+    if labels is None:
+        gold = sorted({row.label for row in rows if row.label is not None})
+        if len(gold) < 2:
+            raise NCALError("--labels: the model folder records no label set and the rows carry fewer than "
+                            "2 gold labels; pass --labels A,B,...")
+        labels = gold
+    return labels
+
+
+def _rows(cfg: InferConfig) -> list[Example]:
+    if cfg.prompts_file:
+        return load_examples(cfg.prompts_file, require_labels=False)
+    if cfg.prompt is not None:
+        return [Example(id="prompt", messages=[{"role": "user", "content": cfg.prompt}], label=None,
+                        where="--prompt")]
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, load the model, predict and report."""
+    cfg = parse_config(InferConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.infer")
+    if not cfg.model_path:
+        raise NCALError("--model_path is required")
+    if sum([cfg.prompt is not None, cfg.prompts_file is not None, cfg.interactive]) != 1:
+        raise NCALError("give exactly one of --prompt, --prompts_file and --interactive")
+    if cfg.batch_size < 1:
+        raise NCALError(f"--batch_size: must be >= 1, not {cfg.batch_size}")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+    if dtype is None:
+        raise NCALError(f"--dtype: must be float32, bfloat16 or float16, not {cfg.dtype!r}")
+    predictor = load_predictor(cfg.model_path, cfg.base_model_path, dtype=dtype)
+    rows = _rows(cfg)
+    labels = _labels(cfg, predictor, rows) if not cfg.interactive or predictor.labels or cfg.labels else None
+    if labels is None:
+        raise NCALError("--labels: the model folder records no label set; pass --labels A,B,...")
+    gold_rows = [row for row in rows if row.label is not None]
+    if gold_rows:
+        check_labels(gold_rows, labels, cfg.prompts_file or "--prompt")
+    builder = PromptBuilder(predictor.tokenizer, labels, instruction=cfg.instruction or predictor.instruction,
+                            cutoff_len=predictor.cutoff_len)
+
+    if cfg.interactive:
+        for line in sys.stdin:
+            if line.strip():
+                example = Example(id="stdin", messages=[{"role": "user", "content": line.strip()}], label=None,
+                                  where="stdin")
+                probs = torch.softmax(score_labels(predictor.model, [builder.prompt_ids(example)],
+                                                   builder.label_ids)[0], dim=0)
+                best = int(probs.argmax())
+                print(f"{labels[best]}\t{probs[best]:.4f}", flush=True)
+        return 0
+
+    prompts = [builder.prompt_ids(row) for row in rows]
+    if cfg.generate:
+        texts = [predictor.tokenizer.decode(greedy_generate(predictor.model, p, builder.eos_id, cfg.max_new_tokens),
+                                            skip_special_tokens=True).strip() for p in prompts]
+        predictions = texts
+        invalid = sum(text not in labels for text in texts)
+        print(f"generated {len(texts)} outputs, {invalid} not a valid label")
+        outputs = [{"id": row.id, "prediction": text, "valid": text in labels, "label": row.label}
+                   for row, text in zip(rows, texts)]
+    else:
+        probs = torch.softmax(score_labels(predictor.model, prompts, builder.label_ids,
+                                           batch_size=cfg.batch_size), dim=1)
+        predictions = [labels[i] for i in probs.argmax(dim=1).tolist()]
+        outputs = [{"id": row.id, "prediction": pred,
+                    "scores": {label: float(p) for label, p in zip(labels, row_probs.tolist())}, "label": row.label}
+                   for row, pred, row_probs in zip(rows, predictions, probs)]
+        invalid = 0
+    if cfg.output_file:
+        with open(cfg.output_file, "w", encoding="utf-8") as handle:
+            for line in outputs:
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+    elif cfg.prompt is not None:
+        best = outputs[0]
+        print(f"{best['prediction']}\t{best['scores'][best['prediction']]:.4f}" if not cfg.generate
+              else best["prediction"])
+    if gold_rows and len(gold_rows) == len(rows):
+        # an invalid generated output counts as wrong: it is mapped to no class index
+        pred_index = [labels.index(p) if p in labels else -1 for p in predictions]
+        report = classification_report([labels.index(r.label) for r in rows], pred_index, labels)
+        if cfg.generate:
+            report["invalid_outputs"] = invalid
+        print(format_report(report))
+        if cfg.metrics_file:
+            Path(cfg.metrics_file).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    elif cfg.metrics_file:
+        raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,226 @@
+"""LoRA: a linear layer with a low-rank update, injection by module name, merging, and PEFT-format adapters."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ncal_core.errors import NCALError, at
+from ncal_core.weights import assign_parameters, hf_name, read_json, read_tensors, write_json, write_safetensors
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LORA_PARAMS = ("lora_A", "lora_B")
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+# adapter_config.json keys whose non-empty / true value changes the math in a way this module does not implement
+UNSUPPORTED_IF_SET = (
+    "use_rslora",
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "exclude_modules",
+    "layer_replication",
+    "trainable_token_indices",
+    "target_parameters",
+    "use_qalora",
+)
+# Initialisations that rewrite the base weights (PiSSA, OLoRA, LoftQ, ...) make the adapter meaningless on the
+# untouched base model; only these leave the base alone.
+PLAIN_INITS = (True, False, "gaussian")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + scaling * B(A(dropout(x))), keeping the base layer's `weight` and `bias` parameters."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # the same Parameter objects: base state-dict keys and memory are unchanged
+        self.register_parameter("weight", base.weight)
+        self.register_parameter("bias", base.bias)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Adapters train in at least fp32 even on a bf16 base, as PEFT does by default.
+        factory = {"device": base.weight.device, "dtype": torch.promote_types(base.weight.dtype, torch.float32)}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))  # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))  # [out, r]
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default, so B = 0 starts at the base model
+        self.merged = False
+        self.train(base.training)  # a new module starts in train mode; follow the model it is injected into
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., in] -> [..., out]"""
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (self.scaling * update).to(y.dtype)
+
+    def delta(self) -> Tensor:
+        """scaling * B A [out, in] in the base weight's dtype."""
+        return (self.scaling * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into `weight` (no-op if already merged)."""
+        if not self.merged:
+            self.weight += self.delta()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of `weight` (no-op if not merged)."""
+        if self.merged:
+            self.weight -= self.delta()
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
+
+
+def is_lora_param(name: str) -> bool:
+    """Whether a parameter name is a LoRA factor."""
+    return name.rsplit(".", 1)[-1] in LORA_PARAMS
+
+
+def inject_lora(
+    model: nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str] | None = None
+) -> list[str]:
+    """Wrap every nn.Linear named by `target_modules` in a LoRALinear and freeze every other parameter.
+
+    A target names a module as PEFT reads it: the module's last name component (`q_proj`) or a dotted
+    suffix of its Hugging Face name (`self_attn.q_proj`). Returns our names of the wrapped modules.
+    """
+    targets = set(DEFAULT_TARGETS if target_modules is None else target_modules)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise NCALError(f"lora r: must be an integer >= 1, got {r!r}")
+
+    def targeted(name: str) -> bool:
+        full = hf_name(name)
+        return any(full == t or full.endswith(f".{t}") for t in targets)
+
+    replaced = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and targeted(name)]
+    if not replaced:
+        raise NCALError(f"lora target_modules: {sorted(targets)} match no linear layer of the model")
+    for name in replaced:
+        owner, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(owner)
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout))
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_lora_param(name))
+    return replaced
+
+
+def peft_key(name: str) -> str:
+    """Our LoRA parameter name -> PEFT's saved key, e.g. layers.0.self_attn.q_proj.lora_A ->
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    return f"{PEFT_PREFIX}{hf_name(name)}.weight"
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the LoRA factors, under PEFT's key names."""
+    return {peft_key(name): p.detach() for name, p in model.named_parameters() if is_lora_param(name)}
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+) -> None:
+    """Write adapter_config.json + adapter_model.safetensors that peft's PeftModel.from_pretrained loads."""
+    out_dir = Path(out_dir)
+    tensors = lora_state_dict(model)
+    if not tensors:
+        raise ValueError("the model has no LoRA layers to save (call inject_lora first)")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(target_modules),
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / CONFIG_FILE, config)
+    write_safetensors(tensors, out_dir, stem=WEIGHTS_FILE.removesuffix(".safetensors"))
+
+
+def read_adapter_config(path: Path) -> dict:
+    """Parse a PEFT adapter_config.json, refusing (naming the field) what would change the math."""
+    config = read_json(path)
+
+    def refuse(key: str, why: str) -> NCALError:
+        return NCALError(f"{at(path, None, key)}: {config.get(key)!r} is not supported ({why})")
+
+    if config.get("peft_type", "LORA") != "LORA":
+        raise refuse("peft_type", "only LORA adapters")
+    for key in UNSUPPORTED_IF_SET:
+        if config.get(key):
+            raise refuse(key, "it changes the LoRA update")
+    if config.get("bias", "none") != "none":
+        raise refuse("bias", "only 'none': trained biases are not loaded")
+    if config.get("init_lora_weights", True) not in PLAIN_INITS:
+        raise refuse("init_lora_weights", "this initialisation rewrites the base weights")
+    r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise refuse("r", "must be an integer >= 1")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise refuse("lora_alpha", "must be a number")
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise refuse("lora_dropout", "must be a number in [0, 1)")
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise refuse("target_modules", "only a non-empty list of module names; regex strings are not read")
+    return config
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
+    """Inject LoRA as a PEFT adapter folder describes and load its factors; returns the parsed adapter config."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir / CONFIG_FILE)
+    inject_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), config["target_modules"])
+    weights = adapter_dir / WEIGHTS_FILE
+    # peft saves without the adapter name, but some tools keep it: ...q_proj.lora_A.default.weight
+    tensors = ((file, key.replace(".default.", "."), t) for file, key, t in read_tensors([weights]))
+    assign_parameters(model, tensors, peft_key, source=weights, select=is_lora_param)
+    return config
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Replace every LoRALinear by a plain nn.Linear holding the merged weight, in place."""
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    for name in wrapped:
+        owner, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(owner)
+        lora: LoRALinear = getattr(parent, leaf)
+        lora.merge()
+        plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
+        plain.weight, plain.bias = lora.weight, lora.bias
+        setattr(parent, leaf, plain)

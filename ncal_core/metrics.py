@@ -1,0 +1,131 @@
+"""Classification metrics (accuracy, macro-F1, per-class scores, confusion) and a paired bootstrap."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+
+import numpy as np
+
+from ncal_core.errors import NCALError
+
+# Rows per bootstrap chunk: bounds the [chunk, N] index array to a few tens of MB.
+_BOOT_CELLS = 4_000_000
+
+
+def _check(gold: Sequence[int], preds: Sequence[Sequence[int]], num_classes: int) -> list[np.ndarray]:
+    """Gold and predictions as int64 arrays `[N]`, after checking lengths and class ids."""
+    if num_classes < 1:
+        raise NCALError(f"need at least one class, got num_classes={num_classes}")
+    arrays = [np.asarray(gold, dtype=np.int64).reshape(-1)]
+    arrays += [np.asarray(p, dtype=np.int64).reshape(-1) for p in preds]
+    if arrays[0].size == 0:
+        raise NCALError("no rows to score")
+    for name, arr in zip(["gold"] + ["predictions"] * len(preds), arrays):
+        if arr.shape != arrays[0].shape:
+            raise NCALError(f"{name} has {arr.size} rows but gold has {arrays[0].size}")
+        bad = arr[(arr < 0) | (arr >= num_classes)]
+        if bad.size:
+            raise NCALError(f"{name} holds class id {int(bad[0])}, outside 0..{num_classes - 1}")
+    return arrays
+
+
+def _confusion(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts `[K, K]`, rows = gold, columns = predicted."""
+    return np.bincount(gold * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def _per_class(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 `[..., K]` from confusion counts `[..., K, K]`; 0 wherever a ratio is 0/0."""
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1).astype(np.float64)
+    predicted = confusion.sum(axis=-2)
+    actual = confusion.sum(axis=-1)
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+    # F1 = 2tp / (2tp + fp + fn): the harmonic mean of P and R, and 0 when both are 0.
+    return ratio(tp, predicted), ratio(tp, actual), ratio(2 * tp, predicted + actual)
+
+
+def _macro_f1(confusion: np.ndarray) -> np.ndarray:
+    """Unweighted mean of per-class F1 `[...]` from confusion counts `[..., K, K]`."""
+    return _per_class(confusion)[2].mean(axis=-1)
+
+
+def classification_report(gold: Sequence[int], pred: Sequence[int], labels: list[str]) -> dict:
+    """Accuracy, macro-F1 over all K labels, per-class P/R/F1/support and confusion for class ids `[N]`."""
+    if len(set(labels)) != len(labels):
+        raise NCALError(f"class labels repeat: {labels}")
+    gold_arr, pred_arr = _check(gold, [pred], len(labels))
+    confusion = _confusion(gold_arr, pred_arr, len(labels))
+    precision, recall, f1 = _per_class(confusion)
+    support = confusion.sum(axis=1)
+    return {
+        "accuracy": float(np.trace(confusion) / gold_arr.size),
+        "macro_f1": float(f1.mean()),
+        "labels": list(labels),
+        "per_class": {
+            label: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                    "support": int(support[k])}
+            for k, label in enumerate(labels)
+        },
+        "confusion": confusion.tolist(),
+    }
+
+
+def display_width(text: str) -> int:
+    """Terminal columns `text` takes: East Asian wide and full-width characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _table(rows: list[list[str]]) -> str:
+    """Rows of cells as aligned text: first column left-aligned, the rest right-aligned."""
+    widths = [max(display_width(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0] + " " * (widths[0] - display_width(row[0]))]
+        cells += [" " * (w - display_width(cell)) + cell for cell, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def format_report(report: dict) -> str:
+    """A classification_report dict as text: headline, per-class table, confusion matrix."""
+    labels = report["labels"]
+    per_class = [["class", "precision", "recall", "f1", "support"]]
+    per_class += [[label] + [f"{report['per_class'][label][key]:.4f}" for key in ("precision", "recall", "f1")]
+                  + [str(report["per_class"][label]["support"])] for label in labels]
+    confusion = [["gold \\ predicted"] + labels]
+    confusion += [[label] + [str(n) for n in row] for label, row in zip(labels, report["confusion"])]
+    rows = sum(report["per_class"][label]["support"] for label in labels)
+    return "\n\n".join([
+        f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   ({rows} rows, {len(labels)} classes)",
+        _table(per_class),
+        "confusion matrix (rows = gold, columns = predicted)\n" + _table(confusion),
+    ])
+
+
+def paired_bootstrap(gold: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int], num_classes: int,
+                     n_boot: int = 2000, seed: int = 0) -> dict:
+    """Macro-F1(b) - macro-F1(a) on the rows `[N]`, with a 95% percentile interval over joint row resamples."""
+    if n_boot < 1:
+        raise NCALError(f"n_boot must be at least 1, got {n_boot}")
+    gold_arr, a_arr, b_arr = _check(gold, [pred_a, pred_b], num_classes)
+    k2 = num_classes**2
+    # One resample of row indices serves both systems, so their shared difficulty cancels out.
+    cells_a, cells_b = gold_arr * num_classes + a_arr, gold_arr * num_classes + b_arr
+    rng = np.random.default_rng(seed)
+    n = gold_arr.size
+    deltas = []
+    chunk = max(1, _BOOT_CELLS // n)
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        idx = rng.integers(0, n, size=(m, n))
+        offset = (np.arange(m) * k2)[:, None]
+        conf_a, conf_b = (np.bincount((cells[idx] + offset).ravel(), minlength=m * k2).reshape(m, num_classes, -1)
+                          for cells in (cells_a, cells_b))
+        deltas.append(_macro_f1(conf_b) - _macro_f1(conf_a))
+    low, high = np.percentile(np.concatenate(deltas), [2.5, 97.5])
+    point = _macro_f1(_confusion(gold_arr, b_arr, num_classes)) - _macro_f1(_confusion(gold_arr, a_arr, num_classes))
+    return {"delta": float(point), "low": float(low), "high": float(high)}

@@ -1,0 +1,385 @@
+"""Qwen2 / Qwen3 decoder written out by hand, with loading and saving in Hugging Face's layout.
+
+Shapes: B batch, T tokens, H hidden, V vocab, nh query heads, nkv key/value heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ncal_core.errors import NCALError, at
+from ncal_core.weights import (
+    assign_parameters,
+    checkpoint_files,
+    hf_name,
+    read_json,
+    read_tensors,
+    write_json,
+    write_safetensors,
+)
+
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+DEFAULT_ROPE_THETA = 10_000.0  # transformers' default when a config names none
+QWEN3_DEFAULT_HEAD_DIM = 128  # transformers' Qwen3Config default; Qwen2 derives head_dim from the widths
+
+
+@dataclass
+class ModelConfig:
+    """Every architectural knob of a Qwen2 / Qwen3 decoder."""
+
+    model_type: str  # "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool  # qwen2: q/k/v biases, always; qwen3: q/k/v/o biases when set
+    max_position_embeddings: int
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not one of {sorted(ARCHITECTURES)}")
+        if self.model_type == "qwen2" and not self.attention_bias:
+            raise ValueError("qwen2 always has q/k/v biases (transformers ignores attention_bias for it)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 RMS-normalises each query and key head before the rotary embedding."""
+        return self.model_type == "qwen3"
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Qwen2's o_proj never has a bias; Qwen3's follows attention_bias."""
+        return self.model_type == "qwen3" and self.attention_bias
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str) -> ModelConfig:
+        """Read a transformers config.json dict; refuse, naming `source` and the field, what would change the math."""
+
+        def field(key: str, kind: type, default: object = None) -> object:
+            value = d.get(key)
+            value = default if value is None else value
+            if value is None:
+                raise NCALError(f"{at(source, None, key)}: missing")
+            if kind is float and type(value) is int:
+                value = float(value)
+            if type(value) is not kind:  # `type is` so that a bool is not taken for an int
+                raise NCALError(f"{at(source, None, key)}: expected {kind.__name__}, got {value!r}")
+            if kind is not bool and value <= 0:
+                raise NCALError(f"{at(source, None, key)}: must be positive, got {value!r}")
+            return value
+
+        model_type = d.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise NCALError(f"{at(source, None, 'model_type')}: {model_type!r} is not supported (qwen2 or qwen3)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise NCALError(f"{at(source, None, 'hidden_act')}: {d['hidden_act']!r} is not supported (only silu)")
+        if d.get("use_sliding_window"):
+            raise NCALError(f"{at(source, None, 'use_sliding_window')}: sliding-window attention is not supported")
+        if d.get("attention_dropout"):
+            raise NCALError(f"{at(source, None, 'attention_dropout')}: attention dropout is not supported (use 0.0)")
+        hidden = field("hidden_size", int)
+        heads = field("num_attention_heads", int)
+        kv_heads = field("num_key_value_heads", int, heads)
+        if heads % kv_heads:
+            raise NCALError(f"{at(source, None, 'num_key_value_heads')}: {kv_heads} does not divide {heads} heads")
+        if model_type == "qwen2":
+            head_dim, bias = field("head_dim", int, hidden // heads), True
+        else:
+            head_dim, bias = field("head_dim", int, QWEN3_DEFAULT_HEAD_DIM), field("attention_bias", bool, False)
+        return cls(
+            model_type=model_type,
+            vocab_size=field("vocab_size", int),
+            hidden_size=hidden,
+            intermediate_size=field("intermediate_size", int),
+            num_hidden_layers=field("num_hidden_layers", int),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rope_theta=_rope_theta(d, source),
+            rms_norm_eps=field("rms_norm_eps", float, 1e-6),
+            tie_word_embeddings=field("tie_word_embeddings", bool, False),
+            attention_bias=bias,
+            max_position_embeddings=field("max_position_embeddings", int, 32768),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+        )
+
+    def to_hf(self, dtype: torch.dtype | None = None) -> dict:
+        """A config.json dict that transformers (4.x and 5.x) loads as the same architecture."""
+        d = {
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            # transformers 4 reads the top-level rope_theta, transformers 5 reads rope_parameters
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+        }
+        if self.model_type == "qwen3":
+            d["attention_bias"] = self.attention_bias
+        if dtype is not None:
+            name = str(dtype).removeprefix("torch.")
+            d["dtype"] = d["torch_dtype"] = name  # transformers 5 reads "dtype", 4.x reads "torch_dtype"
+        for key in ("bos_token_id", "eos_token_id"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+
+def _rope_theta(d: dict, source: str) -> float:
+    """The RoPE base (rope_parameters / rope_scaling win over rope_theta, as in transformers 5); scaling is refused."""
+    theta, where = d.get("rope_theta", DEFAULT_ROPE_THETA), "rope_theta"
+    for key in ("rope_scaling", "rope_parameters"):
+        params = d.get(key)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise NCALError(f"{at(source, None, key)}: expected an object, got {params!r}")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise NCALError(f"{at(source, None, key)}: rope_type {rope_type!r} is not supported (only default)")
+        if "rope_theta" in params:
+            theta, where = params["rope_theta"], key
+    if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 0:
+        raise NCALError(f"{at(source, None, where)}: rope_theta must be a positive number, got {theta!r}")
+    return float(theta)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, computed in fp32 then cast back before the weight, as transformers."""
+
+    def __init__(self, dim: int, eps: float, **factory) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, **factory))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., dim] -> [..., dim]"""
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """[..., D] -> [..., D]: (x1, x2) -> (-x2, x1), the pairing of Hugging Face's Qwen2 rotary embedding."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions (and Qwen3's per-head q/k RMSNorm)."""
+
+    def __init__(self, c: ModelConfig, **factory) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_head * c.head_dim, bias=c.attention_bias, **factory)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * c.head_dim, bias=c.attention_bias, **factory)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * c.head_dim, bias=c.attention_bias, **factory)
+        self.o_proj = nn.Linear(self.n_head * c.head_dim, c.hidden_size, bias=c.o_proj_bias, **factory)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **factory)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **factory)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        """x [B, T, H], cos/sin [B or 1, T, D], mask [B, 1, T, T] bool or None (= causal) -> [B, T, H]"""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, nh|nkv, T, D]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_head
+        )  # [B, nh, T, D]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, c: ModelConfig, **factory) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False, **factory)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False, **factory)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, T, H] -> [B, T, H]"""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, c: ModelConfig, **factory) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **factory)
+        self.self_attn = Attention(c, **factory)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **factory)
+        self.mlp = MLP(c, **factory)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        """[B, T, H] -> [B, T, H]"""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class QwenModel(nn.Module):
+    """The decoder plus its LM head; attribute names are Hugging Face's minus the `model.` prefix."""
+
+    def __init__(
+        self, config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.config = config
+        self.gradient_checkpointing = False
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(config, **factory) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._rope_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids [B, T] -> hidden [B, T, H] after the final RMSNorm.
+
+        attention_mask [B, T]: 1 = real token (right- or left-padded). position_ids [B, T]: default arange(T).
+        attn_mask [B, T, T] bool, True = may attend: replaces the causal mask (padded keys stay masked when
+        attention_mask is given too), e.g. to score several continuations of one prompt in one pass.
+        """
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # [B, T, H]
+        cos, sin = self.rope(position_ids, T, x.device, x.dtype)  # [B or 1, T, D]
+        mask = build_mask(attention_mask, attn_mask, B, T, x.device)
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_checkpoint:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    def rope(
+        self, position_ids: Tensor | None, T: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """cos, sin [B or 1, T, D] for the positions, from a table cached per device and dtype, grown on demand."""
+        needed = T if position_ids is None else int(position_ids.max()) + 1
+        cached = self._rope_cache.get((device, dtype))
+        if cached is None or cached[0].shape[0] < needed:
+            cached = rope_table(self.config, max(needed, self.config.max_position_embeddings), device, dtype)
+            self._rope_cache[(device, dtype)] = cached
+        cos, sin = cached
+        if position_ids is None:
+            return cos[None, :T], sin[None, :T]
+        return cos[position_ids], sin[position_ids]
+
+
+def rope_table(c: ModelConfig, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [length, D] for positions 0..length-1; angles in fp32 exactly as transformers computes them."""
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=device).float() / c.head_dim))
+    angles = torch.arange(length, device=device).float()[:, None] * inv_freq[None, :]  # [length, D/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [length, D]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def build_mask(
+    attention_mask: Tensor | None, attn_mask: Tensor | None, B: int, T: int, device: torch.device
+) -> Tensor | None:
+    """The [B, 1, T, T] bool mask for SDPA (True = may attend), or None when plain causal attention is exact."""
+    if attn_mask is None:
+        # One host sync per forward (not per layer) buys SDPA's faster is_causal path for unpadded batches.
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T)
+    else:
+        if attn_mask.shape != (B, T, T):
+            raise ValueError(f"attn_mask must be [B, T, T] = {[B, T, T]}, got {list(attn_mask.shape)}")
+        allowed = attn_mask.bool()
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    # A query row that may attend to nothing (left padding) would make SDPA's softmax NaN; let it see itself.
+    eye = torch.eye(T, dtype=torch.bool, device=device)
+    allowed = allowed | (eye & ~allowed.any(dim=-1, keepdim=True))
+    return allowed[:, None]
+
+
+def init_weights(model: QwenModel, seed: int, std: float = 0.02) -> None:
+    """Deterministic from-scratch init: normal(0, std) matrices, zero biases, ones for norms, on any device/dtype."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied weights are listed once
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                # drawn on the CPU in fp32 so every device and dtype gets the same numbers
+                param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> QwenModel:
+    """The model, in eval mode, from a Hugging Face folder (config.json + safetensors), read tensor by tensor."""
+    path = Path(path)
+    config_path = path / "config.json"
+    config = ModelConfig.from_hf(read_json(config_path), str(config_path))
+    model = QwenModel(config, device="meta")
+    files, source = checkpoint_files(path)
+    assign_parameters(model, read_tensors(files), hf_name, source=source, dtype=dtype, device=device)
+    return model.eval()  # like transformers: dropout (of LoRA layers added later) is off until .train()
+
+
+def save_model(
+    model: QwenModel, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9
+) -> None:
+    """Write config.json + model.safetensors (or shards + index) that transformers' AutoModelForCausalLM loads."""
+    path = Path(path)
+    params = dict(model.named_parameters())  # tied lm_head.weight is left out, as transformers does
+    plain = set(dict(QwenModel(model.config, device="meta").named_parameters()))
+    if set(params) != plain:
+        extra = sorted(set(params) ^ plain)
+        raise ValueError(f"the model is not a plain QwenModel (merge LoRA first); differing parameters: {extra[:3]}")
+    dtype = dtype or model.embed_tokens.weight.dtype
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(path / "config.json", model.config.to_hf(dtype))
+    tensors = {hf_name(name): p for name, p in params.items()}
+    write_safetensors(tensors, path, dtype=dtype, max_shard_bytes=max_shard_bytes)

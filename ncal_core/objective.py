@@ -1,0 +1,63 @@
+"""The training objective around the decoder: label-only LM loss and the pooled TC feature.
+
+Wrapping both in one module means DDP sees a single forward that uses every trainable weight.
+The LM head runs only at the positions that predict label tokens, so the [B, T, V] logits
+tensor never exists (with Qwen's 151,936-token vocabulary it dominates time and memory).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ncal_core.batching import Batch
+from ncal_core.model import QwenModel
+from ncal_core.ncal import pool_features
+
+POOL_MODE = {"last": "last", "seq_last": "last", "mean": "mean"}
+
+
+def target_index(prompt_lens: Tensor, seq_lens: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Flat indices into [B * T] of the positions that predict a target token, and of those tokens.
+
+    Row b's targets are tokens prompt_len .. seq_len-1, predicted from the position before each.
+    Computed on the host from the batch's lengths, so the hot path has no data-dependent sync.
+    """
+    query, target = [], []
+    for b, (p, s) in enumerate(zip(prompt_lens.tolist(), seq_lens.tolist())):
+        query.append(torch.arange(p - 1, s - 1) + b * width)
+        target.append(torch.arange(p, s) + b * width)
+    return torch.cat(query), torch.cat(target)
+
+
+def pool_mask(batch: Batch, pooling: str) -> Tensor:
+    """[B, T] bool: the tokens the TC feature may be pooled from (METHOD.md §2, step 1)."""
+    positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+    if pooling == "seq_last":
+        return batch.attention_mask.bool()
+    return positions.unsqueeze(0) < batch.prompt_lens.unsqueeze(1)
+
+
+class TrainingObjective(nn.Module):
+    """Decoder + label-only head (+ TC feature): forward(batch) -> (summed target CE, z [B, H] or None)."""
+
+    def __init__(self, model: QwenModel, *, use_tc: bool, pooling: str = "last", e_w: float = 1.0,
+                 tc_backend: str = "auto") -> None:
+        super().__init__()
+        self.model = model
+        self.use_tc = use_tc
+        self.pooling = pooling
+        self.e_w = e_w
+        self.tc_backend = tc_backend
+
+    def forward(self, batch: Batch, query: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
+        hidden = self.model(batch.input_ids, attention_mask=batch.attention_mask)       # [B, T, H]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        logits = self.model.lm_head(flat[query]).float()                                # [N, V]
+        lm_sum = F.cross_entropy(logits, batch.input_ids.reshape(-1)[target], reduction="sum")
+        z = None
+        if self.use_tc:
+            z = pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling],
+                              e_w=self.e_w, backend=self.tc_backend)                   # [B, H] fp32
+        return lm_sum, z

@@ -1,0 +1,92 @@
+"""Constrained label scoring (METHOD.md §1): log p(label + eos | prompt) for every class, prompt encoded once.
+
+Each row becomes one packed sequence: the prompt, then the K label continuations side by side.
+A block attention mask lets every continuation see the prompt and its own earlier tokens only,
+and its position ids restart where the prompt ends, so one forward pass gives exactly what K
+separate `prompt + label` passes would, without recomputing the prompt K times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ncal_core.model import QwenModel
+
+
+def _pack_row(prompt: list[int], label_ids: Sequence[list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, position ids and the query positions (one per label token) of one packed row."""
+    ids = list(prompt)
+    pos = list(range(len(prompt)))
+    queries: list[int] = []
+    for label in label_ids:
+        start = len(ids)
+        queries.append(len(prompt) - 1)
+        # the segment feeds label[:-1]; its outputs predict label[1:]
+        for j, tok in enumerate(label[:-1]):
+            ids.append(tok)
+            pos.append(len(prompt) + j)
+            queries.append(start + j)
+    return ids, pos, queries
+
+
+def _block_mask(prompt_len: int, label_ids: Sequence[list[int]], total: int) -> Tensor:
+    """[total, total] bool: causal over the prompt; each continuation sees the prompt and itself causally."""
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    mask[:prompt_len, :prompt_len] = torch.ones(prompt_len, prompt_len, dtype=torch.bool).tril()
+    start = prompt_len
+    for label in label_ids:
+        n = len(label) - 1
+        if n:
+            mask[start:start + n, :prompt_len] = True
+            mask[start:start + n, start:start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        start += n
+    return mask
+
+
+@torch.no_grad()
+def score_labels(model: QwenModel, prompts: Sequence[list[int]], label_ids: Sequence[list[int]],
+                 batch_size: int = 16, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Summed log-probabilities [N, K] of each label continuation (label tokens + eos) after each prompt.
+
+    With `return_features`, also the final hidden state at each prompt's last token [N, H] (fp32),
+    the feature that `pooling=last` trains.
+    """
+    device = next(model.parameters()).device
+    targets = torch.tensor([t for label in label_ids for t in label], device=device)
+    owner = torch.tensor([c for c, label in enumerate(label_ids) for _ in label], device=device)
+    num_classes = len(label_ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    scores = torch.empty(len(prompts), num_classes, dtype=torch.float32, device=device)
+    features: list[Tensor] = [torch.empty(0)] * len(prompts)
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
+        packed = [_pack_row(prompts[i], label_ids) for i in rows]
+        width = max(len(ids) for ids, _, _ in packed)
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        position_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        attn = torch.zeros(len(rows), width, width, dtype=torch.bool)
+        # padding queries see only themselves, so no row of the mask is empty
+        attn[:, torch.arange(width), torch.arange(width)] = True
+        query_index = []
+        for r, (ids, pos, queries) in enumerate(packed):
+            n = len(ids)
+            input_ids[r, :n] = torch.tensor(ids)
+            position_ids[r, :n] = torch.tensor(pos)
+            attn[r, :n, :n] = _block_mask(len(prompts[rows[r]]), label_ids, n)
+            query_index.append(torch.tensor(queries) + r * width)
+        hidden = model(input_ids.to(device), position_ids=position_ids.to(device), attn_mask=attn.to(device))
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        picked = flat[torch.cat(query_index).to(device)]                       # [b * L, H]
+        logp = torch.log_softmax(model.lm_head(picked).float(), dim=-1)
+        token_logp = logp.gather(1, targets.repeat(len(rows)).unsqueeze(1)).view(len(rows), -1)
+        per_class = torch.zeros(len(rows), num_classes, device=device).index_add_(1, owner, token_logp)
+        scores[torch.tensor(rows, device=device)] = per_class
+        if return_features:
+            for r, i in enumerate(rows):
+                features[i] = hidden[r, len(prompts[i]) - 1].float()
+    if return_features:
+        return scores, torch.stack(features)
+    return scores

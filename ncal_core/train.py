@@ -1,0 +1,304 @@
+"""`python -m ncal_core.train`: LoRA (or full) fine-tuning with the label-only LM loss and the TC loss.
+
+The loop reads top to bottom: config -> data -> model -> optimizer -> steps -> checkpoints -> report.
+`accelerate launch -m ncal_core.train ...` runs it data-parallel; every rank builds the same list
+of global batches from the seed and takes its own slice, so the TC loss and the token count of
+each step are those of the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from ncal_core.batching import Batch, LengthGroupedBatches, collate
+from ncal_core.checkpoint import (list_checkpoints, prune_checkpoints, read_optimizer_state, read_rng,
+                                  read_state, resolve_checkpoint, save_checkpoint)
+from ncal_core.cli import parse_config
+from ncal_core.data import check_labels, label_set, load_examples
+from ncal_core.datasets import resolve_dataset
+from ncal_core.distributed import gather_features
+from ncal_core.errors import NCALError, run_cli
+from ncal_core.evaluate import evaluate, write_report
+from ncal_core.lora import inject_lora, load_adapter, save_adapter
+from ncal_core.model import load_model, save_model
+from ncal_core.ncal import etf_gram_loss
+from ncal_core.objective import TrainingObjective, target_index
+from ncal_core.prompts import PromptBuilder, load_tokenizer
+from ncal_core.run_files import RUN_FILE, prepare_output_dir, save_run_output
+from ncal_core.schedule import make_optimizer, make_scheduler
+from ncal_core.tiny import tiny_checkpoint
+from ncal_core.train_config import BUILTIN_TINY, TrainConfig
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _eval_path(cfg: TrainConfig) -> Path | None:
+    """The evaluation file: the flag, or the test split of a named dataset, or none."""
+    if cfg.eval_dataset_path is not None:
+        return None if cfg.eval_dataset_path.lower() == "none" else resolve_dataset(cfg.eval_dataset_path, "test")
+    if Path(cfg.dataset_path).exists():
+        return None
+    return resolve_dataset(cfg.dataset_path, "test")
+
+
+def _base_model(cfg: TrainConfig, texts: list[str]) -> Path:
+    """The base checkpoint folder: the user's, or the built-in tiny one (built on first use)."""
+    if cfg.model_name_or_path == BUILTIN_TINY:
+        return tiny_checkpoint(texts, seed=cfg.seed, vocab_size=cfg.tiny_vocab_size,
+                               hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_num_layers)
+    path = Path(cfg.model_name_or_path)
+    if not path.is_dir():
+        raise NCALError(f"--model_name_or_path {cfg.model_name_or_path}: not a checkpoint folder "
+                        "(download the model first, e.g. `huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct "
+                        "--local-dir DIR`)")
+    return path
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags and train."""
+    cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.train")
+    train(cfg)
+    return 0
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training job; returns the final evaluation report (empty without an eval set)."""
+    cfg.check()
+    if cfg.fp16 and not torch.cuda.is_available():
+        raise NCALError("--fp16: float16 mixed precision needs a CUDA GPU; use --bf16 true on CPU")
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no")
+    main_proc, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    output_dir = Path(cfg.output_dir)
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir) if cfg.resume_from_checkpoint else None
+    if main_proc:
+        prepare_output_dir(output_dir, cfg, resuming=resume is not None)
+    accelerator.wait_for_everyone()
+
+    # data
+    train_path = resolve_dataset(cfg.dataset_path, "train")
+    train_rows = load_examples(train_path)
+    labels = cfg.label_types or label_set(train_rows, train_path)
+    check_labels(train_rows, labels, train_path)
+    eval_path = _eval_path(cfg)
+    eval_rows = load_examples(eval_path) if eval_path else []
+    if eval_path:
+        check_labels(eval_rows, labels, eval_path)
+
+    # model
+    use_lora = cfg.use_lora if cfg.use_lora is not None else cfg.model_name_or_path != BUILTIN_TINY
+    lr = cfg.learning_rate or (2e-4 if use_lora else 1e-3)
+    # the label names go into the tiny tokenizer's corpus too, so each becomes a token or two
+    base = _base_model(cfg, [m["content"] for row in train_rows for m in row.messages]
+                       + [row.label for row in train_rows])
+    tokenizer = load_tokenizer(base)
+    builder = PromptBuilder(tokenizer, labels, instruction=cfg.instruction, cutoff_len=cfg.cutoff_len,
+                            truncation=cfg.truncation)
+    encoded = builder.encode_all(train_rows)
+    torch.manual_seed(cfg.seed)
+    model = load_model(resume if resume and not use_lora else base, dtype=DTYPES[cfg.torch_dtype],
+                       device=accelerator.device)
+    if use_lora:
+        if resume:
+            load_adapter(model, resume)
+        else:
+            inject_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.torch_compile:
+        for layer in model.layers:
+            layer.compile()
+    objective = TrainingObjective(model, use_tc=cfg.use_etf_loss and cfg.lambda_lc > 0, pooling=cfg.pooling,
+                                  e_w=cfg.e_w, tc_backend=cfg.tc_backend)
+    optimizer = make_optimizer(model, lr, cfg.weight_decay)
+
+    # the plan: every rank sees the same global batches and takes its slice of each
+    global_batch = cfg.per_device_train_batch_size * world
+    sampler = LengthGroupedBatches([len(r.input_ids) for r in encoded], global_batch, seed=cfg.seed,
+                                   drop_last=len(encoded) >= global_batch)
+    steps_per_epoch = len(sampler) // cfg.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise NCALError(f"{train_path}: {len(encoded)} rows are fewer than one optimizer step needs "
+                        f"({global_batch} x {cfg.gradient_accumulation_steps})")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, math.ceil(cfg.warmup_ratio * total_steps),
+                               total_steps)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batch": 0, "best_macro_f1": None, "best_checkpoint": None}
+    if resume:
+        state = read_state(resume)
+        optimizer.load_state_dict(read_optimizer_state(resume))
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(read_rng(resume))
+    else:
+        torch.manual_seed(cfg.seed + rank)
+    run_info = {"labels": labels, "base_model": str(base), "use_lora": use_lora, "learning_rate": lr,
+                "config": asdict(cfg)}
+
+    def save_weights(folder: Path) -> None:
+        inner = accelerator.unwrap_model(objective).model
+        if use_lora:
+            save_adapter(inner, folder, base_model_name_or_path=str(base), r=cfg.lora_r, alpha=cfg.lora_alpha,
+                         dropout=cfg.lora_dropout, target_modules=cfg.target_modules)
+        else:
+            save_model(inner, folder)
+        tokenizer.save_pretrained(folder)
+        (folder / RUN_FILE).write_text(json.dumps(run_info, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    def checkpoint(rng: dict[str, torch.Tensor]) -> Path | None:
+        if not main_proc:
+            return None
+        folder = save_checkpoint(output_dir, state["step"], save_weights=save_weights, optimizer=optimizer,
+                                 rng=rng, state=state)
+        best = Path(state["best_checkpoint"]) if state["best_checkpoint"] else None
+        prune_checkpoints(output_dir, cfg.save_total_limit, protect=best)
+        return folder
+
+    def log(record: dict[str, Any]) -> None:
+        if main_proc:
+            with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    eval_prompts = [builder.prompt_ids(row) for row in eval_rows]
+    eval_gold = [labels.index(row.label) for row in eval_rows]
+
+    def run_eval(tag: str) -> dict[str, Any]:
+        inner = accelerator.unwrap_model(objective).model
+        report, _ = evaluate(inner, eval_prompts, eval_gold, builder.label_ids, labels,
+                             batch_size=cfg.per_device_eval_batch_size)
+        inner.train()
+        log({"step": state["step"], "epoch": state["epoch"], "eval": tag,
+             "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"]})
+        return report
+
+    # the loop
+    K = len(labels)
+    accum = cfg.gradient_accumulation_steps
+    use_tc = cfg.use_etf_loss and cfg.lambda_lc > 0
+    objective.train()
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not main_proc, dynamic_ncols=True)
+    # summed over the steps since the last log line: LM loss, target tokens, TC loss, micro-batches, rows
+    sums = torch.zeros(5, device=accelerator.device)
+    clock = time.perf_counter()
+    rng_at_step = _rng_state()
+    try:
+        while state["step"] < total_steps:
+            sampler.set_epoch(state["epoch"])
+            batches = list(sampler)[: steps_per_epoch * accum]
+            while state["micro_batch"] < len(batches) and state["step"] < total_steps:
+                rng_at_step = _rng_state()
+                group = batches[state["micro_batch"]: state["micro_batch"] + accum]
+                n_tokens = sum(len(encoded[i].input_ids) - encoded[i].prompt_len for rows in group for i in rows)
+                for k, rows in enumerate(group):
+                    mine = rows[rank * cfg.per_device_train_batch_size:(rank + 1) * cfg.per_device_train_batch_size]
+                    batch: Batch = collate([encoded[i] for i in mine], tokenizer.pad_token_id)
+                    query, target = target_index(batch.prompt_lens, batch.seq_lens, batch.input_ids.shape[1])
+                    batch = batch.to(accelerator.device)
+                    sync = k == len(group) - 1
+                    with (nullcontext() if sync else accelerator.no_sync(objective)), accelerator.autocast():
+                        lm_sum, z = objective(batch, query.to(accelerator.device), target.to(accelerator.device))
+                        # DDP averages gradients over ranks: scale so the step's gradient is that of
+                        # the mean over every target token of the global accumulated batch
+                        loss = lm_sum * (world / n_tokens)
+                        tc = torch.zeros((), device=accelerator.device)
+                        if z is not None:
+                            z_all, y_all = gather_features(z, batch.class_ids)
+                            tc = etf_gram_loss(z_all, y_all, K, e_w=cfg.e_w, class_diff=cfg.class_diff,
+                                               backend=cfg.tc_backend)
+                            loss = loss + cfg.lambda_lc * tc / accum
+                    accelerator.backward(loss)
+                    sums += torch.stack([lm_sum.detach().float(), torch.tensor(float(len(target))),
+                                         tc.detach().float() / world, torch.tensor(1.0 / world),
+                                         torch.tensor(float(len(mine)))]).to(sums.device)
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["micro_batch"] += accum
+                state["scheduler"] = scheduler.state_dict()
+                bar.update(1)
+                if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps:
+                    lm_sum_all, tokens, tc_all, micro, rows_seen = accelerator.reduce(sums, "sum").tolist()
+                    lm_mean, tc_mean = lm_sum_all / tokens, tc_all / micro
+                    total = lm_mean + (cfg.lambda_lc * tc_mean if use_tc else 0.0)
+                    record = {"step": state["step"],
+                              "epoch": round(state["epoch"] + state["micro_batch"] / len(batches), 4),
+                              "loss": total, "lm_loss": lm_mean, "tc_loss": tc_mean,
+                              "lr": scheduler.get_last_lr()[0],
+                              "samples_per_s": rows_seen / max(time.perf_counter() - clock, 1e-9)}
+                    bar.set_postfix(loss=f"{total:.4f}", lm=f"{lm_mean:.4f}", tc=f"{tc_mean:.4f}",
+                                    lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
+                    log(record)
+                    sums.zero_()
+                    clock = time.perf_counter()
+                    if not math.isfinite(total):
+                        folder = checkpoint(_rng_state())
+                        raise NCALError(f"step {state['step']}: the loss is {total}; stopped "
+                                        f"(state saved in {folder})")
+                if cfg.save_strategy == "steps" and state["step"] % cfg.save_steps == 0:
+                    checkpoint(_rng_state())
+            if state["micro_batch"] >= len(batches):
+                state["epoch"] += 1
+                state["micro_batch"] = 0
+                new_best = False
+                if eval_rows and cfg.eval_strategy == "epoch" and state["step"] < total_steps:
+                    report = run_eval(f"epoch {state['epoch']}")
+                    if state["best_macro_f1"] is None or report["macro_f1"] > state["best_macro_f1"]:
+                        new_best = True
+                        state["best_macro_f1"] = report["macro_f1"]
+                        state["best_checkpoint"] = str(output_dir / f"checkpoint-{state['step']}")
+                if cfg.save_strategy == "epoch" or (new_best and cfg.save_strategy != "no"):
+                    checkpoint(_rng_state())
+    except KeyboardInterrupt:
+        bar.close()
+        # the interrupted step's partial gradients are dropped; the checkpoint restarts that step
+        folder = checkpoint(rng_at_step)
+        if main_proc:
+            print(f"interrupted: saved {folder}; continue with --resume_from_checkpoint latest")
+        raise SystemExit(130) from None
+    bar.close()
+
+    report: dict[str, Any] = {}
+    if eval_rows:
+        inner = accelerator.unwrap_model(objective).model
+        report, features = evaluate(inner, eval_prompts, eval_gold, builder.label_ids, labels,
+                                    batch_size=cfg.per_device_eval_batch_size)
+        log({"step": state["step"], "epoch": state["epoch"], "eval": "final",
+             "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"]})
+    if main_proc:
+        save_run_output(output_dir, save_weights)
+        if eval_rows:
+            write_report(output_dir, report, features, eval_gold, labels)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

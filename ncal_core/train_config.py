@@ -1,0 +1,126 @@
+"""Every flag of `python -m ncal_core.train`, its default and its checks, in one dataclass.
+
+Flag names and meanings follow the paper's reference code so its users switch without relearning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ncal_core.errors import NCALError
+
+BUILTIN_TINY = "tiny"
+
+
+def _f(default, help: str):
+    """A dataclass field with a default and its --help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """The configuration of one training run."""
+
+    # data
+    dataset_path: str = _f("tmwpl", "training rows: a .jsonl/.json file (TMWPL, PMTD or the reference's "
+                                     "conversation format) or a dataset name (tmwpl, pmtd)")
+    eval_dataset_path: str | None = _f(None, "evaluation rows, scored each epoch and at the end; default: the "
+                                             "test split when --dataset_path is a dataset name; 'none' for no evaluation")
+    label_types: list[str] | None = _f(None, "the class names in order; default: the sorted labels of the training file")
+    instruction: str | None = _f(None, "optional system turn put before every row's prompt")
+    cutoff_len: int = _f(2048, "maximum tokens of prompt + label; the prompt's content is cut, never the label")
+    truncation: str = _f("left", "where a too-long prompt is cut: left or middle")
+    # model
+    model_name_or_path: str = _f(BUILTIN_TINY, "a Qwen2/Qwen2.5/Qwen3 checkpoint folder (HF layout, safetensors), "
+                                               "or 'tiny': a small Qwen2 built offline and trained from scratch")
+    torch_dtype: str = _f("float32", "dtype the weights are loaded in: float32, bfloat16 or float16")
+    tiny_hidden_size: int = _f(256, "hidden size of the built-in tiny model")
+    tiny_num_layers: int = _f(4, "decoder layers of the built-in tiny model")
+    tiny_vocab_size: int = _f(4096, "BPE vocabulary of the built-in tiny model, trained on the training texts")
+    # LoRA
+    use_lora: bool | None = _f(None, "train LoRA adapters instead of every weight; default: true, except for "
+                                     "the tiny model trained from scratch")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = _f(0.1, "dropout on the LoRA path")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "linear layers that get LoRA")
+    # TC loss
+    use_etf_loss: bool = _f(True, "add the Text-modality Collapse (TC) loss")
+    lambda_lc: float = _f(0.1, "weight of the TC loss")
+    e_w: float = _f(1.0, "norm bound of the features in the TC loss")
+    class_diff: bool = _f(True, "TC over pairs of different classes only (else all pairs)")
+    pooling: str = _f("last", "TC feature: last (last prompt token), seq_last (last real token) or mean (prompt mean)")
+    tc_backend: str = _f("auto", "TC loss implementation: auto (Triton on CUDA, PyTorch otherwise), triton or torch")
+    # optimisation
+    output_dir: str = _f("outputs/ncal-tiny-tmwpl", "where checkpoints, metrics.jsonl, eval.json and pictures go")
+    overwrite_output_dir: bool = _f(False, "allow writing into a non-empty folder that is not this run's")
+    num_train_epochs: float = _f(3.0, "epochs over the training rows")
+    max_steps: int = _f(-1, "optimizer steps to run; overrides --num_train_epochs when > 0")
+    per_device_train_batch_size: int = _f(32, "rows per micro-batch and process")
+    per_device_eval_batch_size: int = _f(32, "rows per scoring batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    learning_rate: float | None = _f(None, "peak learning rate; default: 2e-4 with LoRA, 1e-3 for full fine-tuning")
+    warmup_ratio: float = _f(0.05, "fraction of the steps with linear warm-up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    lr_scheduler_type: str = _f("linear", "decay after warm-up: linear or cosine")
+    max_grad_norm: float = _f(1.0, "gradient-norm clipping; 0 disables it")
+    seed: int = _f(42, "seed for weights init, LoRA init, data order and dropout")
+    bf16: bool = _f(False, "bfloat16 autocast (CPU or GPU)")
+    fp16: bool = _f(False, "float16 autocast with a gradient scaler (GPU only)")
+    gradient_checkpointing: bool = _f(False, "recompute each decoder layer in the backward pass to save memory")
+    torch_compile: bool = _f(False, "compile the decoder layers with torch.compile")
+    # output
+    logging_steps: int = _f(10, "optimizer steps between log lines")
+    eval_strategy: str = _f("epoch", "when to evaluate on --eval_dataset_path besides the end: epoch or no")
+    save_strategy: str = _f("epoch", "when to write checkpoints: no, epoch or steps")
+    save_steps: int = _f(500, "optimizer steps between checkpoints with --save_strategy steps")
+    save_total_limit: int = _f(2, "checkpoints kept (oldest deleted first; the best by eval macro-F1 is kept too)")
+    resume_from_checkpoint: str | None = _f(None, "a checkpoint folder, or 'latest' for the newest in --output_dir")
+
+    def check(self) -> None:
+        """Refuse contradictory or out-of-range flags with one line naming the flag."""
+        def bad(flag: str, why: str) -> None:
+            raise NCALError(f"--{flag}: {why}")
+
+        if self.truncation not in ("left", "middle"):
+            bad("truncation", f"must be left or middle, not {self.truncation!r}")
+        if self.pooling not in ("last", "seq_last", "mean"):
+            bad("pooling", f"must be last, seq_last or mean, not {self.pooling!r}")
+        if self.tc_backend not in ("auto", "triton", "torch"):
+            bad("tc_backend", f"must be auto, triton or torch, not {self.tc_backend!r}")
+        if self.lr_scheduler_type not in ("linear", "cosine"):
+            bad("lr_scheduler_type", f"must be linear or cosine, not {self.lr_scheduler_type!r}")
+        if self.save_strategy not in ("no", "epoch", "steps"):
+            bad("save_strategy", f"must be no, epoch or steps, not {self.save_strategy!r}")
+        if self.eval_strategy not in ("no", "epoch"):
+            bad("eval_strategy", f"must be no or epoch, not {self.eval_strategy!r}")
+        if self.torch_dtype not in ("float32", "bfloat16", "float16"):
+            bad("torch_dtype", f"must be float32, bfloat16 or float16, not {self.torch_dtype!r}")
+        if self.bf16 and self.fp16:
+            bad("fp16", "--bf16 and --fp16 are exclusive")
+        if self.lambda_lc < 0:
+            bad("lambda_lc", f"must be >= 0, not {self.lambda_lc}")
+        if self.e_w <= 0:
+            bad("e_w", f"must be > 0, not {self.e_w}")
+        if self.use_lora and self.lora_r < 1:
+            bad("lora_r", f"must be >= 1 with --use_lora true, not {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", f"must be in [0, 1), not {self.lora_dropout}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            bad("learning_rate", f"must be > 0, not {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", f"must be in [0, 1), not {self.warmup_ratio}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_steps", "cutoff_len", "save_total_limit"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be >= 1, not {getattr(self, name)}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            bad("num_train_epochs", "must be > 0 unless --max_steps is set")
+        if self.max_grad_norm < 0:
+            bad("max_grad_norm", f"must be >= 0, not {self.max_grad_norm}")
+        if self.label_types is not None and len(self.label_types) < 2:
+            bad("label_types", "needs at least 2 classes")
+        if self.label_types is not None and len(set(self.label_types)) != len(self.label_types):
+            bad("label_types", "names a class twice")

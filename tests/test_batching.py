@@ -1,0 +1,107 @@
+"""Padding and loss positions of a batch; length-grouped batch order: coverage, determinism, less padding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ncal_core.batching import Batch, LengthGroupedBatches, collate
+from ncal_core.prompts import EncodedRow
+
+PAD = 0
+
+
+def padding(lengths: np.ndarray, batches: list[list[int]]) -> int:
+    """Padding tokens when each batch is padded to its longest row."""
+    return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in batches)
+
+
+def epoch(sampler: LengthGroupedBatches, number: int) -> list[list[int]]:
+    """The batches the sampler yields for one epoch."""
+    sampler.set_epoch(number)
+    return list(sampler)
+
+
+@pytest.fixture(scope="module")
+def tmwpl_lengths(tmwpl_dir) -> np.ndarray:
+    """A stand-in for TMWPL token lengths: characters of each question plus a fixed chat framing."""
+    with open(tmwpl_dir / "TMWPL_train.jsonl", encoding="utf-8") as f:
+        return np.array([len(json.loads(line)["question"]) + 20 for line in f])
+
+
+def test_collate_pads_right_and_marks_exactly_the_target_positions():
+    rows = [
+        EncodedRow(input_ids=[5, 6, 7, 8, 9], prompt_len=3, label_index=2, example_id="a"),
+        EncodedRow(input_ids=[5, 6], prompt_len=1, label_index=0, example_id="b"),
+        EncodedRow(input_ids=[5, 6, 7], prompt_len=3, label_index=-1, example_id="c"),
+    ]
+    batch = collate(rows, pad_id=PAD)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, PAD, PAD, PAD], [5, 6, 7, PAD, PAD]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
+    assert batch.prompt_lens.tolist() == [3, 1, 3]
+    assert batch.seq_lens.tolist() == [5, 2, 3]
+    assert batch.class_ids.tolist() == [2, 0, -1]
+    assert all(t.dtype == torch.int64 for t in vars(batch).values())
+    positions = torch.arange(batch.input_ids.shape[1])
+    target = (positions >= batch.prompt_lens[:, None]) & (positions < batch.seq_lens[:, None])
+    assert [batch.input_ids[b][target[b]].tolist() for b in range(3)] == [
+        row.input_ids[row.prompt_len :] for row in rows
+    ]
+
+
+def test_batch_to_moves_every_tensor():
+    batch = collate([EncodedRow([1, 2], 1, 0, "a")], pad_id=PAD).to("meta")
+    assert isinstance(batch, Batch)
+    assert {t.device.type for t in vars(batch).values()} == {"meta"}
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize(("n", "batch_size"), [(1, 4), (7, 3), (401, 8), (1000, 5)])
+def test_every_row_exactly_once_per_epoch(n, batch_size, shuffle):
+    lengths = list(np.random.default_rng(n).integers(1, 300, n))
+    sampler = LengthGroupedBatches(lengths, batch_size, seed=3, shuffle=shuffle)
+    for number in range(2):
+        batches = epoch(sampler, number)
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert sum(len(b) < batch_size for b in batches) <= 1
+
+
+def test_drop_last_yields_only_full_batches():
+    sampler = LengthGroupedBatches(list(range(1, 1004)), 10, drop_last=True)
+    batches = epoch(sampler, 0)
+    assert len(batches) == len(sampler) == 100
+    assert all(len(b) == 10 for b in batches)
+    assert len({i for b in batches for i in b}) == 1000
+
+
+def test_order_is_determined_by_seed_and_epoch(tmwpl_lengths):
+    lengths = list(tmwpl_lengths)
+    a, b = LengthGroupedBatches(lengths, 16, seed=1), LengthGroupedBatches(lengths, 16, seed=1)
+    assert epoch(a, 0) == epoch(b, 0)
+    assert epoch(a, 3) == epoch(b, 3)
+    assert epoch(a, 0) != epoch(a, 1)
+    assert epoch(a, 0) != epoch(LengthGroupedBatches(lengths, 16, seed=2), 0)
+
+
+def test_grouping_pads_far_less_than_random_batches(tmwpl_lengths):
+    sampler = LengthGroupedBatches(list(tmwpl_lengths), 16, seed=0)
+    grouped = padding(tmwpl_lengths, epoch(sampler, 0))
+    order = np.random.default_rng(0).permutation(len(tmwpl_lengths))
+    random = padding(tmwpl_lengths, [order[i : i + 16] for i in range(0, len(order), 16)])
+    assert grouped < 0.25 * random, (grouped, random)
+
+
+def test_longest_row_comes_in_the_first_batch():
+    lengths = [*np.random.default_rng(0).integers(1, 100, 500).tolist(), 1000]
+    for number in range(3):
+        assert 500 in epoch(LengthGroupedBatches(lengths, 8, seed=number), number)[0]
+
+
+def test_evaluation_order_is_sorted_by_length_without_shuffling():
+    lengths = [3, 9, 1, 9, 5, 2, 7]
+    batches = epoch(LengthGroupedBatches(lengths, 3, shuffle=False), 5)
+    assert batches == [[1, 3, 6], [4, 0, 5], [2]]
