@@ -11,21 +11,27 @@ import torch
 from torch import Tensor
 
 from ncal_core.collapse import neural_collapse
+from ncal_core.data import Example
+from ncal_core.features import pooled_features
 from ncal_core.metrics import classification_report, format_report
 from ncal_core.model import QwenModel
+from ncal_core.prompts import PromptBuilder
 from ncal_core.scoring import score_labels
 
 
-def evaluate(model: QwenModel, prompts: Sequence[list[int]], gold: Sequence[int], label_ids: Sequence[list[int]],
-             labels: list[str], batch_size: int = 32) -> tuple[dict[str, Any], Tensor]:
-    """Constrained label scoring of `prompts` -> (classification report, last-prompt-token features [N, H])."""
+def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], *, pooling: str = "last",
+             e_w: float = 1.0, batch_size: int = 32) -> tuple[dict[str, Any], Tensor]:
+    """Constrained label scoring of labelled rows -> (classification report with NC figures, features [N, H])."""
     was_training = model.training
     model.eval()
-    scores, features = score_labels(model, prompts, label_ids, batch_size=batch_size, return_features=True)
+    gold = [builder.labels.index(row.label) for row in rows]
+    scores = score_labels(model, [builder.prompt_ids(row) for row in rows], builder.label_ids, batch_size=batch_size)
+    features = pooled_features(model, builder.encode_all(rows), builder.tokenizer.pad_token_id, pooling, e_w,
+                               batch_size)
     model.train(was_training)
-    report = classification_report(list(gold), scores.argmax(dim=1).tolist(), labels)
-    report["neural_collapse"] = neural_collapse(features.cpu(), torch.tensor(list(gold)), len(labels))
-    return report, features.cpu()
+    report = classification_report(gold, scores.argmax(dim=1).tolist(), builder.labels)
+    report["neural_collapse"] = neural_collapse(features, torch.tensor(gold), len(builder.labels))
+    return report, features
 
 
 def write_report(output_dir: Path, report: dict[str, Any], features: Tensor, gold: Sequence[int],

@@ -13,8 +13,9 @@ from ncal_core.errors import NCALError
 _BOOT_CELLS = 4_000_000
 
 
-def _check(gold: Sequence[int], preds: Sequence[Sequence[int]], num_classes: int) -> list[np.ndarray]:
-    """Gold and predictions as int64 arrays `[N]`, after checking lengths and class ids."""
+def _check(gold: Sequence[int], preds: Sequence[Sequence[int]], num_classes: int,
+           allow_no_class: bool = False) -> list[np.ndarray]:
+    """Gold and predictions as int64 arrays `[N]`, after checking lengths and class ids (-1 allowed if asked)."""
     if num_classes < 1:
         raise NCALError(f"need at least one class, got num_classes={num_classes}")
     arrays = [np.asarray(gold, dtype=np.int64).reshape(-1)]
@@ -24,7 +25,8 @@ def _check(gold: Sequence[int], preds: Sequence[Sequence[int]], num_classes: int
     for name, arr in zip(["gold"] + ["predictions"] * len(preds), arrays):
         if arr.shape != arrays[0].shape:
             raise NCALError(f"{name} has {arr.size} rows but gold has {arrays[0].size}")
-        bad = arr[(arr < 0) | (arr >= num_classes)]
+        lowest = -1 if allow_no_class and name == "predictions" else 0
+        bad = arr[(arr < lowest) | (arr >= num_classes)]
         if bad.size:
             raise NCALError(f"{name} holds class id {int(bad[0])}, outside 0..{num_classes - 1}")
     return arrays
@@ -35,11 +37,15 @@ def _confusion(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarr
     return np.bincount(gold * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def _per_class(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision, recall, F1 `[..., K]` from confusion counts `[..., K, K]`; 0 wherever a ratio is 0/0."""
+def _per_class(confusion: np.ndarray, actual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 `[..., K]` from confusion counts `[..., K, K]`; 0 wherever a ratio is 0/0.
+
+    `actual` (gold rows per class) defaults to the confusion's row sums; it is larger when some
+    rows were predicted as no class at all.
+    """
     tp = np.diagonal(confusion, axis1=-2, axis2=-1).astype(np.float64)
     predicted = confusion.sum(axis=-2)
-    actual = confusion.sum(axis=-1)
+    actual = confusion.sum(axis=-1) if actual is None else actual
 
     def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
@@ -54,13 +60,18 @@ def _macro_f1(confusion: np.ndarray) -> np.ndarray:
 
 
 def classification_report(gold: Sequence[int], pred: Sequence[int], labels: list[str]) -> dict:
-    """Accuracy, macro-F1 over all K labels, per-class P/R/F1/support and confusion for class ids `[N]`."""
+    """Accuracy, macro-F1 over all K labels, per-class P/R/F1/support and confusion for class ids `[N]`.
+
+    A prediction of -1 means "no class" (a generated text that is no label): it is wrong for its
+    gold class and counts against no class's precision; the confusion matrix leaves it out.
+    """
     if len(set(labels)) != len(labels):
         raise NCALError(f"class labels repeat: {labels}")
-    gold_arr, pred_arr = _check(gold, [pred], len(labels))
-    confusion = _confusion(gold_arr, pred_arr, len(labels))
-    precision, recall, f1 = _per_class(confusion)
-    support = confusion.sum(axis=1)
+    gold_arr, pred_arr = _check(gold, [pred], len(labels), allow_no_class=True)
+    valid = pred_arr >= 0
+    confusion = _confusion(gold_arr[valid], pred_arr[valid], len(labels))
+    support = np.bincount(gold_arr, minlength=len(labels))
+    precision, recall, f1 = _per_class(confusion, support)
     return {
         "accuracy": float(np.trace(confusion) / gold_arr.size),
         "macro_f1": float(f1.mean()),

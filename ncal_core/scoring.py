@@ -48,19 +48,14 @@ def _block_mask(prompt_len: int, label_ids: Sequence[list[int]], total: int) -> 
 
 @torch.no_grad()
 def score_labels(model: QwenModel, prompts: Sequence[list[int]], label_ids: Sequence[list[int]],
-                 batch_size: int = 16, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Summed log-probabilities [N, K] of each label continuation (label tokens + eos) after each prompt.
-
-    With `return_features`, also the final hidden state at each prompt's last token [N, H] (fp32),
-    the feature that `pooling=last` trains.
-    """
+                 batch_size: int = 16) -> Tensor:
+    """Summed log-probabilities [N, K] of each label continuation (label tokens + eos) after each prompt."""
     device = next(model.parameters()).device
     targets = torch.tensor([t for label in label_ids for t in label], device=device)
     owner = torch.tensor([c for c, label in enumerate(label_ids) for _ in label], device=device)
     num_classes = len(label_ids)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     scores = torch.empty(len(prompts), num_classes, dtype=torch.float32, device=device)
-    features: list[Tensor] = [torch.empty(0)] * len(prompts)
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
         packed = [_pack_row(prompts[i], label_ids) for i in rows]
@@ -84,9 +79,4 @@ def score_labels(model: QwenModel, prompts: Sequence[list[int]], label_ids: Sequ
         token_logp = logp.gather(1, targets.repeat(len(rows)).unsqueeze(1)).view(len(rows), -1)
         per_class = torch.zeros(len(rows), num_classes, device=device).index_add_(1, owner, token_logp)
         scores[torch.tensor(rows, device=device)] = per_class
-        if return_features:
-            for r, i in enumerate(rows):
-                features[i] = hidden[r, len(prompts[i]) - 1].float()
-    if return_features:
-        return scores, torch.stack(features)
     return scores

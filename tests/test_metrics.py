@@ -133,3 +133,16 @@ def test_bootstrap_is_reproducible_for_a_seed() -> None:
     _, pred_b = _random_case(8)
     first = paired_bootstrap(gold, pred_a, pred_b, K, n_boot=100, seed=3)
     assert paired_bootstrap(gold, pred_a, pred_b, K, n_boot=100, seed=3) == first
+
+
+def test_no_class_predictions_count_as_wrong_like_sklearn_with_an_unlisted_label():
+    gold = [0, 1, 2, 2, 1, 0, 2]
+    pred = [0, -1, 2, -1, 1, 1, 2]
+    labels = ["a", "b", "c"]
+    report = classification_report(gold, pred, labels)
+    names = [labels[p] if p >= 0 else "<none>" for p in pred]
+    gold_names = [labels[g] for g in gold]
+    assert report["accuracy"] == pytest.approx(accuracy_score(gold_names, names))
+    assert report["macro_f1"] == pytest.approx(
+        f1_score(gold_names, names, labels=labels, average="macro", zero_division=0))
+    assert [report["per_class"][x]["support"] for x in labels] == [2, 2, 3]

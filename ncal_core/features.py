@@ -1,0 +1,32 @@
+"""The TC feature of every row, pooled exactly as training pools it, for evaluation and analysis."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ncal_core.batching import LengthGroupedBatches, collate
+from ncal_core.model import QwenModel
+from ncal_core.ncal import pool_features
+from ncal_core.objective import POOL_MODE, pool_mask
+from ncal_core.prompts import EncodedRow
+
+
+@torch.no_grad()
+def pooled_features(model: QwenModel, rows: Sequence[EncodedRow], pad_id: int, pooling: str = "last",
+                    e_w: float = 1.0, batch_size: int = 32) -> Tensor:
+    """Features [N, H] (fp32, norm-clamped to e_w) of encoded rows, in the rows' order.
+
+    Rows carry their gold label when it is known, which only `seq_last` reads.
+    """
+    device = next(model.parameters()).device
+    out = torch.empty(len(rows), model.config.hidden_size)
+    order = LengthGroupedBatches([len(r.input_ids) for r in rows], batch_size, shuffle=False)
+    for index in order:
+        batch = collate([rows[i] for i in index], pad_id).to(device)
+        hidden = model(batch.input_ids, attention_mask=batch.attention_mask)
+        z = pool_features(hidden, pool_mask(batch, pooling), POOL_MODE[pooling], e_w=e_w, backend="torch")
+        out[torch.tensor(index)] = z.float().cpu()
+    return out

@@ -1,0 +1,128 @@
+"""`python -m ncal_core.infer` end to end: probabilities against transformers, reports against scikit-learn."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from checkpoint_with_tokenizer import LABELS, TEXTS, make_checkpoint_with_tokenizer
+from reference_scoring import chat_prompt_ids, reference_probabilities
+from sklearn.metrics import accuracy_score, f1_score
+from transformers import AutoModelForCausalLM
+
+from ncal_core.errors import NCALError
+from ncal_core.infer import main
+from ncal_core.prompts import load_tokenizer
+
+# fp32: probabilities of the same model computed two ways differ by accumulation order only
+ATOL_FP32 = 1e-4
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_checkpoint_with_tokenizer(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rows") / "rows.jsonl"
+    rows = [{"id": f"r{i}", "question": text, "class": LABELS[i % len(LABELS)]} for i, text in enumerate(TEXTS[:9])]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path, rows
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _messages(rows):
+    return [[{"role": "user", "content": r["question"]}] for r in rows]
+
+
+def test_probabilities_and_metrics_of_a_base_checkpoint_match_transformers_and_sklearn(base, rows_file, tmp_path):
+    path, rows = rows_file
+    out, metrics = tmp_path / "p.jsonl", tmp_path / "m.json"
+    assert main(["--model_path", str(base), "--prompts_file", str(path), "--output_file", str(out),
+                 "--metrics_file", str(metrics), "--batch_size", "4"]) == 0
+    predictions = _read_jsonl(out)
+    labels = sorted(LABELS)  # a plain checkpoint records no label set: the sorted gold labels are used
+    assert [p["id"] for p in predictions] == [r["id"] for r in rows]
+    assert [p["label"] for p in predictions] == [r["class"] for r in rows]
+    ours = torch.tensor([[p["scores"][label] for label in labels] for p in predictions])
+    reference = reference_probabilities(AutoModelForCausalLM.from_pretrained(base).eval(), load_tokenizer(base),
+                                        _messages(rows), labels)
+    assert torch.allclose(ours, reference, atol=ATOL_FP32)
+    assert [p["prediction"] for p in predictions] == [labels[i] for i in reference.argmax(1).tolist()]
+    report = json.loads(metrics.read_text(encoding="utf-8"))
+    gold = [r["class"] for r in rows]
+    pred = [p["prediction"] for p in predictions]
+    assert report["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+    assert report["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=labels, average="macro", zero_division=0))
+
+
+def test_adapter_saved_by_peft_works_over_its_base(base, rows_file, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                           task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    path, rows = rows_file
+    out = tmp_path / "p.jsonl"
+    assert main(["--model_path", str(tmp_path / "adapter"), "--base_model_path", str(base), "--prompts_file",
+                 str(path), "--output_file", str(out), "--labels", ",".join(LABELS)]) == 0
+    ours = torch.tensor([[p["scores"][label] for label in LABELS] for p in _read_jsonl(out)])
+    reference = reference_probabilities(peft_model.eval(), load_tokenizer(base), _messages(rows), LABELS)
+    assert torch.allclose(ours, reference, atol=ATOL_FP32)
+
+
+def test_generate_equals_transformers_greedy_decoding_and_counts_invalid_outputs(base, rows_file, tmp_path,
+                                                                                   capsys):
+    path, rows = rows_file
+    out = tmp_path / "g.jsonl"
+    assert main(["--model_path", str(base), "--prompts_file", str(path), "--output_file", str(out),
+                 "--generate", "true", "--max_new_tokens", "5"]) == 0
+    generated = _read_jsonl(out)
+    tokenizer = load_tokenizer(base)
+    hf = AutoModelForCausalLM.from_pretrained(base).eval()
+    for row, line in zip(rows, generated):
+        prompt = torch.tensor([chat_prompt_ids(tokenizer, [{"role": "user", "content": row["question"]}])])
+        ids = hf.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
+        if tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_token_id)]
+        assert line["prediction"] == tokenizer.decode(ids, skip_special_tokens=True).strip()
+    invalid = sum(line["prediction"] not in LABELS for line in generated)
+    assert f"{invalid} not a valid label" in capsys.readouterr().out
+
+
+def test_single_prompt_and_interactive_print_label_and_probability(base, monkeypatch, capsys):
+    labels = ",".join(LABELS)
+    assert main(["--model_path", str(base), "--prompt", TEXTS[0], "--labels", labels]) == 0
+    label, prob = capsys.readouterr().out.strip().split("\t")
+    assert label in LABELS and 0 < float(prob) <= 1
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{TEXTS[1]}\n\n{TEXTS[2]}\n"))
+    assert main(["--model_path", str(base), "--interactive", "true", "--labels", labels]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[0] in LABELS for line in lines)
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--prompt", "x"], "--model_path is required"),
+    (["--model_path", "MODEL", "--prompt", "x", "--prompts_file", "f"], "exactly one of"),
+    (["--model_path", "/nonexistent", "--prompt", "x"], "--model_path /nonexistent: not a folder"),
+    (["--model_path", "MODEL", "--prompt", "x"], "--labels"),
+    (["--model_path", "MODEL", "--prompt", "x", "--labels", "a,b", "--metrics_file", "m.json"], "gold label"),
+])
+def test_bad_invocations_are_one_line_errors(base, argv, fragment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NCALError) as err:
+        main([str(base) if a == "MODEL" else a for a in argv])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
