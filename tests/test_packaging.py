@@ -1,0 +1,38 @@
+"""The installed distribution: kernels ship as ncal_kernels and never shadow Hugging Face's `kernels` package."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_provides_no_top_level_kernels_module(tmp_path):
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for name in ("ncal_core", "kernels", "data"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(source)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("ncal-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert "kernels" not in tops and "data" not in tops
+    assert {"ncal_core", "ncal_kernels", "ncal_data"} <= tops
+
+
+def test_kernels_import_under_their_own_name_and_transformers_sees_no_kernels_package(tmp_path):
+    code = ("import ncal_kernels.pool_norm, ncal_kernels.etf_gram, ncal_data\n"
+            "from transformers.utils.import_utils import is_kernels_available\n"
+            "import importlib.util\n"
+            "print(is_kernels_available(), importlib.util.find_spec('kernels') is None)\n")
+    # run from the repository root too, where the kernels/ folder sits on sys.path[0]
+    for cwd in (tmp_path, REPO):
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True)
+        available = out.stdout.split()[0]
+        assert available == "False", (cwd, out.stdout, out.stderr)

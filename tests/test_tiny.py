@@ -1,0 +1,44 @@
+"""The built-in tiny checkpoint: deterministic, cached, and a valid Hugging Face checkpoint transformers loads."""
+
+from __future__ import annotations
+
+import torch
+from checkpoint_with_tokenizer import LABELS, TEXTS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ncal_core.model import load_model
+from ncal_core.tiny import build_tiny_checkpoint, tiny_checkpoint
+
+# fp32 logits of the same weights through two implementations
+RTOL_FP32 = 1e-4
+
+
+def test_transformers_loads_the_tiny_checkpoint_and_agrees_with_our_model(tmp_path):
+    path = build_tiny_checkpoint(tmp_path / "tiny", TEXTS + LABELS, seed=3, vocab_size=400, hidden_size=64,
+                                 num_layers=2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert hf.config.model_type == "qwen2" and hf.config.tie_word_embeddings
+    assert hf.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": TEXTS[0]}], add_generation_prompt=True,
+                                             tokenize=False)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    ids = torch.tensor([tokenizer(rendered, add_special_tokens=False)["input_ids"]])
+    ours = load_model(path)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours.lm_head(ours(ids))
+    assert ((got - expected).abs().max() / expected.abs().max()) < RTOL_FP32
+
+
+def test_tiny_checkpoint_is_deterministic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("NCAL_CACHE_DIR", str(tmp_path / "cache"))
+    kwargs = dict(seed=1, vocab_size=300, hidden_size=32, num_layers=1)
+    first = tiny_checkpoint(TEXTS, **kwargs)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert tiny_checkpoint(TEXTS, **kwargs) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other = build_tiny_checkpoint(tmp_path / "again", TEXTS, **kwargs)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (first / name).read_bytes() == (other / name).read_bytes(), name
+    assert tiny_checkpoint(TEXTS, **{**kwargs, "seed": 2}) != first
