@@ -85,6 +85,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def _help(field: dataclasses.Field) -> str:
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if default is None:
+        return field.metadata.get("help", "")
     if isinstance(default, list):
         default = ",".join(map(str, default))
     elif isinstance(default, bool):
