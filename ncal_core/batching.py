@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -52,13 +52,20 @@ class LengthGroupedBatches:
     is sorted by length and split into batches, and the batch order is shuffled, with the batch holding the longest
     row put first so that running out of memory shows at the first step. Deterministic given (seed, epoch).
     Not shuffled: rows sorted by length (longest first) and cut into batches, for evaluation.
+    With `weights` (one per row), epochs from `weighted_from_epoch` on draw as many rows as there are,
+    with replacement and probability proportional to the weights (class re-sampling), instead of a permutation.
     """
 
     def __init__(
-        self, lengths: list[int], batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = False
+        self, lengths: list[int], batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
+        weights: Sequence[float] | None = None, weighted_from_epoch: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if weights is not None and len(weights) != len(lengths):
+            raise ValueError(f"{len(weights)} weights for {len(lengths)} rows")
+        self.probabilities = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.weighted_from_epoch = weighted_from_epoch
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size = batch_size
         self.seed = seed
@@ -85,7 +92,10 @@ class LengthGroupedBatches:
         if not self.shuffle:
             return self._split(np.argsort(-self.lengths, kind="stable"))
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.lengths))
+        if self.probabilities is not None and self.epoch >= self.weighted_from_epoch:
+            order = rng.choice(len(self.lengths), size=len(self.lengths), replace=True, p=self.probabilities)
+        else:
+            order = rng.permutation(len(self.lengths))
         mega = self.batch_size * MEGABATCH_BATCHES
         # Megabatches are whole multiples of batch_size, so only the very last batch can be short.
         batches = []

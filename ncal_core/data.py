@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -271,3 +272,19 @@ def check_labels(examples: Iterable[Example], labels: list[str], source: str | P
             raise NCALError(
                 f"{example.where}: class {example.label!r} is not one of the training labels {labels} (from {source})"
             )
+
+
+def dev_split(examples: list[Example], per_class: int, seed: int, source: str | Path) -> tuple[list[Example],
+                                                                                               list[Example]]:
+    """(rest, dev): `per_class` rows of every class drawn into a balanced development split, fixed by `seed`."""
+    by_class: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_class.setdefault(example.label, []).append(index)
+    rng = random.Random(seed)
+    held: set[int] = set()
+    for label in sorted(by_class):
+        rows = by_class[label]
+        if len(rows) <= per_class:
+            raise NCALError(f"{source}: --dev_per_class {per_class}: class {label!r} has only {len(rows)} rows")
+        held.update(rng.sample(rows, per_class))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])

@@ -13,6 +13,7 @@ from torch import Tensor
 from ncal_core.collapse import neural_collapse
 from ncal_core.data import Example
 from ncal_core.features import pooled_features
+from ncal_core.longtail import adjust_scores
 from ncal_core.metrics import classification_report, format_report
 from ncal_core.model import QwenModel
 from ncal_core.prompts import PromptBuilder
@@ -20,12 +21,18 @@ from ncal_core.scoring import score_labels
 
 
 def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], *, pooling: str = "last",
-             e_w: float = 1.0, batch_size: int = 32) -> tuple[dict[str, Any], Tensor]:
-    """Constrained label scoring of labelled rows -> (classification report with NC figures, features [N, H])."""
+             e_w: float = 1.0, batch_size: int = 32, prior_log: Tensor | None = None,
+             tau: float = 0.0) -> tuple[dict[str, Any], Tensor]:
+    """Constrained label scoring of labelled rows -> (classification report with NC figures, features [N, H]).
+
+    With `tau`, the label scores are logit-adjusted (minus tau * the training log prior) before the argmax.
+    """
     was_training = model.training
     model.eval()
     gold = [builder.labels.index(row.label) for row in rows]
     scores = score_labels(model, [builder.prompt_ids(row) for row in rows], builder.label_ids, batch_size=batch_size)
+    if tau:
+        scores = adjust_scores(scores, prior_log, tau)
     features = pooled_features(model, builder.encode_all(rows), builder.tokenizer.pad_token_id, pooling, e_w,
                                batch_size)
     model.train(was_training)

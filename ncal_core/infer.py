@@ -13,6 +13,7 @@ from ncal_core.cli import parse_config
 from ncal_core.data import Example, check_labels, load_examples
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.generate import greedy_generate
+from ncal_core.longtail import log_prior
 from ncal_core.metrics import classification_report, format_report
 from ncal_core.predictor import Predictor, load_predictor
 from ncal_core.prompts import PromptBuilder
@@ -40,6 +41,8 @@ class InferConfig:
                                         "(default: the sorted gold labels of --prompts_file)")
     instruction: str | None = _f(None, "system turn before each prompt (default: the training run's)")
     batch_size: int = _f(16, "prompts scored per forward pass")
+    logit_adjust_tau: float = _f(0.0, "post-hoc logit adjustment: label scores - tau * log training prior (needs a "
+                                      "training output, which records the class counts)")
     generate: bool = _f(False, "decode greedily instead of scoring labels, and count invalid outputs")
     max_new_tokens: int = _f(16, "token limit of --generate")
     dtype: str = _f("float32", "float32, bfloat16 or float16")
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         raise NCALError("give exactly one of --prompt, --prompts_file and --interactive")
     if cfg.batch_size < 1:
         raise NCALError(f"--batch_size: must be >= 1, not {cfg.batch_size}")
+    if cfg.logit_adjust_tau and cfg.generate:
+        raise NCALError("--logit_adjust_tau: adjusts label scores, which --generate does not compute")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
     if dtype is None:
         raise NCALError(f"--dtype: must be float32, bfloat16 or float16, not {cfg.dtype!r}")
@@ -87,14 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         check_labels(gold_rows, labels, cfg.prompts_file or "--prompt")
     builder = PromptBuilder(predictor.tokenizer, labels, instruction=cfg.instruction or predictor.instruction,
                             cutoff_len=predictor.cutoff_len)
+    offset = torch.zeros(len(labels))
+    if cfg.logit_adjust_tau:
+        if predictor.label_counts is None or labels != predictor.labels:
+            raise NCALError(f"--logit_adjust_tau: {cfg.model_path} records no training class counts for these labels")
+        offset = -cfg.logit_adjust_tau * log_prior(predictor.label_counts)
+
+    def probabilities(prompts: list[list[int]]) -> torch.Tensor:
+        scores = score_labels(predictor.model, prompts, builder.label_ids, batch_size=cfg.batch_size)
+        return torch.softmax(scores + offset, dim=1)
 
     if cfg.interactive:
         for line in sys.stdin:
             if line.strip():
                 example = Example(id="stdin", messages=[{"role": "user", "content": line.strip()}], label=None,
                                   where="stdin")
-                probs = torch.softmax(score_labels(predictor.model, [builder.prompt_ids(example)],
-                                                   builder.label_ids)[0], dim=0)
+                probs = probabilities([builder.prompt_ids(example)])[0]
                 best = int(probs.argmax())
                 print(f"{labels[best]}\t{probs[best]:.4f}", flush=True)
         return 0
@@ -109,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs = [{"id": row.id, "prediction": text, "valid": text in labels, "label": row.label}
                    for row, text in zip(rows, texts)]
     else:
-        probs = torch.softmax(score_labels(predictor.model, prompts, builder.label_ids,
-                                           batch_size=cfg.batch_size), dim=1)
+        probs = probabilities(prompts)
         predictions = [labels[i] for i in probs.argmax(dim=1).tolist()]
         outputs = [{"id": row.id, "prediction": pred,
                     "scores": {label: float(p) for label, p in zip(labels, row_probs.tolist())}, "label": row.label}

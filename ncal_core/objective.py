@@ -7,6 +7,8 @@ tensor never exists (with Qwen's 151,936-token vocabulary it dominates time and 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,8 +41,16 @@ def pool_mask(batch: Batch, pooling: str) -> Tensor:
     return positions.unsqueeze(0) < batch.prompt_lens.unsqueeze(1)
 
 
+class ObjectiveOutput(NamedTuple):
+    """What one micro-batch gives the loop."""
+
+    lm_sum: Tensor              # summed CE over every target token of the batch
+    z: Tensor | None            # [B, H] fp32 TC features, when TC is on
+    first_logits: Tensor        # [B, V] logits at each row's last prompt token (they predict the label's first token)
+
+
 class TrainingObjective(nn.Module):
-    """Decoder + label-only head (+ TC feature): forward(batch) -> (summed target CE, z [B, H] or None)."""
+    """Decoder + label-only head (+ TC feature) of one micro-batch."""
 
     def __init__(self, model: QwenModel, *, use_tc: bool, pooling: str = "last", e_w: float = 1.0,
                  tc_backend: str = "auto") -> None:
@@ -51,13 +61,15 @@ class TrainingObjective(nn.Module):
         self.e_w = e_w
         self.tc_backend = tc_backend
 
-    def forward(self, batch: Batch, query: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, batch: Batch, query: Tensor, target: Tensor) -> ObjectiveOutput:
         hidden = self.model(batch.input_ids, attention_mask=batch.attention_mask)       # [B, T, H]
         flat = hidden.reshape(-1, hidden.shape[-1])
         logits = self.model.lm_head(flat[query]).float()                                # [N, V]
         lm_sum = F.cross_entropy(logits, batch.input_ids.reshape(-1)[target], reduction="sum")
+        n_targets = batch.seq_lens - batch.prompt_lens
+        first = torch.cumsum(n_targets, 0) - n_targets                                  # row b's first query
         z = None
         if self.use_tc:
             z = pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling],
                               e_w=self.e_w, backend=self.tc_backend)                   # [B, H] fp32
-        return lm_sum, z
+        return ObjectiveOutput(lm_sum, z, logits[first])

@@ -28,6 +28,7 @@ class Predictor:
     model: QwenModel
     tokenizer: Any
     labels: list[str] | None      # None: the caller must supply them (a plain checkpoint or foreign adapter)
+    label_counts: list[int] | None  # training rows per class, for logit adjustment
     instruction: str | None
     cutoff_len: int
     pooling: str
@@ -66,5 +67,6 @@ def load_predictor(model_path: str | Path, base_model_path: str | Path | None = 
     tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
     model.eval()
     return Predictor(model=model, tokenizer=load_tokenizer(tokenizer_dir), labels=run.get("labels"),
+                     label_counts=run.get("label_counts"),
                      instruction=config.get("instruction"), cutoff_len=config.get("cutoff_len", 2048),
                      pooling=config.get("pooling", "last"))

@@ -32,6 +32,9 @@ class TrainConfig:
     instruction: str | None = _f(None, "optional system turn put before every row's prompt")
     cutoff_len: int = _f(2048, "maximum tokens of prompt + label; the prompt's content is cut, never the label")
     truncation: str = _f("left", "where a too-long prompt is cut: left or middle")
+    dev_per_class: int = _f(0, "rows per class held out of training as a development split (ids written to "
+                               "OUTPUT_DIR/dev_ids.json), for tuning without touching the test set")
+    dev_seed: int = _f(0, "seed of the development split (kept fixed across --seed values)")
     # model
     model_name_or_path: str = _f(BUILTIN_TINY, "a Qwen2/Qwen2.5/Qwen3 checkpoint folder (HF layout, safetensors), "
                                                "or 'tiny': a small Qwen2 built offline and trained from scratch")
@@ -53,6 +56,14 @@ class TrainConfig:
     class_diff: bool = _f(True, "TC over pairs of different classes only (else all pairs)")
     pooling: str = _f("last", "TC feature: last (last prompt token), seq_last (last real token) or mean (prompt mean)")
     tc_backend: str = _f("auto", "TC loss implementation: auto (Triton on CUDA, PyTorch otherwise), triton or torch")
+    tc_variant: str = _f("pairs", "pairs: the paper's batch Gram loss; etf_target: dot regression of every row to "
+                                  "fixed simplex-ETF class directions (every class in play at every step)")
+    # long-tail baselines
+    resample: str = _f("none", "re-sample training rows: none, balanced (1/n_c) or sqrt (1/sqrt(n_c))")
+    resample_epochs: int = _f(0, "re-sample only in the last N epochs (deferred re-balancing); 0 = every epoch")
+    la_loss_tau: float = _f(0.0, "tau of a logit-adjusted cross-entropy over the K labels' first-token scores "
+                                 "(Menon et al. 2021), added to the LM loss; 0 = off")
+    logit_adjust_tau: float = _f(0.0, "post-hoc logit adjustment at evaluation: label scores - tau * log prior")
     # optimisation
     output_dir: str = _f("outputs/ncal-tiny-tmwpl", "where checkpoints, metrics.jsonl, eval.json and pictures go")
     overwrite_output_dir: bool = _f(False, "allow writing into a non-empty folder that is not this run's")
@@ -88,6 +99,15 @@ class TrainConfig:
             bad("truncation", f"must be left or middle, not {self.truncation!r}")
         if self.pooling not in ("last", "seq_last", "mean"):
             bad("pooling", f"must be last, seq_last or mean, not {self.pooling!r}")
+        if self.tc_variant not in ("pairs", "etf_target"):
+            bad("tc_variant", f"must be pairs or etf_target, not {self.tc_variant!r}")
+        if self.resample not in ("none", "balanced", "sqrt"):
+            bad("resample", f"must be none, balanced or sqrt, not {self.resample!r}")
+        for name in ("dev_per_class", "resample_epochs"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, not {getattr(self, name)}")
+        if self.la_loss_tau < 0:
+            bad("la_loss_tau", f"must be >= 0, not {self.la_loss_tau}")
         if self.tc_backend not in ("auto", "triton", "torch"):
             bad("tc_backend", f"must be auto, triton or torch, not {self.tc_backend!r}")
         if self.lr_scheduler_type not in ("linear", "cosine"):

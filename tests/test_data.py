@@ -275,3 +275,18 @@ def test_random_json_rows_load_or_raise_ncal_error(tmp_path, values, as_array, r
         assert str(err).startswith(str(path)) and "\n" not in str(err)
     else:
         assert all(example.messages and example.messages[-1]["role"] == "user" for example in examples)
+
+
+def test_dev_split_is_balanced_disjoint_and_fixed_by_seed(tmp_path):
+    from ncal_core.data import dev_split
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "question": f"q{i}", "class": "ab"[i % 5 == 0]}) + "\n"
+                            for i in range(50)), encoding="utf-8")
+    rows = load_examples(path)
+    rest, dev = dev_split(rows, 3, seed=0, source=path)
+    assert sorted(e.label for e in dev) == ["a"] * 3 + ["b"] * 3
+    assert {e.id for e in rest}.isdisjoint({e.id for e in dev}) and len(rest) + len(dev) == 50
+    assert [e.id for e in dev_split(rows, 3, seed=0, source=path)[1]] == [e.id for e in dev]
+    with pytest.raises(NCALError, match="has only 10 rows"):
+        dev_split(rows, 10, seed=0, source=path)

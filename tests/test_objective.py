@@ -35,7 +35,7 @@ def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model):
     objective = TrainingObjective(model, use_tc=False)
     query, target = target_index(batch.prompt_lens, batch.seq_lens, batch.input_ids.shape[1])
     model.zero_grad()
-    lm_sum, z = objective(batch, query, target)
+    lm_sum, z, first_logits = objective(batch, query, target)
     lm_sum.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert z is None
@@ -49,6 +49,7 @@ def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model):
     full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=-100, reduction="sum")
     full.backward()
+    assert torch.allclose(first_logits, logits[torch.arange(len(rows)), batch.prompt_lens - 1], atol=ATOL_FP32)
     assert len(target) == sum(len(r.input_ids) - r.prompt_len for r in rows)
     assert torch.allclose(lm_sum, full, atol=ATOL_FP32)
     for name, param in model.named_parameters():
@@ -61,7 +62,7 @@ def test_tc_feature_is_pooled_where_method_md_says(model, pooling):
     objective = TrainingObjective(model, use_tc=True, pooling=pooling, e_w=1e6)  # no clamp: raw features
     query, target = target_index(batch.prompt_lens, batch.seq_lens, batch.input_ids.shape[1])
     with torch.no_grad():
-        _, z = objective(batch, query, target)
+        z = objective(batch, query, target).z
         for i, row in enumerate(rows):
             hidden = model(torch.tensor([row.input_ids]))[0]
             expected = {"last": hidden[row.prompt_len - 1], "seq_last": hidden[-1],

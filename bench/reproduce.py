@@ -1,0 +1,207 @@
+"""Does TC help? SFT against NCAL variants and long-tail baselines on TMWPL with the built-in tiny model.
+
+Every run trains with `python -m ncal_core.train` on TMWPL train minus a class-balanced development
+split (`--dev_per_class` rows per class, the same split for every run), then scores the development
+split and TMWPL test once. Settings that need tuning (the post-hoc logit-adjustment tau) are chosen
+on the development split only; test numbers are reported for what the development split chose.
+
+    python bench/reproduce.py                       # the table in README.md (several hours on 2 cores)
+    python bench/reproduce.py --methods sft,ncal --seeds 0,1,2
+    python bench/reproduce.py --quick               # a CI-sized run: asserts nothing about who wins
+
+Runs are resumable: a finished run's scores are kept in OUT/runs/<method>-s<seed>/scores.json.
+Writes OUT/results.json, OUT/results.md and OUT/comparison.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ncal_core.data import load_examples
+from ncal_core.datasets import resolve_dataset
+from ncal_core.longtail import adjust_scores, log_prior
+from ncal_core.metrics import classification_report
+from ncal_core.predictor import load_predictor
+from ncal_core.prompts import PromptBuilder
+from ncal_core.scoring import score_labels
+
+# method name -> flags of ncal_core.train on top of the common ones
+PAIRS = ["--tc_variant", "pairs", "--class_diff", "true"]
+METHODS: dict[str, list[str]] = {
+    "sft": ["--use_etf_loss", "false"],
+    "ncal": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS],
+    "ncal_l1": ["--lambda_lc", "1.0", "--pooling", "last", *PAIRS],
+    "ncal_seq_last": ["--lambda_lc", "0.1", "--pooling", "seq_last", *PAIRS],
+    "ncal_mean": ["--lambda_lc", "0.1", "--pooling", "mean", *PAIRS],
+    "ncal_seq_last_l1": ["--lambda_lc", "1.0", "--pooling", "seq_last", *PAIRS],
+    "ncal_mean_l1": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS],
+    "ncal_allpairs": ["--lambda_lc", "0.1", "--pooling", "last", "--tc_variant", "pairs", "--class_diff", "false"],
+    "ncal_allpairs_l1": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "pairs", "--class_diff", "false"],
+    "etf_target": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "etf_target"],
+    "sft_la_loss": ["--use_etf_loss", "false", "--la_loss_tau", "1.0"],
+    "sft_drw": ["--use_etf_loss", "false", "--resample", "balanced", "--resample_epochs", "1"],
+    "sft_sqrt": ["--use_etf_loss", "false", "--resample", "sqrt"],
+    "ncal_drw": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--resample", "balanced",
+                 "--resample_epochs", "1"],
+    "etf_target_la_loss": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "etf_target",
+                           "--la_loss_tau", "1.0"],
+}
+TAUS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+TAIL = 3  # report per-class F1 of the three smallest training classes
+
+
+def _run(method: str, seed: int, out: Path, common: list[str]) -> Path:
+    """Train one (method, seed) unless its run folder already holds a finished model."""
+    run_dir = out / "runs" / f"{method}-s{seed}"
+    if (run_dir / "ncal_run.json").is_file() and (run_dir / "tokenizer_config.json").is_file():
+        return run_dir
+    cmd = [sys.executable, "-m", "ncal_core.train", "--output_dir", str(run_dir), "--seed", str(seed),
+           "--overwrite_output_dir", "true", "--eval_dataset_path", "none", "--save_strategy", "no",
+           *common, *METHODS[method]]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    (run_dir / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    return run_dir
+
+
+def _scores(run_dir: Path, dev_rows, test_rows) -> dict:
+    """Summed label log-probs of the dev and test rows, cached in run_dir/scores.json."""
+    cache = run_dir / "scores.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    predictor = load_predictor(run_dir)
+    builder = PromptBuilder(predictor.tokenizer, predictor.labels, cutoff_len=predictor.cutoff_len)
+    result = {"labels": predictor.labels,
+              "label_counts": json.loads((run_dir / "ncal_run.json").read_text())["label_counts"]}
+    for name, rows in (("dev", dev_rows), ("test", test_rows)):
+        scores = score_labels(predictor.model, [builder.prompt_ids(r) for r in rows], builder.label_ids, 32)
+        result[name] = {"scores": scores.tolist(), "gold": [predictor.labels.index(r.label) for r in rows]}
+    cache.write_text(json.dumps(result, ensure_ascii=False))
+    return result
+
+
+def _predict(split: dict, prior: torch.Tensor, tau: float) -> list[int]:
+    return adjust_scores(torch.tensor(split["scores"]), prior, tau).argmax(1).tolist()
+
+
+def _bootstrap_delta(gold: list[int], preds_a: list[list[int]], preds_b: list[list[int]], labels: list[str],
+                     n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds of macro-F1(b) - macro-F1(a), and its 95% interval resampling test rows jointly."""
+    gold_a = np.asarray(gold)
+    rng = np.random.default_rng(seed)
+
+    def delta(idx: np.ndarray) -> float:
+        return float(np.mean([classification_report(gold_a[idx].tolist(), np.asarray(b)[idx].tolist(), labels)
+                              ["macro_f1"] - classification_report(gold_a[idx].tolist(),
+                                                                   np.asarray(a)[idx].tolist(), labels)["macro_f1"]
+                              for a, b in zip(preds_a, preds_b)]))
+
+    point = delta(np.arange(len(gold)))
+    samples = [delta(rng.integers(0, len(gold), len(gold))) for _ in range(n_boot)]
+    return point, float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(results: dict[str, dict[int, dict]], out: Path) -> list[dict]:
+    """Per method (plain argmax and post-hoc logit adjustment with tau chosen on dev): means, stds, intervals."""
+    rows = []
+    first = next(iter(next(iter(results.values())).values()))
+    labels, counts = first["labels"], first["label_counts"]
+    prior = log_prior(counts)
+    tail = sorted(range(len(labels)), key=lambda c: counts[c])[:TAIL]
+    gold = first["test"]["gold"]
+    preds: dict[str, list[list[int]]] = {}
+    for method, by_seed in results.items():
+        for adjusted in (False, True):
+            name = f"{method}+LA" if adjusted else method
+            taus = []
+            for seed, res in sorted(by_seed.items()):
+                if adjusted:
+                    dev_f1 = [classification_report(res["dev"]["gold"], _predict(res["dev"], prior, t), labels)
+                              ["macro_f1"] for t in TAUS]
+                    taus.append(TAUS[int(np.argmax(dev_f1))])
+                else:
+                    taus.append(0.0)
+            preds[name] = [_predict(res["test"], prior, t) for (_, res), t in zip(sorted(by_seed.items()), taus)]
+            reports = [classification_report(gold, p, labels) for p in preds[name]]
+            acc = _mean_std([r["accuracy"] for r in reports])
+            f1 = _mean_std([r["macro_f1"] for r in reports])
+            row = {"method": name, "seeds": sorted(by_seed), "taus": taus,
+                   "accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0], "macro_f1_std": f1[1],
+                   "macro_f1_per_seed": [r["macro_f1"] for r in reports],
+                   "tail_f1": {labels[c]: _mean_std([r["per_class"][labels[c]]["f1"] for r in reports])[0]
+                               for c in tail}}
+            rows.append(row)
+    if "sft" in results:
+        for row in rows:
+            if row["method"] != "sft" and len(preds[row["method"]]) == len(preds["sft"]):
+                row["delta_vs_sft"] = _bootstrap_delta(gold, preds["sft"], preds[row["method"]], labels)
+    return rows
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    """The markdown table the README quotes."""
+    tail_names = list(rows[0]["tail_f1"])
+    head = ("| method | seeds | accuracy | macro-F1 | Δ macro-F1 vs SFT [95% CI] | "
+            + " | ".join(f"F1 {n}" for n in tail_names) + " |")
+    lines = [head, "|" + "---|" * (5 + len(tail_names))]
+    for row in rows:
+        delta = row.get("delta_vs_sft")
+        delta_text = f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–"
+        lines.append(f"| {row['method']} | {len(row['seeds'])} | {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}"
+                     f" | {row['macro_f1_mean']:.3f} ± {row['macro_f1_std']:.3f} | {delta_text} | "
+                     + " | ".join(f"{row['tail_f1'][n]:.3f}" for n in tail_names) + " |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default="bench/results/reproduce")
+    parser.add_argument("--dev_per_class", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="2 methods, 1 seed, 30 steps of a smaller model")
+    parser.add_argument("extra", nargs="*", help="more flags for every training run, after --")
+    args = parser.parse_args(argv)
+    methods = ["sft", "ncal"] if args.quick else args.methods.split(",")
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    common = ["--dataset_path", "tmwpl", "--dev_per_class", str(args.dev_per_class), *args.extra]
+    if args.quick:
+        common += ["--max_steps", "30", "--tiny_hidden_size", "64", "--tiny_num_layers", "1"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    test_rows = load_examples(resolve_dataset("tmwpl", "test"))
+    results: dict[str, dict[int, dict]] = {}
+    for method in methods:
+        if method not in METHODS:
+            parser.error(f"unknown method {method!r}")
+        for seed in seeds:
+            run_dir = _run(method, seed, out, common)
+            dev_ids = set(json.loads((run_dir / "dev_ids.json").read_text()))
+            dev_rows = [r for r in load_examples(resolve_dataset("tmwpl", "train")) if r.id in dev_ids]
+            results.setdefault(method, {})[seed] = _scores(run_dir, dev_rows, test_rows)
+            print(f"{method} seed {seed}: done", flush=True)
+    rows = summarise(results, out)
+    (out / "results.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_table(rows, out / "results.md")
+    from ncal_core.plots import comparison_plot
+
+    comparison_plot(rows, out / "comparison.png")
+    print((out / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
