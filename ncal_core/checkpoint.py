@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -45,22 +46,32 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
-    """Create folder `target` by letting `fill` write into a temporary sibling, then renaming it."""
+def write_atomically(target: Path, fill: Callable[[Path], None], *, replace: bool = True) -> Path:
+    """Create folder `target` by letting `fill` write into a temporary sibling, then renaming it.
+
+    An existing `target` is replaced; with replace=False it is kept and the new copy dropped, for a cache
+    that several processes may fill with the same content at once (and read while another one writes).
+    """
     tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     fill(tmp)
     _fsync_tree(tmp)
-    if target.exists():
+    if replace and target.exists():
         # replacing a checkpoint of the same step (a resumed run saving again): move the old one aside first
         old = target.parent / f"{TMP_PREFIX}old-{target.name}-{os.getpid()}"
         target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old)
     else:
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # there already, or written by another process meanwhile (two runs building one cached tiny model)
+            shutil.rmtree(tmp)
     _fsync_dir(target.parent)
     return target
 
@@ -106,21 +117,31 @@ def read_state(folder: Path) -> dict[str, Any]:
     """trainer_state.json of a checkpoint."""
     path = folder / STATE_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise NCALError(f"{path}: unreadable trainer state: {err}") from None
+    if not isinstance(state, dict):
+        raise NCALError(f"{path}: unreadable trainer state: expected a JSON object")
+    return state
 
 
 def read_optimizer_state(folder: Path) -> dict[str, Any]:
     """optimizer.pt, refusing anything but tensors and plain containers (no code runs from it)."""
     path = folder / "optimizer.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's advice to report an unusual pickle protocol: noise when the file is refused anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise NCALError(f"{path}: missing from the checkpoint") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NCALError(f"{path}: refused: not a plain tensor file ({first})") from None
+        # torch wraps the reason in paragraphs of advice (among it: load with weights_only=False); keep the reason
+        paragraphs = [p for p in re.split(r"\n\s*\n", str(err).strip()) if p.strip()] or [type(err).__name__]
+        reason = next((p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the docum"))),
+                      paragraphs[0])
+        reason = " ".join(reason.split())
+        raise NCALError(f"{path}: refused: not a plain tensor file ({reason})") from None
 
 
 def read_rng(folder: Path) -> dict[str, torch.Tensor]:
@@ -136,5 +157,6 @@ def prune_checkpoints(output_dir: Path, keep: int, protect: Path | None) -> None
     """Delete the oldest checkpoints in output_dir beyond `keep`, never `protect` (the best so far)."""
     found = list_checkpoints(output_dir)
     for folder in found[:-keep] if keep else found:
-        if protect is None or folder.resolve() != protect.resolve():
+        # a symlink is the user's (this code never makes one), and what it points to is not ours to delete
+        if not folder.is_symlink() and (protect is None or folder.resolve() != protect.resolve()):
             shutil.rmtree(folder)

@@ -20,15 +20,19 @@ def prepare_output_dir(output_dir: Path, cfg, *, resuming: bool) -> None:
     """Create the folder, refusing one that holds something else unless --overwrite_output_dir."""
     if output_dir.exists() and not output_dir.is_dir():
         raise NCALError(f"--output_dir {output_dir}: exists and is not a folder")
-    entries = list(output_dir.iterdir()) if output_dir.is_dir() else []
+    # a run file alone is left by a run that stopped before writing anything (bad data, a bad checkpoint)
+    entries = [e for e in output_dir.iterdir() if e.name != RUN_FILE] if output_dir.is_dir() else []
     if entries and not resuming:
         if not cfg.overwrite_output_dir:
             what = "an earlier run" if (output_dir / RUN_FILE).exists() else "files of something else"
             raise NCALError(f"--output_dir {output_dir}: holds {what}; pass --resume_from_checkpoint latest to "
                             "continue a run, --overwrite_output_dir true to write over it, or another folder")
-        # starting over: only this project's own checkpoints go, nothing the user put there
+        # starting over: only this project's own checkpoints go (checkpoint-<step> and half-written ones, never
+        # through a symlink), nothing the user put there
         for entry in entries:
-            if entry.is_dir() and (entry.name.startswith(PREFIX) or entry.name.startswith(TMP_PREFIX)):
+            ours = entry.name.startswith(TMP_PREFIX) or (entry.name.startswith(PREFIX)
+                                                         and entry.name[len(PREFIX):].isdigit())
+            if ours and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     try:
@@ -49,3 +53,14 @@ def save_run_output(output_dir: Path, save_weights: Callable[[Path], None]) -> N
             os.fsync(handle.fileno())
         os.replace(path, output_dir / path.name)
     tmp.rmdir()
+
+
+def truncate_log(path: Path, lines: int) -> None:
+    """Keep the first `lines` lines of a JSONL log (a resumed run drops what was logged after its checkpoint)."""
+    if not path.is_file():
+        return
+    # split on "\n" only: str.splitlines would also break inside a JSON string at U+2028
+    kept = path.read_text(encoding="utf-8").split("\n")[:lines]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept if line), encoding="utf-8")
+    os.replace(tmp, path)

@@ -68,4 +68,4 @@ def tiny_checkpoint(texts: Sequence[str], *, seed: int, vocab_size: int = 4096, 
         build_tiny_checkpoint(folder, texts, seed=seed, vocab_size=vocab_size, hidden_size=hidden_size,
                               num_layers=num_layers)
 
-    return write_atomically(target, fill)
+    return write_atomically(target, fill, replace=False)

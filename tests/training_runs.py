@@ -1,0 +1,98 @@
+"""Running the real commands in subprocesses on tiny data: rows, flags, environment and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = ["回忆", "识别", "推断"]
+WORDS = ["三角形", "苹果", "长方形", "正方形", "小明", "比较", "大小", "读作", "判断", "对错", "分数", "钝角"]
+# the built-in tiny model at its smallest: a training run of a few steps takes seconds
+TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_vocab_size", "300"]
+
+
+def tmwpl_rows(n: int, seed: int = 0, prefix: str = "r") -> list[dict]:
+    """n TMWPL-format rows over LABELS, classes in turn, texts from WORDS (the class's first character in each)."""
+    rng = random.Random(seed)
+    return [{"id": f"{prefix}{i}", "question": "".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+             + LABELS[i % 3][0], "class": LABELS[i % 3]} for i in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write rows one JSON object a line (UTF-8, unescaped) and return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def command_env(cache_dir: Path | None, **extra: str) -> dict[str, str]:
+    """The environment of a command run by a test: its own model cache, one thread, this checkout importable."""
+    env = dict(os.environ)
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if cache_dir is not None:
+        env["NCAL_CACHE_DIR"] = str(cache_dir)
+    env.update(extra)
+    return env
+
+
+def command(module: str, args: list[str]) -> list[str]:
+    """`python -m <module> args...` with this interpreter."""
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def run(module: str, args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command to completion, capturing its output as text."""
+    return subprocess.run(command(module, args), env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for MASTER_PORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained tensors a run left in its output folder: the adapter with LoRA, else the whole model."""
+    adapter = output_dir / "adapter_model.safetensors"
+    return load_file(adapter if adapter.is_file() else output_dir / "model.safetensors")
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max |a - b| over every tensor; the two must hold the same names and shapes."""
+    assert sorted(a) == sorted(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock field (throughput differs from run to run)."""
+    lines = (output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    for record in records:
+        record.pop("samples_per_s", None)
+    return records
+
+
+def logged_steps(output_dir: Path) -> int:
+    """Training log lines written so far (one per step with --logging_steps 1); safe while a run writes."""
+    try:
+        text = (output_dir / "metrics.jsonl").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return 0
+    return sum('"loss"' in line for line in text.splitlines())
+
+
+def eval_report(output_dir: Path) -> dict:
+    """eval.json of a finished run."""
+    return json.loads((output_dir / "eval.json").read_text(encoding="utf-8"))
