@@ -1,0 +1,67 @@
+"""bench/memory_model.py against a hand computation, and bench/bench_train.py --quick end to end (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str, timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_memory_model_matches_a_hand_computation_for_qwen25_05b_at_batch_8_by_512(tmp_path):
+    out = _run("memory_model.py", "--batch", "8", "--seq", "512", "--json", str(tmp_path / "m.json"), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "computed, not measured" in out.stdout
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["computed_not_measured"] is True
+    rows = {row["model"]: row for row in report["rows"]}
+    small, big = rows["Qwen2.5-0.5B"], rows["Qwen2.5-7B"]
+
+    # Qwen2.5-0.5B: H 896, 24 layers, 14 heads of 64, 2 KV heads, MLP 4864, vocab 151936, tied head.
+    per_layer = (896 * 896 + 896) + 2 * (896 * 128 + 128) + 896 * 896 + 3 * 896 * 4864 + 2 * 896
+    assert small["parameters"] == 151936 * 896 + 24 * per_layer + 896 == 494_032_768  # the published 0.49B
+    assert big["parameters"] == 7_615_616_512  # the published 7.61B (untied head)
+    assert small["weights_bf16"] == 2 * 494_032_768
+    lora = 24 * 8 * ((896 + 896) + 2 * (896 + 128) + (896 + 896))
+    assert small["lora_parameters"] == lora == 1_081_344
+    assert small["lora_and_adamw_fp32"] == 16 * lora
+    assert small["full_logits_and_grad"] == 8 * 512 * 151936 * 4 * 2
+    assert small["label_only_logits_and_grad"] == 8 * 3 * 151936 * 4 * 2
+    # per layer and token: 2 bytes x (7H + (2*14 + 2*2)*64 + 3*4864 + 4*8) + 4H mask bytes + 4*14 lse + 8 rstd
+    layer = 8 * 512 * (2 * (7 * 896 + 32 * 64 + 3 * 4864 + 32) + 4 * 896 + 4 * 14 + 8)
+    assert small["activations"] == 24 * layer
+    assert small["activations_checkpointed"] == 24 * 8 * 512 * 2 * 896 + layer
+    assert small["total_full_logits"] == 2 * 494_032_768 + 16 * lora + 24 * layer + 8 * 512 * 151936 * 8
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_both_sides_and_writes_every_section_of_the_report(tmp_path, tmwpl_dir):
+    # Shape bpe4k only, 10 steps of batch 8 on 1 thread: about 20 s on this 2-core machine, loaded or not.
+    # Timings are never asserted.
+    out = _run("bench_train.py", "--quick", "--json", str(tmp_path / "b.json"), timeout=900,
+               env={"NCAL_DATA_DIR": str(tmwpl_dir)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["mode"] == "quick"
+    assert {"machine", "runs", "comparisons", "levers", "head_microbench", "memory_model"} <= set(report)
+    assert {"mfu_denominator_gflops", "matmul_gflops_before", "matmul_gflops_after", "loadavg"} <= set(report["machine"])
+    assert sorted(run["side"] for run in report["runs"]) == ["baseline", "ours"]
+    for run in report["runs"]:
+        assert {"samples_per_s", "real_tokens_per_s", "peak_rss_mb", "model_gflops_per_step", "mfu",
+                "stalled_steps"} <= set(run)
+        assert run["peak_rss_mb"] > 0 and run["samples_per_s"] > 0
+    (comparison,) = report["comparisons"]
+    assert {"samples_ratio", "real_tokens_ratio", "rss_ratio", "targets_met"} <= set(comparison)
+    assert report["head_microbench"][0]["vocab"] == 4096
+    assert report["memory_model"]["computed_not_measured"] is True
+    assert "Ours / baseline" in out.stdout and "computed, not measured" in out.stdout
