@@ -295,6 +295,7 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
            "--dataset_path", str(shape.train_file), "--label_types", ",".join(shape.labels),
            "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
            "--output_dir", str(out_dir), "--overwrite_output_dir", "true", "--use_lora", "true",
+           "--group_by_length", "true",
            "--lora_r", "8", "--lora_alpha", "32", "--lora_dropout", "0.1",
            "--target_modules", "q_proj,k_proj,v_proj,o_proj", "--lambda_lc", str(LAMBDA_LC),
            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",

@@ -52,6 +52,7 @@ class LengthGroupedBatches:
     is sorted by length and split into batches, and the batch order is shuffled, with the batch holding the longest
     row put first so that running out of memory shows at the first step. Deterministic given (seed, epoch).
     Not shuffled: rows sorted by length (longest first) and cut into batches, for evaluation.
+    `megabatch_batches=1` gives plain random batches (no grouping by length).
     With `weights` (one per row), epochs from `weighted_from_epoch` on draw as many rows as there are,
     with replacement and probability proportional to the weights (class re-sampling), instead of a permutation.
     """
@@ -59,6 +60,7 @@ class LengthGroupedBatches:
     def __init__(
         self, lengths: list[int], batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
         weights: Sequence[float] | None = None, weighted_from_epoch: int = 0,
+        megabatch_batches: int = MEGABATCH_BATCHES,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -66,6 +68,7 @@ class LengthGroupedBatches:
             raise ValueError(f"{len(weights)} weights for {len(lengths)} rows")
         self.probabilities = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.weighted_from_epoch = weighted_from_epoch
+        self.megabatch_batches = megabatch_batches
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size = batch_size
         self.seed = seed
@@ -96,7 +99,7 @@ class LengthGroupedBatches:
             order = rng.choice(len(self.lengths), size=len(self.lengths), replace=True, p=self.probabilities)
         else:
             order = rng.permutation(len(self.lengths))
-        mega = self.batch_size * MEGABATCH_BATCHES
+        mega = self.batch_size * self.megabatch_batches
         # Megabatches are whole multiples of batch_size, so only the very last batch can be short.
         batches = []
         for start in range(0, len(order), mega):

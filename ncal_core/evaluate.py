@@ -31,12 +31,15 @@ def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], 
     model.eval()
     gold = [builder.labels.index(row.label) for row in rows]
     scores = score_labels(model, [builder.prompt_ids(row) for row in rows], builder.label_ids, batch_size=batch_size)
+    plain = classification_report(gold, scores.argmax(dim=1).tolist(), builder.labels)
     if tau:
         scores = adjust_scores(scores, prior_log, tau)
     features = pooled_features(model, builder.encode_all(rows), builder.tokenizer.pad_token_id, pooling, e_w,
                                batch_size)
     model.train(was_training)
     report = classification_report(gold, scores.argmax(dim=1).tolist(), builder.labels)
+    report["logit_adjust_tau"] = tau
+    report["unadjusted"] = {"accuracy": plain["accuracy"], "macro_f1": plain["macro_f1"]}
     report["neural_collapse"] = neural_collapse(features, torch.tensor(gold), len(builder.labels))
     return report, features
 
@@ -48,6 +51,9 @@ def write_report(output_dir: Path, report: dict[str, Any], features: Tensor, gol
 
     (output_dir / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     print(format_report(report))
+    if report.get("logit_adjust_tau"):
+        print(f"(label scores logit-adjusted with tau {report['logit_adjust_tau']}; without: accuracy "
+              f"{report['unadjusted']['accuracy']:.4f}, macro-F1 {report['unadjusted']['macro_f1']:.4f})")
     nc = report["neural_collapse"]
     print(f"NC1 {nc['nc1']:.4f}   NC2 cos {nc['nc2_cos_mean']:.4f} ± {nc['nc2_cos_std']:.4f} "
           f"(ETF {nc['etf_cos']:.4f})   equinorm CV {nc['equinorm_cv']:.4f}")

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ncal_core.batching import Batch, LengthGroupedBatches, collate
+from ncal_core.batching import MEGABATCH_BATCHES, Batch, LengthGroupedBatches, collate
 from ncal_core.checkpoint import (prune_checkpoints, read_optimizer_state, read_rng,
                                   read_state, resolve_checkpoint, save_checkpoint)
 from ncal_core.cli import parse_config
@@ -159,7 +159,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                    drop_last=len(encoded) >= global_batch,
                                    weights=row_weights([r.label_index for r in encoded], len(labels), cfg.resample),
                                    weighted_from_epoch=max(0, math.ceil(cfg.num_train_epochs) - cfg.resample_epochs)
-                                   if cfg.resample_epochs else 0)
+                                   if cfg.resample_epochs else 0,
+                                   megabatch_batches=MEGABATCH_BATCHES if cfg.group_by_length else 1)
     steps_per_epoch = len(sampler) // cfg.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise NCALError(f"{train_path}: {len(encoded)} rows are fewer than one optimizer step needs "

@@ -63,7 +63,8 @@ class TrainConfig:
     resample_epochs: int = _f(0, "re-sample only in the last N epochs (deferred re-balancing); 0 = every epoch")
     la_loss_tau: float = _f(0.0, "tau of a logit-adjusted cross-entropy over the K labels' first-token scores "
                                  "(Menon et al. 2021), added to the LM loss; 0 = off")
-    logit_adjust_tau: float = _f(0.0, "post-hoc logit adjustment at evaluation: label scores - tau * log prior")
+    logit_adjust_tau: float = _f(1.0, "post-hoc logit adjustment at evaluation: label scores - tau * log training "
+                                      "prior (Menon et al. 2021); 0 = plain argmax of the label scores")
     # optimisation
     output_dir: str = _f("outputs/ncal-tiny-tmwpl", "where checkpoints, metrics.jsonl, eval.json and pictures go")
     overwrite_output_dir: bool = _f(False, "allow writing into a non-empty folder that is not this run's")
@@ -71,6 +72,8 @@ class TrainConfig:
     max_steps: int = _f(-1, "optimizer steps to run; overrides --num_train_epochs when > 0")
     per_device_train_batch_size: int = _f(32, "rows per micro-batch and process")
     per_device_eval_batch_size: int = _f(32, "rows per scoring batch")
+    group_by_length: bool = _f(False, "batch rows of similar length together (less padding, faster); false = "
+                                     "random batches")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     learning_rate: float | None = _f(None, "peak learning rate; default: 2e-4 with LoRA, 1e-3 for full fine-tuning")
     warmup_ratio: float = _f(0.05, "fraction of the steps with linear warm-up")

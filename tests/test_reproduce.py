@@ -1,0 +1,29 @@
+"""bench/reproduce.py --quick runs the whole comparison path end to end (it asserts nothing about who wins)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_reproduce_writes_the_table_json_and_plot(tmp_path, tmwpl_dir):
+    env = {**os.environ, "NCAL_CACHE_DIR": str(tmp_path / "cache"), "NCAL_DATA_DIR": str(tmwpl_dir),
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--quick", "--out", str(tmp_path / "out")],
+                   check=True, env=env, capture_output=True, cwd=REPO)
+    rows = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+    assert [r["method"] for r in rows] == ["sft", "sft+LA", "ncal", "ncal+LA"]
+    for row in rows:
+        assert 0 <= row["macro_f1_mean"] <= 1 and len(row["tail_f1"]) == 3
+    assert "delta_vs_sft" in rows[2]
+    table = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
+    assert table.count("\n") == 2 + len(rows)
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
