@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ncal_core.cli import parse_config
+from ncal_core.cli import flag, parse_config
 from ncal_core.data import check_labels, label_set, load_examples
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluate import evaluate, write_report
@@ -15,21 +15,17 @@ from ncal_core.predictor import load_predictor
 from ncal_core.prompts import PromptBuilder
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class AnalyzeConfig:
     """Flags of `python -m ncal_core.analyze`."""
 
-    model_path: str | None = _f(None, "a training output, checkpoint or model folder (as for ncal_core.infer)")
-    base_model_path: str | None = _f(None, "the base checkpoint under an adapter")
-    prompts_file: str | None = _f(None, "labelled rows (TMWPL, PMTD or conversation format)")
-    output_dir: str | None = _f(None, "where eval.json, sphere.png, per_class_f1.png and training_curves.png go")
-    labels: list[str] | None = _f(None, "class names when the model folder records none (default: sorted gold labels)")
-    pooling: str | None = _f(None, "feature pooling: last, seq_last or mean (default: the training run's)")
-    batch_size: int = _f(16, "rows per forward pass")
+    model_path: str | None = flag(None, "a training output, checkpoint or model folder (as for ncal_core.infer)")
+    base_model_path: str | None = flag(None, "the base checkpoint under an adapter")
+    prompts_file: str | None = flag(None, "labelled rows (TMWPL, PMTD or conversation format)")
+    output_dir: str | None = flag(None, "where eval.json, sphere.png, per_class_f1.png and training_curves.png go")
+    labels: list[str] | None = flag(None, "class names when the model folder records none (default: sorted gold labels)")
+    pooling: str | None = flag(None, "feature pooling: last, seq_last or mean (default: the training run's)")
+    batch_size: int = flag(16, "rows per forward pass")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ncal_core.durable import fsync_dir
 from ncal_core.errors import NCALError
 
 PREFIX = "checkpoint-"
@@ -35,15 +36,7 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 def write_atomically(target: Path, fill: Callable[[Path], None], *, replace: bool = True) -> Path:
@@ -72,7 +65,7 @@ def write_atomically(target: Path, fill: Callable[[Path], None], *, replace: boo
                 raise
             # there already, or written by another process meanwhile (two runs building one cached tiny model)
             shutil.rmtree(tmp)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
 
 

@@ -15,14 +15,24 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
 from ncal_core.errors import NCALError
 
 C = TypeVar("C")
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
+
+
+def flag(default: Any, help: str) -> Any:
+    """A config dataclass field: its default and its --help text."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def parse_bool(text: str | bool) -> bool:

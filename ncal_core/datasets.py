@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from ncal_core.durable import fsync_dir
 from ncal_core.errors import NCALError, at
 
 DATA_DIR_ENV = "NCAL_DATA_DIR"
@@ -72,18 +73,8 @@ def download(url: str, dest: Path, sha256: str) -> Path:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in folder durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    if os.name == "posix":
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def resolve_dataset(name_or_path: str, split: str = "train", *, search_dirs: Sequence[Path] | None = None) -> Path:

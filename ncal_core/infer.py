@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ncal_core.cli import parse_config
+from ncal_core.cli import DTYPES, flag, parse_config
 from ncal_core.data import Example, check_labels, load_examples
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.generate import greedy_generate
@@ -20,32 +20,28 @@ from ncal_core.prompts import PromptBuilder
 from ncal_core.scoring import score_labels
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class InferConfig:
     """Flags of `python -m ncal_core.infer`."""
 
-    model_path: str | None = _f(None, "a training output, checkpoint, merged/full checkpoint, base checkpoint "
+    model_path: str | None = flag(None, "a training output, checkpoint, merged/full checkpoint, base checkpoint "
                                       "or PEFT adapter folder")
-    base_model_path: str | None = _f(None, "the base checkpoint under an adapter (default: the one its run or "
+    base_model_path: str | None = flag(None, "the base checkpoint under an adapter (default: the one its run or "
                                            "adapter_config.json names)")
-    prompt: str | None = _f(None, "one text to classify")
-    prompts_file: str | None = _f(None, "rows to classify (TMWPL, PMTD or conversation format; gold labels optional)")
-    interactive: bool = _f(False, "read texts from stdin, one per line, and print label and probability")
-    output_file: str | None = _f(None, "write one JSON line per row: id, prediction, scores, label")
-    metrics_file: str | None = _f(None, "write the report (accuracy, macro_f1, per class, confusion) as JSON")
-    labels: list[str] | None = _f(None, "the class names, when the model folder does not record them "
+    prompt: str | None = flag(None, "one text to classify")
+    prompts_file: str | None = flag(None, "rows to classify (TMWPL, PMTD or conversation format; gold labels optional)")
+    interactive: bool = flag(False, "read texts from stdin, one per line, and print label and probability")
+    output_file: str | None = flag(None, "write one JSON line per row: id, prediction, scores, label")
+    metrics_file: str | None = flag(None, "write the report (accuracy, macro_f1, per class, confusion) as JSON")
+    labels: list[str] | None = flag(None, "the class names, when the model folder does not record them "
                                         "(default: the sorted gold labels of --prompts_file)")
-    instruction: str | None = _f(None, "system turn before each prompt (default: the training run's)")
-    batch_size: int = _f(16, "prompts scored per forward pass")
-    logit_adjust_tau: float = _f(0.0, "post-hoc logit adjustment: label scores - tau * log training prior (needs a "
+    instruction: str | None = flag(None, "system turn before each prompt (default: the training run's)")
+    batch_size: int = flag(16, "prompts scored per forward pass")
+    logit_adjust_tau: float = flag(0.0, "post-hoc logit adjustment: label scores - tau * log training prior (needs a "
                                       "training output, which records the class counts)")
-    generate: bool = _f(False, "decode greedily instead of scoring labels, and count invalid outputs")
-    max_new_tokens: int = _f(16, "token limit of --generate")
-    dtype: str = _f("float32", "float32, bfloat16 or float16")
+    generate: bool = flag(False, "decode greedily instead of scoring labels, and count invalid outputs")
+    max_new_tokens: int = flag(16, "token limit of --generate")
+    dtype: str = flag("float32", "float32, bfloat16 or float16")
 
 
 def _labels(cfg: InferConfig, predictor: Predictor, rows: list[Example]) -> list[str]:
@@ -79,14 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         raise NCALError(f"--batch_size: must be >= 1, not {cfg.batch_size}")
     if cfg.logit_adjust_tau and cfg.generate:
         raise NCALError("--logit_adjust_tau: adjusts label scores, which --generate does not compute")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-    if dtype is None:
+    if cfg.dtype not in DTYPES:
         raise NCALError(f"--dtype: must be float32, bfloat16 or float16, not {cfg.dtype!r}")
-    predictor = load_predictor(cfg.model_path, cfg.base_model_path, dtype=dtype)
     rows = _rows(cfg)
-    labels = _labels(cfg, predictor, rows) if not cfg.interactive or predictor.labels or cfg.labels else None
-    if labels is None:
-        raise NCALError("--labels: the model folder records no label set; pass --labels A,B,...")
+    if cfg.metrics_file and (cfg.interactive or any(row.label is None for row in rows)):
+        raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
+    predictor = load_predictor(cfg.model_path, cfg.base_model_path, dtype=DTYPES[cfg.dtype])
+    labels = _labels(cfg, predictor, rows)
     gold_rows = [row for row in rows if row.label is not None]
     if gold_rows:
         check_labels(gold_rows, labels, cfg.prompts_file or "--prompt")
@@ -145,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(report))
         if cfg.metrics_file:
             Path(cfg.metrics_file).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    elif cfg.metrics_file:
-        raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
     return 0
 
 

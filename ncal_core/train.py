@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ncal_core.batching import MEGABATCH_BATCHES, Batch, LengthGroupedBatches, collate
 from ncal_core.checkpoint import (prune_checkpoints, read_optimizer_state, read_rng,
                                   read_state, resolve_checkpoint, save_checkpoint)
-from ncal_core.cli import parse_config
+from ncal_core.cli import DTYPES, parse_config
 from ncal_core.data import check_labels, dev_split, label_set, load_examples
 from ncal_core.datasets import resolve_dataset
 from ncal_core.distributed import gather_features
@@ -44,9 +44,6 @@ from ncal_core.run_files import RUN_FILE, prepare_output_dir, save_run_output, t
 from ncal_core.schedule import make_optimizer, make_scheduler
 from ncal_core.tiny import tiny_checkpoint
 from ncal_core.train_config import BUILTIN_TINY, TrainConfig
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _eval_path(cfg: TrainConfig) -> Path | None:

@@ -5,18 +5,12 @@ Flag names and meanings follow the paper's reference code so its users switch wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ncal_core.cli import flag
 from ncal_core.errors import NCALError
 
 BUILTIN_TINY = "tiny"
-
-
-def _f(default, help: str):
-    """A dataclass field with a default and its --help text."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -24,74 +18,74 @@ class TrainConfig:
     """The configuration of one training run."""
 
     # data
-    dataset_path: str = _f("tmwpl", "training rows: a .jsonl/.json file (TMWPL, PMTD or the reference's "
+    dataset_path: str = flag("tmwpl", "training rows: a .jsonl/.json file (TMWPL, PMTD or the reference's "
                                      "conversation format) or a dataset name (tmwpl, pmtd)")
-    eval_dataset_path: str | None = _f(None, "evaluation rows, scored each epoch and at the end; default: the "
+    eval_dataset_path: str | None = flag(None, "evaluation rows, scored each epoch and at the end; default: the "
                                              "test split when --dataset_path is a dataset name; 'none' for no evaluation")
-    label_types: list[str] | None = _f(None, "the class names in order; default: the sorted labels of the training file")
-    instruction: str | None = _f(None, "optional system turn put before every row's prompt")
-    cutoff_len: int = _f(2048, "maximum tokens of prompt + label; the prompt's content is cut, never the label")
-    truncation: str = _f("left", "where a too-long prompt is cut: left or middle")
-    dev_per_class: int = _f(0, "rows per class held out of training as a development split (ids written to "
+    label_types: list[str] | None = flag(None, "the class names in order; default: the sorted labels of the training file")
+    instruction: str | None = flag(None, "optional system turn put before every row's prompt")
+    cutoff_len: int = flag(2048, "maximum tokens of prompt + label; the prompt's content is cut, never the label")
+    truncation: str = flag("left", "where a too-long prompt is cut: left or middle")
+    dev_per_class: int = flag(0, "rows per class held out of training as a development split (ids written to "
                                "OUTPUT_DIR/dev_ids.json), for tuning without touching the test set")
-    dev_seed: int = _f(0, "seed of the development split (kept fixed across --seed values)")
+    dev_seed: int = flag(0, "seed of the development split (kept fixed across --seed values)")
     # model
-    model_name_or_path: str = _f(BUILTIN_TINY, "a Qwen2/Qwen2.5/Qwen3 checkpoint folder (HF layout, safetensors), "
+    model_name_or_path: str = flag(BUILTIN_TINY, "a Qwen2/Qwen2.5/Qwen3 checkpoint folder (HF layout, safetensors), "
                                                "or 'tiny': a small Qwen2 built offline and trained from scratch")
-    torch_dtype: str = _f("float32", "dtype the weights are loaded in: float32, bfloat16 or float16")
-    tiny_hidden_size: int = _f(256, "hidden size of the built-in tiny model")
-    tiny_num_layers: int = _f(4, "decoder layers of the built-in tiny model")
-    tiny_vocab_size: int = _f(4096, "BPE vocabulary of the built-in tiny model, trained on the training texts")
+    torch_dtype: str = flag("float32", "dtype the weights are loaded in: float32, bfloat16 or float16")
+    tiny_hidden_size: int = flag(256, "hidden size of the built-in tiny model")
+    tiny_num_layers: int = flag(4, "decoder layers of the built-in tiny model")
+    tiny_vocab_size: int = flag(4096, "BPE vocabulary of the built-in tiny model, trained on the training texts")
     # LoRA
-    use_lora: bool | None = _f(None, "train LoRA adapters instead of every weight; default: true, except for "
+    use_lora: bool | None = flag(None, "train LoRA adapters instead of every weight; default: true, except for "
                                      "the tiny model trained from scratch")
-    lora_r: int = _f(8, "LoRA rank")
-    lora_alpha: float = _f(32.0, "LoRA alpha (scaling = alpha / r)")
-    lora_dropout: float = _f(0.1, "dropout on the LoRA path")
-    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "linear layers that get LoRA")
+    lora_r: int = flag(8, "LoRA rank")
+    lora_alpha: float = flag(32.0, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = flag(0.1, "dropout on the LoRA path")
+    target_modules: list[str] = flag(["q_proj", "k_proj", "v_proj", "o_proj"], "linear layers that get LoRA")
     # TC loss
-    use_etf_loss: bool = _f(True, "add the Text-modality Collapse (TC) loss")
-    lambda_lc: float = _f(0.1, "weight of the TC loss")
-    e_w: float = _f(1.0, "norm bound of the features in the TC loss")
-    class_diff: bool = _f(True, "TC over pairs of different classes only (else all pairs)")
-    pooling: str = _f("last", "TC feature: last (last prompt token), seq_last (last real token) or mean (prompt mean)")
-    tc_backend: str = _f("auto", "TC loss implementation: auto (Triton on CUDA, PyTorch otherwise), triton or torch")
-    tc_variant: str = _f("pairs", "pairs: the paper's batch Gram loss; etf_target: dot regression of every row to "
+    use_etf_loss: bool = flag(True, "add the Text-modality Collapse (TC) loss")
+    lambda_lc: float = flag(0.1, "weight of the TC loss")
+    e_w: float = flag(1.0, "norm bound of the features in the TC loss")
+    class_diff: bool = flag(True, "TC over pairs of different classes only (else all pairs)")
+    pooling: str = flag("last", "TC feature: last (last prompt token), seq_last (last real token) or mean (prompt mean)")
+    tc_backend: str = flag("auto", "TC loss implementation: auto (Triton on CUDA, PyTorch otherwise), triton or torch")
+    tc_variant: str = flag("pairs", "pairs: the paper's batch Gram loss; etf_target: dot regression of every row to "
                                   "fixed simplex-ETF class directions (every class in play at every step)")
     # long-tail baselines
-    resample: str = _f("none", "re-sample training rows: none, balanced (1/n_c) or sqrt (1/sqrt(n_c))")
-    resample_epochs: int = _f(0, "re-sample only in the last N epochs (deferred re-balancing); 0 = every epoch")
-    la_loss_tau: float = _f(0.0, "tau of a logit-adjusted cross-entropy over the K labels' first-token scores "
+    resample: str = flag("none", "re-sample training rows: none, balanced (1/n_c) or sqrt (1/sqrt(n_c))")
+    resample_epochs: int = flag(0, "re-sample only in the last N epochs (deferred re-balancing); 0 = every epoch")
+    la_loss_tau: float = flag(0.0, "tau of a logit-adjusted cross-entropy over the K labels' first-token scores "
                                  "(Menon et al. 2021), added to the LM loss; 0 = off")
-    logit_adjust_tau: float = _f(1.0, "post-hoc logit adjustment at evaluation: label scores - tau * log training "
+    logit_adjust_tau: float = flag(1.0, "post-hoc logit adjustment at evaluation: label scores - tau * log training "
                                       "prior (Menon et al. 2021); 0 = plain argmax of the label scores")
     # optimisation
-    output_dir: str = _f("outputs/ncal-tiny-tmwpl", "where checkpoints, metrics.jsonl, eval.json and pictures go")
-    overwrite_output_dir: bool = _f(False, "allow writing into a non-empty folder that is not this run's")
-    num_train_epochs: float = _f(3.0, "epochs over the training rows")
-    max_steps: int = _f(-1, "optimizer steps to run; overrides --num_train_epochs when > 0")
-    per_device_train_batch_size: int = _f(32, "rows per micro-batch and process")
-    per_device_eval_batch_size: int = _f(32, "rows per scoring batch")
-    group_by_length: bool = _f(False, "batch rows of similar length together (less padding, faster); false = "
+    output_dir: str = flag("outputs/ncal-tiny-tmwpl", "where checkpoints, metrics.jsonl, eval.json and pictures go")
+    overwrite_output_dir: bool = flag(False, "allow writing into a non-empty folder that is not this run's")
+    num_train_epochs: float = flag(3.0, "epochs over the training rows")
+    max_steps: int = flag(-1, "optimizer steps to run; overrides --num_train_epochs when > 0")
+    per_device_train_batch_size: int = flag(32, "rows per micro-batch and process")
+    per_device_eval_batch_size: int = flag(32, "rows per scoring batch")
+    group_by_length: bool = flag(False, "batch rows of similar length together (less padding, faster); false = "
                                      "random batches")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float | None = _f(None, "peak learning rate; default: 2e-4 with LoRA, 1e-3 for full fine-tuning")
-    warmup_ratio: float = _f(0.05, "fraction of the steps with linear warm-up")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    lr_scheduler_type: str = _f("linear", "decay after warm-up: linear or cosine")
-    max_grad_norm: float = _f(1.0, "gradient-norm clipping; 0 disables it")
-    seed: int = _f(42, "seed for weights init, LoRA init, data order and dropout")
-    bf16: bool = _f(False, "bfloat16 autocast (CPU or GPU)")
-    fp16: bool = _f(False, "float16 autocast with a gradient scaler (GPU only)")
-    gradient_checkpointing: bool = _f(False, "recompute each decoder layer in the backward pass to save memory")
-    torch_compile: bool = _f(False, "compile the decoder layers with torch.compile")
+    gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step")
+    learning_rate: float | None = flag(None, "peak learning rate; default: 2e-4 with LoRA, 1e-3 for full fine-tuning")
+    warmup_ratio: float = flag(0.05, "fraction of the steps with linear warm-up")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    lr_scheduler_type: str = flag("linear", "decay after warm-up: linear or cosine")
+    max_grad_norm: float = flag(1.0, "gradient-norm clipping; 0 disables it")
+    seed: int = flag(42, "seed for weights init, LoRA init, data order and dropout")
+    bf16: bool = flag(False, "bfloat16 autocast (CPU or GPU)")
+    fp16: bool = flag(False, "float16 autocast with a gradient scaler (GPU only)")
+    gradient_checkpointing: bool = flag(False, "recompute each decoder layer in the backward pass to save memory")
+    torch_compile: bool = flag(False, "compile the decoder layers with torch.compile")
     # output
-    logging_steps: int = _f(10, "optimizer steps between log lines")
-    eval_strategy: str = _f("epoch", "when to evaluate on --eval_dataset_path besides the end: epoch or no")
-    save_strategy: str = _f("epoch", "when to write checkpoints: no, epoch or steps")
-    save_steps: int = _f(500, "optimizer steps between checkpoints with --save_strategy steps")
-    save_total_limit: int = _f(2, "checkpoints kept (oldest deleted first; the best by eval macro-F1 is kept too)")
-    resume_from_checkpoint: str | None = _f(None, "a checkpoint folder, or 'latest' for the newest in --output_dir")
+    logging_steps: int = flag(10, "optimizer steps between log lines")
+    eval_strategy: str = flag("epoch", "when to evaluate on --eval_dataset_path besides the end: epoch or no")
+    save_strategy: str = flag("epoch", "when to write checkpoints: no, epoch or steps")
+    save_steps: int = flag(500, "optimizer steps between checkpoints with --save_strategy steps")
+    save_total_limit: int = flag(2, "checkpoints kept (oldest deleted first; the best by eval macro-F1 is kept too)")
+    resume_from_checkpoint: str | None = flag(None, "a checkpoint folder, or 'latest' for the newest in --output_dir")
 
     def check(self) -> None:
         """Refuse contradictory or out-of-range flags with one line naming the flag."""
