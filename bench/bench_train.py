@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_model  # noqa: E402
-from ncal_core.batching import LengthGroupedBatches, collate  # noqa: E402
+from ncal_core.batching import MEGABATCH_BATCHES, LengthGroupedBatches, collate  # noqa: E402
 from ncal_core.data import label_set, load_examples  # noqa: E402
 from ncal_core.datasets import resolve_dataset  # noqa: E402
 from ncal_core.prompts import EncodedRow, PromptBuilder, load_tokenizer  # noqa: E402
@@ -80,7 +80,8 @@ FULL_RUNS = {("bpe4k", 8): (60, 10), ("bpe4k", 32): (30, 5), ("qwen", 8): (30, 5
 QUICK_RUNS = {("bpe4k", 8): (10, 3)}
 QUICK_ROWS = 480
 # our loop with one flag changed, at batch 8
-LEVERS = {"torch_compile": ["--torch_compile", "true"], "gradient_checkpointing": ["--gradient_checkpointing", "true"],
+LEVERS = {"group_by_length": ["--group_by_length", "true"], "one padded batch": ["--length_chunks", "1"],
+          "torch_compile": ["--torch_compile", "true"], "gradient_checkpointing": ["--gradient_checkpointing", "true"],
           "bf16 autocast": ["--bf16", "true"], "no TC loss": ["--use_etf_loss", "false"],
           "no LoRA dropout": ["--lora_dropout", "0"]}
 TARGETS = {"qwen": {"samples_ratio": 8.0, "rss_ratio": 0.35}, "bpe4k": {"samples_ratio": 2.0}, "mfu": 0.40}
@@ -161,12 +162,13 @@ def batch_stats(rows: list[EncodedRow]) -> dict[str, int]:
             "targets": sum(len(r.input_ids) - r.prompt_len for r in rows), "width": max(n)}
 
 
-def our_plan(rows: list[EncodedRow], batch: int, steps: int) -> list[dict[str, int]]:
+def our_plan(rows: list[EncodedRow], batch: int, steps: int, grouped: bool) -> list[dict[str, int]]:
     """The batches our loop trains on, step by step: the same sampler, seed and epoch order as ncal_core.train.
 
     metrics.jsonl gives each step's time but not its tokens; if ncal_core.train changes how it samples, this follows.
     """
-    sampler = LengthGroupedBatches([len(r.input_ids) for r in rows], batch, seed=SEED, drop_last=len(rows) >= batch)
+    sampler = LengthGroupedBatches([len(r.input_ids) for r in rows], batch, seed=SEED, drop_last=len(rows) >= batch,
+                                   megabatch_batches=MEGABATCH_BATCHES if grouped else 1)
     plan, epoch = [], 0
     while len(plan) < steps:
         sampler.set_epoch(epoch)
@@ -295,7 +297,6 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
            "--dataset_path", str(shape.train_file), "--label_types", ",".join(shape.labels),
            "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
            "--output_dir", str(out_dir), "--overwrite_output_dir", "true", "--use_lora", "true",
-           "--group_by_length", "true",
            "--lora_r", "8", "--lora_alpha", "32", "--lora_dropout", "0.1",
            "--target_modules", "q_proj,k_proj,v_proj,o_proj", "--lambda_lc", str(LAMBDA_LC),
            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
@@ -306,7 +307,7 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
     records = [r for r in records if "samples_per_s" in r]
     if [r["step"] for r in records] != list(range(1, steps + 1)):
         raise RuntimeError(f"{out_dir}/metrics.jsonl: expected one line per step 1..{steps}")
-    plan = our_plan(shape.rows, batch, steps)
+    plan = our_plan(shape.rows, batch, steps, grouped="--group_by_length" in flags)
     steady = [{**plan[r["step"] - 1], "seconds": plan[r["step"] - 1]["rows"] / r["samples_per_s"]}
               for r in records[warmup:]]
     return {"side": "ours", "shape": shape.name, "vocab": shape.vocab, "batch": batch, "steps": steps,
@@ -348,7 +349,7 @@ def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
     """Forward + backward of TrainingObjective (label-only head) vs full [B, T, V] logits + masked CE, same model."""
     from ncal_core.lora import inject_lora
     from ncal_core.model import load_model
-    from ncal_core.objective import TrainingObjective, target_index
+    from ncal_core.objective import TrainingObjective
 
     torch.manual_seed(SEED)
     model = load_model(shape.folder)
@@ -358,22 +359,21 @@ def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
     rows = sorted(shape.rows[: batch * 50], key=lambda r: len(r.input_ids))
     middle = len(rows) // 2 - batch // 2
     data = collate(rows[middle: middle + batch], load_tokenizer(shape.folder).pad_token_id)
-    query, target = target_index(data.prompt_lens, data.seq_lens, data.input_ids.shape[1])
     objective = TrainingObjective(model, use_tc=False)
     positions = torch.arange(data.input_ids.shape[1])[None, :]
     labels = data.input_ids.masked_fill((positions < data.prompt_lens[:, None]) | (data.attention_mask == 0), -100)
 
     def label_only() -> None:
-        lm_sum = objective(data, query, target).lm_sum
-        (lm_sum / len(target)).backward()
+        lm_sum = objective([data]).lm_sum
+        (lm_sum / len(data.target)).backward()
 
     def full_logits() -> None:
-        logits = model.lm_head(model(data.input_ids, attention_mask=data.attention_mask)).float()  # [B, T, V]
+        logits = model.lm_head(model(data.input_ids)).float()  # [B, T, V]; right padding: causal mask as ours
         F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                         ignore_index=-100).backward()
 
     result = {"shape": shape.name, "vocab": shape.vocab, "batch": batch, "width": int(data.input_ids.shape[1]),
-              "targets": len(target)}
+              "targets": len(data.target)}
     for name, fn in (("label_only", label_only), ("full_logits", full_logits)):
         times = []
         for _ in range(reps + 1):  # the first call is warm-up
@@ -384,7 +384,7 @@ def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
         result[f"{name}_ms"] = 1000 * min(times[1:])  # the least disturbed by other processes
     result["speedup"] = result["full_logits_ms"] / result["label_only_ms"]
     result["full_logits_mb"] = data.input_ids.numel() * shape.vocab * 4 * 2 / 2**20  # fp32 logits + grad
-    result["label_logits_mb"] = len(target) * shape.vocab * 4 * 2 / 2**20
+    result["label_logits_mb"] = len(data.target) * shape.vocab * 4 * 2 / 2**20
     return result
 
 

@@ -23,10 +23,25 @@ class Batch:
     prompt_lens: Tensor  # [B] int64: targets are input_ids[b, prompt_lens[b]:seq_lens[b]]
     seq_lens: Tensor  # [B] int64
     class_ids: Tensor  # [B] int64, -1 for unlabeled rows
+    query: Tensor  # [N] int64: flat indices into [B * T] of the positions that predict a target token
+    target: Tensor  # [N] int64: flat indices of those target tokens
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with every tensor on device."""
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+def target_index(prompt_lens: Tensor, seq_lens: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Flat indices into [B * T] of the positions that predict a target token, and of those tokens.
+
+    Row b's targets are tokens prompt_len .. seq_len-1, predicted from the position before each.
+    Computed on the host when the batch is built, so the hot path has no data-dependent sync.
+    """
+    query, target = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
+    for b, (p, s) in enumerate(zip(prompt_lens.tolist(), seq_lens.tolist())):
+        query.append(torch.arange(p - 1, s - 1) + b * width)
+        target.append(torch.arange(p, s) + b * width)
+    return torch.cat(query), torch.cat(target)
 
 
 def collate(rows: list[EncodedRow], pad_id: int) -> Batch:
@@ -36,13 +51,61 @@ def collate(rows: list[EncodedRow], pad_id: int) -> Batch:
     for b, row in enumerate(rows):
         input_ids[b, : len(row.input_ids)] = torch.tensor(row.input_ids, dtype=torch.int64)
     positions = torch.arange(input_ids.shape[1])
+    prompt_lens = torch.tensor([row.prompt_len for row in rows], dtype=torch.int64)
+    query, target = target_index(prompt_lens, seq_lens, input_ids.shape[1])
     return Batch(
         input_ids=input_ids,
         attention_mask=(positions[None, :] < seq_lens[:, None]).to(torch.int64),
-        prompt_lens=torch.tensor([row.prompt_len for row in rows], dtype=torch.int64),
+        prompt_lens=prompt_lens,
         seq_lens=seq_lens,
         class_ids=torch.tensor([row.label_index for row in rows], dtype=torch.int64),
+        query=query,
+        target=target,
     )
+
+
+def chunk_bounds(lengths: Sequence[int], max_chunks: int) -> list[int]:
+    """Where to cut rows sorted longest-first into at most max_chunks runs, with the fewest padded tokens.
+
+    Returns each run's first row and, last, len(lengths). A run starting at row i is padded to lengths[i],
+    so it costs lengths[i] tokens per row; splitting a run never costs more, so the best cut uses
+    min(max_chunks, rows) runs, found by an exact dynamic programme over the cut points (and cuts that
+    save nothing are dropped).
+    """
+    n = len(lengths)
+    length = np.asarray(lengths, dtype=np.float64)
+    if np.any(np.diff(length) > 0):
+        raise ValueError("rows must be sorted longest-first")
+    cost = np.full(n + 1, np.inf)  # cost[j]: fewest tokens for the first j rows in k runs
+    cost[0] = 0.0
+    starts = []  # starts[k][j]: first row of the last run in the best split of the first j rows into k+1 runs
+    for _ in range(min(max_chunks, n)):
+        new, start = np.full(n + 1, np.inf), np.zeros(n + 1, dtype=np.int64)
+        for j in range(1, n + 1):
+            total = cost[:j] + length[:j] * (j - np.arange(j))
+            start[j] = int(np.argmin(total))
+            new[j] = total[start[j]]
+        cost = new
+        starts.append(start)
+    bounds = [n]
+    for start in reversed(starts):
+        bounds.insert(0, int(start[bounds[0]]))
+    kept = bounds[:1]  # a cut between rows of equal length saves nothing: keep the rows together
+    for cut in bounds[1:-1]:
+        if length[cut] < length[kept[-1]]:
+            kept.append(cut)
+    return kept + bounds[-1:] if n else [0]
+
+
+def collate_chunks(rows: list[EncodedRow], pad_id: int, max_chunks: int) -> list[Batch]:
+    """The rows, longest first, as up to max_chunks right-padded batches of similar length.
+
+    Run one after another through the decoder, they give the same outputs as one batch padded to the
+    longest row, with fewer padded tokens: the loss and gradient of the whole micro-batch, cheaper.
+    """
+    rows = sorted(rows, key=lambda row: -len(row.input_ids))
+    bounds = chunk_bounds([len(row.input_ids) for row in rows], max_chunks)
+    return [collate(rows[a:b], pad_id) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class LengthGroupedBatches:

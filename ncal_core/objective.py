@@ -20,19 +20,6 @@ from ncal_core.ncal import pool_features
 POOL_MODE = {"last": "last", "seq_last": "last", "mean": "mean"}
 
 
-def target_index(prompt_lens: Tensor, seq_lens: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """Flat indices into [B * T] of the positions that predict a target token, and of those tokens.
-
-    Row b's targets are tokens prompt_len .. seq_len-1, predicted from the position before each.
-    Computed on the host from the batch's lengths, so the hot path has no data-dependent sync.
-    """
-    query, target = [], []
-    for b, (p, s) in enumerate(zip(prompt_lens.tolist(), seq_lens.tolist())):
-        query.append(torch.arange(p - 1, s - 1) + b * width)
-        target.append(torch.arange(p, s) + b * width)
-    return torch.cat(query), torch.cat(target)
-
-
 def pool_mask(batch: Batch, pooling: str) -> Tensor:
     """[B, T] bool: the tokens the TC feature may be pooled from (METHOD.md §2, step 1)."""
     positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
@@ -42,11 +29,12 @@ def pool_mask(batch: Batch, pooling: str) -> Tensor:
 
 
 class ObjectiveOutput(NamedTuple):
-    """What one micro-batch gives the loop."""
+    """What one micro-batch gives the loop; rows in the order of its chunks."""
 
     lm_sum: Tensor              # summed CE over every target token of the batch
     z: Tensor | None            # [B, H] fp32 TC features, when TC is on
     first_logits: Tensor        # [B, V] logits at each row's last prompt token (they predict the label's first token)
+    class_ids: Tensor           # [B]
 
 
 class TrainingObjective(nn.Module):
@@ -61,15 +49,20 @@ class TrainingObjective(nn.Module):
         self.e_w = e_w
         self.tc_backend = tc_backend
 
-    def forward(self, batch: Batch, query: Tensor, target: Tensor) -> ObjectiveOutput:
-        hidden = self.model(batch.input_ids, attention_mask=batch.attention_mask)       # [B, T, H]
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        logits = self.model.lm_head(flat[query]).float()                                # [N, V]
-        lm_sum = F.cross_entropy(logits, batch.input_ids.reshape(-1)[target], reduction="sum")
-        n_targets = batch.seq_lens - batch.prompt_lens
-        first = torch.cumsum(n_targets, 0) - n_targets                                  # row b's first query
-        z = None
-        if self.use_tc:
-            z = pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling],
-                              e_w=self.e_w, backend=self.tc_backend)                   # [B, H] fp32
-        return ObjectiveOutput(lm_sum, z, logits[first])
+    def forward(self, chunks: list[Batch]) -> ObjectiveOutput:
+        """One micro-batch, given as right-padded chunks (see batching.collate_chunks)."""
+        lm_sum, z, first_logits = [], [], []
+        for batch in chunks:
+            # right padding: a real token never attends to the pads after it, so the causal mask alone gives
+            # every real position the output it has with the padding mask, on SDPA's faster is_causal path
+            hidden = self.model(batch.input_ids)                                            # [B, T, H]
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            logits = self.model.lm_head(flat[batch.query]).float()                          # [N, V]
+            lm_sum.append(F.cross_entropy(logits, batch.input_ids.reshape(-1)[batch.target], reduction="sum"))
+            n_targets = batch.seq_lens - batch.prompt_lens
+            first_logits.append(logits[torch.cumsum(n_targets, 0) - n_targets])          # row b's first query
+            if self.use_tc:
+                z.append(pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling],
+                                       e_w=self.e_w, backend=self.tc_backend))              # [B, H] fp32
+        return ObjectiveOutput(torch.stack(lm_sum).sum(), torch.cat(z) if z else None, torch.cat(first_logits),
+                               torch.cat([batch.class_ids for batch in chunks]))

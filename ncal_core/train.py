@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ncal_core.batching import MEGABATCH_BATCHES, Batch, LengthGroupedBatches, collate
+from ncal_core.batching import MEGABATCH_BATCHES, LengthGroupedBatches, collate_chunks
 from ncal_core.checkpoint import (prune_checkpoints, read_optimizer_state, read_rng,
                                   read_state, resolve_checkpoint, save_checkpoint)
 from ncal_core.cli import DTYPES, parse_config
@@ -38,7 +38,7 @@ from ncal_core.longtail import (class_counts, first_label_tokens, log_prior, log
 from ncal_core.lora import inject_lora, load_adapter, save_adapter
 from ncal_core.model import load_model, save_model
 from ncal_core.ncal import etf_gram_loss
-from ncal_core.objective import TrainingObjective, target_index
+from ncal_core.objective import TrainingObjective
 from ncal_core.prompts import PromptBuilder, load_tokenizer
 from ncal_core.run_files import RUN_FILE, prepare_output_dir, save_run_output, truncate_log
 from ncal_core.schedule import make_optimizer, make_scheduler
@@ -276,28 +276,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 n_tokens = sum(len(encoded[i].input_ids) - encoded[i].prompt_len for rows in group for i in rows)
                 for k, rows in enumerate(group):
                     mine = rows[rank * cfg.per_device_train_batch_size:(rank + 1) * cfg.per_device_train_batch_size]
-                    batch: Batch = collate([encoded[i] for i in mine], tokenizer.pad_token_id)
-                    query, target = target_index(batch.prompt_lens, batch.seq_lens, batch.input_ids.shape[1])
-                    batch = batch.to(accelerator.device)
+                    chunks = [chunk.to(accelerator.device) for chunk in
+                              collate_chunks([encoded[i] for i in mine], tokenizer.pad_token_id, cfg.length_chunks)]
+                    n_targets = sum(len(chunk.target) for chunk in chunks)
                     sync = k == len(group) - 1
                     with (nullcontext() if sync else accelerator.no_sync(objective)), accelerator.autocast():
-                        lm_sum, z, first_logits = objective(batch, query.to(accelerator.device),
-                                                            target.to(accelerator.device))
+                        lm_sum, z, first_logits, class_ids = objective(chunks)
                         # DDP averages gradients over ranks: scale so the step's gradient is that of
                         # the mean over every target token of the global accumulated batch
                         loss = lm_sum * (world / n_tokens)
                         tc = torch.zeros((), device=accelerator.device)
                         if z is not None:
-                            z_all, y_all = gather_features(z, batch.class_ids)
+                            z_all, y_all = gather_features(z, class_ids)
                             tc = etf_target_loss(z_all, y_all, etf_targets) if etf_targets is not None else \
                                 etf_gram_loss(z_all, y_all, K, e_w=cfg.e_w, class_diff=cfg.class_diff,
                                               backend=cfg.tc_backend)
                             loss = loss + cfg.lambda_lc * tc / accum
                         if first_tokens is not None:
-                            loss = loss + logit_adjusted_loss(first_logits, first_tokens, batch.class_ids, prior_log,
+                            loss = loss + logit_adjusted_loss(first_logits, first_tokens, class_ids, prior_log,
                                                               cfg.la_loss_tau) / accum
                     accelerator.backward(loss)
-                    sums += torch.stack([lm_sum.detach().float(), torch.tensor(float(len(target))),
+                    sums += torch.stack([lm_sum.detach().float(), torch.tensor(float(n_targets)),
                                          tc.detach().float() / world, torch.tensor(1.0 / world),
                                          torch.tensor(float(len(mine)))]).to(sums.device)
                 if cfg.max_grad_norm > 0:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from ncal_core.batching import Batch, LengthGroupedBatches, collate
+from ncal_core.batching import Batch, LengthGroupedBatches, chunk_bounds, collate, collate_chunks
 from ncal_core.prompts import EncodedRow
 
 PAD = 0
@@ -50,6 +51,54 @@ def test_collate_pads_right_and_marks_exactly_the_target_positions():
     assert [batch.input_ids[b][target[b]].tolist() for b in range(3)] == [
         row.input_ids[row.prompt_len :] for row in rows
     ]
+
+
+def test_collate_target_index_points_at_the_targets_and_the_positions_before_them():
+    rows = [EncodedRow([5, 6, 7, 8, 9], 3, 0, "a"), EncodedRow([5, 6], 1, 0, "b")]
+    batch = collate(rows, pad_id=PAD)
+    flat = batch.input_ids.reshape(-1)
+    assert flat[batch.target].tolist() == [8, 9, 6]
+    assert (batch.target - batch.query).tolist() == [1, 1, 1]
+
+
+def _padded_tokens(lengths: list[int], bounds: list[int]) -> int:
+    return sum(lengths[a] * (b - a) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("max_chunks", [1, 2, 3, 5])
+def test_chunk_bounds_are_the_cheapest_cut_found_by_trying_every_cut(seed, max_chunks):
+    rng = np.random.default_rng(seed)
+    lengths = sorted(rng.integers(1, 50, int(rng.integers(1, 10))).tolist(), reverse=True)
+    bounds = chunk_bounds(lengths, max_chunks)
+    assert bounds[0] == 0 and bounds[-1] == len(lengths) and bounds == sorted(set(bounds))
+    assert len(bounds) - 1 <= max_chunks
+    best = min(_padded_tokens(lengths, [0, *cuts, len(lengths)])
+               for k in range(min(max_chunks, len(lengths)))
+               for cuts in itertools.combinations(range(1, len(lengths)), k))
+    assert _padded_tokens(lengths, bounds) == best
+
+
+def test_chunk_bounds_do_not_cut_rows_of_equal_length_and_refuse_unsorted_rows():
+    assert chunk_bounds([5, 5, 5], 3) == [0, 3]
+    assert chunk_bounds([9, 5, 5, 2], 4) == [0, 1, 3, 4]
+    assert chunk_bounds([], 2) == [0]
+    with pytest.raises(ValueError, match="longest-first"):
+        chunk_bounds([1, 2], 2)
+
+
+def test_collate_chunks_hold_every_row_once_longest_first():
+    rng = np.random.default_rng(0)
+    rows = [EncodedRow(rng.integers(1, 9, int(n)).tolist(), 1, i % 3, str(i))
+            for i, n in enumerate(rng.integers(2, 40, 32))]
+    chunks = collate_chunks(rows, pad_id=PAD, max_chunks=4)
+    assert len(chunks) == 4
+    widths = [c.input_ids.shape[1] for c in chunks]
+    assert widths == sorted(widths, reverse=True)
+    held = [c.input_ids[b, : c.seq_lens[b]].tolist() for c in chunks for b in range(len(c.seq_lens))]
+    assert sorted(held) == sorted(r.input_ids for r in rows)
+    padded = sum(c.input_ids.numel() for c in chunks)
+    assert padded < collate(rows, pad_id=PAD).input_ids.numel()
 
 
 def test_batch_to_moves_every_tensor():

@@ -1,4 +1,5 @@
-"""The training objective: label-only head equals the full-logits loss; TC features pooled at the right places."""
+"""The training objective: label-only head equals the full-logits loss; TC features pooled at the right places;
+a micro-batch cut into length chunks gives the loss and gradients of the one padded batch."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from random_checkpoints import make_hf_checkpoint
 
-from ncal_core.batching import collate
+from ncal_core.batching import collate, collate_chunks
 from ncal_core.model import load_model
-from ncal_core.objective import TrainingObjective, target_index
+from ncal_core.objective import TrainingObjective
 from ncal_core.prompts import EncodedRow
 
 # fp32: the same sums computed over a subset of positions vs all positions with masking
@@ -33,9 +34,8 @@ def _batch():
 def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model):
     rows, batch = _batch()
     objective = TrainingObjective(model, use_tc=False)
-    query, target = target_index(batch.prompt_lens, batch.seq_lens, batch.input_ids.shape[1])
     model.zero_grad()
-    lm_sum, z, first_logits = objective(batch, query, target)
+    lm_sum, z, first_logits, class_ids = objective([batch])
     lm_sum.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert z is None
@@ -50,7 +50,8 @@ def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model):
                            ignore_index=-100, reduction="sum")
     full.backward()
     assert torch.allclose(first_logits, logits[torch.arange(len(rows)), batch.prompt_lens - 1], atol=ATOL_FP32)
-    assert len(target) == sum(len(r.input_ids) - r.prompt_len for r in rows)
+    assert len(batch.target) == sum(len(r.input_ids) - r.prompt_len for r in rows)
+    assert class_ids.tolist() == [r.label_index for r in rows]
     assert torch.allclose(lm_sum, full, atol=ATOL_FP32)
     for name, param in model.named_parameters():
         assert torch.allclose(ours[name], param.grad, atol=ATOL_FP32), name
@@ -60,11 +61,44 @@ def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model):
 def test_tc_feature_is_pooled_where_method_md_says(model, pooling):
     rows, batch = _batch()
     objective = TrainingObjective(model, use_tc=True, pooling=pooling, e_w=1e6)  # no clamp: raw features
-    query, target = target_index(batch.prompt_lens, batch.seq_lens, batch.input_ids.shape[1])
     with torch.no_grad():
-        z = objective(batch, query, target).z
+        z = objective([batch]).z
         for i, row in enumerate(rows):
             hidden = model(torch.tensor([row.input_ids]))[0]
             expected = {"last": hidden[row.prompt_len - 1], "seq_last": hidden[-1],
                         "mean": hidden[:row.prompt_len].mean(0)}[pooling]
             assert torch.allclose(z[i], expected, atol=ATOL_FP32)
+
+
+@pytest.mark.parametrize("pooling", ["last", "seq_last", "mean"])
+@pytest.mark.parametrize("max_chunks", [2, 4])
+def test_length_chunks_give_the_padded_batchs_loss_features_and_gradients(model, pooling, max_chunks):
+    rows, batch = _batch()
+    objective = TrainingObjective(model, use_tc=True, pooling=pooling)
+
+    def run(chunks):
+        model.zero_grad()
+        out = objective(chunks)
+        order = torch.tensor([rows.index(r) for c in chunks for r in _rows_of(c, rows)])
+        (out.lm_sum + (out.z * torch.linspace(-1, 1, out.z.shape[1])).sum()).backward()  # touches every feature
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        z, first = torch.empty_like(out.z), torch.empty_like(out.first_logits)
+        z[order], first[order] = out.z, out.first_logits                               # back to the rows' order
+        return out.lm_sum, z, first, grads
+
+    chunks = collate_chunks(rows, pad_id=0, max_chunks=max_chunks)
+    assert len(chunks) == min(max_chunks, len(rows))
+    one, cut = run([batch]), run(chunks)
+    for a, b in zip(one[:3], cut[:3]):
+        assert torch.allclose(a, b, atol=ATOL_FP32)
+    for name in one[3]:
+        assert torch.allclose(one[3][name], cut[3][name], atol=ATOL_FP32), name
+
+
+def _rows_of(chunk, rows):
+    """The rows a chunk holds, found by their token ids (the rows here are all distinct)."""
+    found = []
+    for b in range(chunk.input_ids.shape[0]):
+        ids = chunk.input_ids[b, : chunk.seq_lens[b]].tolist()
+        found.append(next(r for r in rows if r.input_ids == ids))
+    return found
