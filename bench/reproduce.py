@@ -126,19 +126,17 @@ def summarise(results: dict[str, dict[int, dict]], out: Path) -> list[dict]:
     for method, by_seed in results.items():
         for adjusted in (False, True):
             name = f"{method}+LA" if adjusted else method
-            taus = []
+            taus, dev = [], []
             for seed, res in sorted(by_seed.items()):
-                if adjusted:
-                    dev_f1 = [classification_report(res["dev"]["gold"], _predict(res["dev"], prior, t), labels)
-                              ["macro_f1"] for t in TAUS]
-                    taus.append(TAUS[int(np.argmax(dev_f1))])
-                else:
-                    taus.append(0.0)
+                dev_f1 = [classification_report(res["dev"]["gold"], _predict(res["dev"], prior, t), labels)
+                          ["macro_f1"] for t in (TAUS if adjusted else [0.0])]
+                taus.append(TAUS[int(np.argmax(dev_f1))] if adjusted else 0.0)
+                dev.append(max(dev_f1))
             preds[name] = [_predict(res["test"], prior, t) for (_, res), t in zip(sorted(by_seed.items()), taus)]
             reports = [classification_report(gold, p, labels) for p in preds[name]]
             acc = _mean_std([r["accuracy"] for r in reports])
             f1 = _mean_std([r["macro_f1"] for r in reports])
-            row = {"method": name, "seeds": sorted(by_seed), "taus": taus,
+            row = {"method": name, "seeds": sorted(by_seed), "taus": taus, "dev_macro_f1_mean": statistics.mean(dev),
                    "accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0], "macro_f1_std": f1[1],
                    "macro_f1_per_seed": [r["macro_f1"] for r in reports],
                    "tail_f1": {labels[c]: _mean_std([r["per_class"][labels[c]]["f1"] for r in reports])[0]
@@ -154,13 +152,14 @@ def summarise(results: dict[str, dict[int, dict]], out: Path) -> list[dict]:
 def write_table(rows: list[dict], path: Path) -> None:
     """The markdown table the README quotes."""
     tail_names = list(rows[0]["tail_f1"])
-    head = ("| method | seeds | accuracy | macro-F1 | Δ macro-F1 vs SFT [95% CI] | "
+    head = ("| method | seeds | dev macro-F1 | accuracy | macro-F1 | Δ macro-F1 vs SFT [95% CI] | "
             + " | ".join(f"F1 {n}" for n in tail_names) + " |")
-    lines = [head, "|" + "---|" * (5 + len(tail_names))]
+    lines = [head, "|" + "---|" * (6 + len(tail_names))]
     for row in rows:
         delta = row.get("delta_vs_sft")
         delta_text = f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–"
-        lines.append(f"| {row['method']} | {len(row['seeds'])} | {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}"
+        lines.append(f"| {row['method']} | {len(row['seeds'])} | {row['dev_macro_f1_mean']:.3f} "
+                     f"| {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}"
                      f" | {row['macro_f1_mean']:.3f} ± {row['macro_f1_std']:.3f} | {delta_text} | "
                      + " | ".join(f"{row['tail_f1'][n]:.3f}" for n in tail_names) + " |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -87,7 +88,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
     for leftover in output_dir.glob(f"{TMP_PREFIX}*"):
-        warnings.warn(f"{leftover}: ignoring a half-written checkpoint left by an interrupted run", stacklevel=2)
+        print(f"warning: {leftover}: ignoring a half-written checkpoint left by an interrupted run", file=sys.stderr)
     found = [p for p in output_dir.glob(f"{PREFIX}*")
              if p.is_dir() and p.name[len(PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))

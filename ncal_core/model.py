@@ -266,7 +266,10 @@ class QwenModel(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.config = config
         self.gradient_checkpointing = False
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
+        # Parameters are left to load_model (from a checkpoint) or init_weights (from a seed). The embedding
+        # skips its own random init: on the meta device that init alone imports ~900 modules (over a second).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size, **factory))
         self.layers = nn.ModuleList(DecoderLayer(config, **factory) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)

@@ -46,6 +46,9 @@ from ncal_core.tiny import tiny_checkpoint
 from ncal_core.train_config import BUILTIN_TINY, TrainConfig
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _eval_path(cfg: TrainConfig) -> Path | None:
     """The evaluation file: the flag, or the test split of a named dataset, or none."""
     if cfg.eval_dataset_path is not None:
@@ -240,16 +243,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sums = torch.zeros(5, device=accelerator.device)
     clock = time.perf_counter()
 
-    # Ctrl-C asks the loop to stop after the current step, where weights, optimizer, RNG and state agree, so
-    # the checkpoint saved there resumes exactly. Alone, a second Ctrl-C stops at once; under a launcher,
-    # which forwards the terminal's Ctrl-C to ranks that already got it, repeats are ignored and the ranks
-    # agree at a log step to stop together.
+    # Ctrl-C (SIGINT) or a scheduler's SIGTERM asks the loop to stop after the current step, where weights,
+    # optimizer, RNG and state agree, so the checkpoint saved there resumes exactly. Alone, a second signal
+    # stops at once; under a launcher, which forwards the terminal's Ctrl-C to ranks that already got it,
+    # repeats are ignored and the ranks agree at a log step to stop together.
     stop: list[int] = []
 
     def request_stop(signum: int, frame: Any) -> None:
         stop.append(signum)
         if world == 1:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def stop_requested(log_step: bool) -> bool:
         if world == 1:
@@ -263,10 +266,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         folder = checkpoint()
         if main_proc:
             print(f"interrupted: saved {folder}; continue with --resume_from_checkpoint latest", flush=True)
-        raise SystemExit(130)
+        raise SystemExit(128 + (stop[0] if stop else signal.SIGINT))  # the shell's code for death by that signal
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigint = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS} if in_main_thread else {}
     try:
         while state["step"] < total_steps:
             sampler.set_epoch(state["epoch"])
@@ -346,8 +349,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if stop_requested(True):
                     stop_here()
     finally:
-        if previous_sigint is not None:  # None: not in the main thread, or a handler installed outside Python
-            signal.signal(signal.SIGINT, previous_sigint)
+        for sig, handler in previous.items():
+            if handler is not None:  # None: a handler installed outside Python
+                signal.signal(sig, handler)
     bar.close()
 
     report: dict[str, Any] = {}

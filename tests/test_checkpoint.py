@@ -32,14 +32,16 @@ def test_checkpoint_round_trips_optimizer_rng_and_state(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
-def test_half_written_checkpoint_is_ignored_with_a_warning(tmp_path):
+def test_half_written_checkpoint_is_ignored_with_a_one_line_warning(tmp_path, capsys):
     _save(tmp_path, 2)
-    (tmp_path / ".tmp-checkpoint-checkpoint-4-123").mkdir()
+    leftover = tmp_path / ".tmp-checkpoint-checkpoint-4-123"
+    leftover.mkdir()
     (tmp_path / "checkpoint-5").mkdir()  # no trainer_state.json: not complete
-    with pytest.warns(UserWarning, match="half-written"):
-        assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
-    with pytest.warns(UserWarning):
-        assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-2"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert capsys.readouterr().err == f"warning: {leftover}: ignoring a half-written checkpoint left by an " \
+                                      "interrupted run\n"
+    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-2"
+    assert "half-written" in capsys.readouterr().err
 
 
 def test_saving_the_same_step_again_replaces_it(tmp_path):

@@ -22,7 +22,7 @@ def test_quick_reproduce_writes_the_table_json_and_plot(tmp_path, tmwpl_dir):
     rows = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
     assert [r["method"] for r in rows] == ["sft", "sft+LA", "ncal", "ncal+LA"]
     for row in rows:
-        assert 0 <= row["macro_f1_mean"] <= 1 and len(row["tail_f1"]) == 3
+        assert 0 <= row["macro_f1_mean"] <= 1 and 0 <= row["dev_macro_f1_mean"] <= 1 and len(row["tail_f1"]) == 3
     assert "delta_vs_sft" in rows[2]
     table = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     assert table.count("\n") == 2 + len(rows)

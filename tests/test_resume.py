@@ -141,11 +141,12 @@ def test_half_written_checkpoint_is_ignored_with_a_warning(setup, reference, kil
     assert_same_run(run_dir, reference["full"])
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resuming_from_it_matches(setup, reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_resuming_from_it_matches(setup, reference, tmp_path, sig):
     run_dir = tmp_path / "run"
-    at, code = interrupt(setup, "lora", run_dir, signal.SIGINT, random.Random(SEED + 1))
+    at, code = interrupt(setup, "lora", run_dir, sig, random.Random(SEED + 1))
     output = (tmp_path / "run.log").read_text()
-    assert code == 130, output
+    assert code == 128 + sig, output
     assert "Traceback" not in output
     assert "--resume_from_checkpoint latest" in output.splitlines()[-1]
     # the checkpoint holds the last step the run finished, the one its log ends with
