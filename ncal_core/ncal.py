@@ -51,10 +51,22 @@ def _check_pool_inputs(hidden: Tensor, mask: Tensor, pooling: str, e_w: float) -
     if hidden.numel() == 0:
         raise NCALError(f"hidden has no elements: {tuple(hidden.shape)}")
     marked = mask != 0
-    empty = (~marked.any(1)).nonzero().flatten()
-    if empty.numel():
-        raise NCALError(f"mask marks no token in batch row(s) {empty.tolist()}: pooling needs at least one")
+    _require(marked.any(1), "mask must mark at least one token in each batch row for pooling")
     return marked
+
+
+def _require(ok: Tensor, message: str) -> None:
+    """Raise NCALError(message + the rows where ok [N] is False) unless ok is all True.
+
+    On CPU that is checked at once. On an accelerator it is an asynchronous device-side assert, so a
+    training step does not wait for the device here; the loop's data never trips it (rows are
+    validated when they are read), only a caller's own tensors can.
+    """
+    if ok.device.type == "cpu":
+        if not bool(ok.all()):
+            raise NCALError(f"{message}; failing row(s): {(~ok).nonzero().flatten().tolist()}")
+    else:
+        torch._assert_async(ok.all(), message)
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
@@ -120,8 +132,8 @@ def etf_gram_loss(
         raise NCALError(
             f"class_ids must be integer [B] = [{z.shape[0]}], got {class_ids.dtype} {tuple(class_ids.shape)}"
         )
-    if bool(((class_ids < 0) | (class_ids >= num_classes)).any()):
-        raise NCALError(f"class_ids must lie in 0..{num_classes - 1}, got {class_ids.unique().tolist()}")
+    _require((class_ids >= 0) & (class_ids < num_classes),
+             f"class_ids must lie in 0..{num_classes - 1}")
     mu = -(float(e_w) ** 2) / (num_classes - 1)
     if _use_triton(backend, z):
         from ncal_kernels.etf_gram import etf_gram

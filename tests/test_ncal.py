@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+from ncal_core import ncal
 from ncal_core.errors import NCALError
 from ncal_core.ncal import etf_gram_loss, pool_features, tc_loss
 
@@ -203,10 +204,11 @@ def _good() -> dict:
         ({"hidden": torch.ones(2, 3, 4, dtype=torch.long)}, "hidden must be a float tensor"),
         ({"mask": torch.ones(2, 4)}, "mask must be [B, T]"),
         ({"mask": torch.ones(2, 3)}, "mask must be bool or integer"),
-        ({"mask": torch.tensor([[1, 1, 0], [0, 0, 0]])}, "mask marks no token in batch row(s) [1]"),
+        ({"mask": torch.tensor([[1, 1, 0], [0, 0, 0]])},
+         "mask must mark at least one token in each batch row for pooling; failing row(s): [1]"),
         ({"class_ids": torch.tensor([0, 1, 1])}, "class_ids must be integer [B]"),
         ({"class_ids": torch.tensor([0.0, 1.0])}, "class_ids must be integer [B]"),
-        ({"class_ids": torch.tensor([0, 2])}, "class_ids must lie in 0..1"),
+        ({"class_ids": torch.tensor([0, 2])}, "class_ids must lie in 0..1; failing row(s): [1]"),
         (
             {
                 "hidden": torch.randn(0, 3, 4),
@@ -222,6 +224,20 @@ def test_bad_inputs_raise_one_line_ncal_error(change, message):
     with pytest.raises(NCALError) as err:
         tc_loss(**args)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_off_the_cpu_the_data_checks_do_not_wait_for_the_device(monkeypatch):
+    # meta tensors have no values: reading one on the host (a sync on a GPU) raises, so this passes only
+    # if the row checks are left to the device (torch._assert_async) instead of being read back
+    args = {**_good(), "backend": "torch"}
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(Exception, match="meta"):
+        bool(meta["mask"].any())
+    asserted = []
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, message: asserted.append(message))
+    monkeypatch.setattr(ncal, "_gram_torch", lambda z, *rest: z.sum())  # autocast has no meta device
+    assert tc_loss(**meta).device.type == "meta"
+    assert [m.split()[0] for m in asserted] == ["mask", "class_ids"]
 
 
 def test_cpu_auto_backend_does_not_import_triton_and_forced_triton_needs_the_interpreter():
