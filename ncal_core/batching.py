@@ -1,4 +1,4 @@
-"""Encoded rows -> padded batches, and batch samplers that group rows of similar length."""
+"""Encoded rows -> padded batches (whole, or cut into chunks of similar length), and batch samplers."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def target_index(prompt_lens: Tensor, seq_lens: Tensor, width: int) -> tuple[Ten
     Row b's targets are tokens prompt_len .. seq_len-1, predicted from the position before each.
     Computed on the host when the batch is built, so the hot path has no data-dependent sync.
     """
-    query, target = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
+    query, target = [], []
     for b, (p, s) in enumerate(zip(prompt_lens.tolist(), seq_lens.tolist())):
         query.append(torch.arange(p - 1, s - 1) + b * width)
         target.append(torch.arange(p, s) + b * width)

@@ -3,6 +3,9 @@
 Wrapping both in one module means DDP sees a single forward that uses every trainable weight.
 The LM head runs only at the positions that predict label tokens, so the [B, T, V] logits
 tensor never exists (with Qwen's 151,936-token vocabulary it dominates time and memory).
+A micro-batch arrives cut into chunks of rows of similar length (batching.collate_chunks), so a
+random batch is not padded to its longest row; the chunks' outputs are joined before any loss
+that couples rows (the TC Gram matrix) sees them.
 """
 
 from __future__ import annotations
