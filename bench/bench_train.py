@@ -64,10 +64,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_model  # noqa: E402
-from ncal_core.batching import MEGABATCH_BATCHES, LengthGroupedBatches, collate  # noqa: E402
+from ncal_core.batching import MEGABATCH_BATCHES, LengthGroupedBatches, chunk_bounds, collate  # noqa: E402
 from ncal_core.data import label_set, load_examples  # noqa: E402
 from ncal_core.datasets import resolve_dataset  # noqa: E402
 from ncal_core.prompts import EncodedRow, PromptBuilder, load_tokenizer  # noqa: E402
+from ncal_core.train_config import TrainConfig  # noqa: E402
 
 # Qwen's real tokenizer, never committed: ../shared/tokenizers/qwen3 (or under $NCAL_SHARED_DIR, as the tests)
 QWEN_TOKENIZER = Path(os.environ.get("NCAL_SHARED_DIR", REPO.parent / "shared")) / "tokenizers" / "qwen3"
@@ -155,14 +156,18 @@ def prepare_shape(name: str, workdir: Path, train_path: Path, row_limit: int | N
 
 # ---------------------------------------------------------------- counting
 
-def batch_stats(rows: list[EncodedRow]) -> dict[str, int]:
-    """Rows, real tokens, sum of squared lengths, target tokens and padded width of one batch."""
-    n = [len(r.input_ids) for r in rows]
+def batch_stats(rows: list[EncodedRow], max_chunks: int = 1) -> dict[str, int]:
+    """Rows, real tokens, sum of squared lengths, target tokens and widest row of one batch, and the padded
+    tokens (and their squares per row) it runs as: one padded batch, or ours cut into length chunks."""
+    n = sorted((len(r.input_ids) for r in rows), reverse=True)
+    bounds = chunk_bounds(n, max_chunks)
+    runs = [(n[a], b - a) for a, b in zip(bounds[:-1], bounds[1:])]  # (width, rows) of each chunk
     return {"rows": len(rows), "tokens": sum(n), "sq_tokens": sum(x * x for x in n),
-            "targets": sum(len(r.input_ids) - r.prompt_len for r in rows), "width": max(n)}
+            "targets": sum(len(r.input_ids) - r.prompt_len for r in rows), "width": n[0],
+            "padded": sum(w * k for w, k in runs), "padded_sq": sum(w * w * k for w, k in runs)}
 
 
-def our_plan(rows: list[EncodedRow], batch: int, steps: int, grouped: bool) -> list[dict[str, int]]:
+def our_plan(rows: list[EncodedRow], batch: int, steps: int, grouped: bool, chunks: int) -> list[dict[str, int]]:
     """The batches our loop trains on, step by step: the same sampler, seed and epoch order as ncal_core.train.
 
     metrics.jsonl gives each step's time but not its tokens; if ncal_core.train changes how it samples, this follows.
@@ -172,7 +177,7 @@ def our_plan(rows: list[EncodedRow], batch: int, steps: int, grouped: bool) -> l
     plan, epoch = [], 0
     while len(plan) < steps:
         sampler.set_epoch(epoch)
-        plan += [batch_stats([rows[i] for i in b]) for b in list(sampler)[: len(sampler)]]
+        plan += [batch_stats([rows[i] for i in b], chunks) for b in list(sampler)[: len(sampler)]]
         epoch += 1
     return plan[:steps]
 
@@ -196,8 +201,8 @@ def model_flops(stats: dict[str, int], vocab: int) -> float:
 def executed_flops(stats: dict[str, int], vocab: int, full_head: bool) -> float:
     """FLOPs actually run: every padded position through the layers, and the head everywhere with full logits."""
     per_token, per_sq, per_target = flops_per_token_and_row(vocab)
-    padded = stats["rows"] * stats["width"]
-    return (per_token * padded + per_sq * stats["rows"] * stats["width"] ** 2
+    padded = stats["padded"]
+    return (per_token * padded + per_sq * stats["padded_sq"]
             + per_target * (padded if full_head else stats["targets"]))
 
 
@@ -277,7 +282,7 @@ def rates(steps: list[dict[str, Any]], vocab: int, full_head: bool) -> dict[str,
     kept = [s for s in steps if rate(s) * STALL >= median]
     seconds = sum(s["seconds"] for s in kept)
     rows, tokens = sum(s["rows"] for s in kept), sum(s["tokens"] for s in kept)
-    padded = sum(s["rows"] * s["width"] for s in kept)
+    padded = sum(s["padded"] for s in kept)
     flops = sum(model_flops(s, vocab) for s in kept)
     return {"steady_steps": len(steps), "stalled_steps": len(steps) - len(kept), "steady_s": seconds,
             "samples_per_s": rows / seconds,
@@ -307,7 +312,9 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
     records = [r for r in records if "samples_per_s" in r]
     if [r["step"] for r in records] != list(range(1, steps + 1)):
         raise RuntimeError(f"{out_dir}/metrics.jsonl: expected one line per step 1..{steps}")
-    plan = our_plan(shape.rows, batch, steps, grouped="--group_by_length" in flags)
+    chunks = int(flags[flags.index("--length_chunks") + 1]) if "--length_chunks" in flags else \
+        TrainConfig.length_chunks
+    plan = our_plan(shape.rows, batch, steps, grouped="--group_by_length" in flags, chunks=chunks)
     steady = [{**plan[r["step"] - 1], "seconds": plan[r["step"] - 1]["rows"] / r["samples_per_s"]}
               for r in records[warmup:]]
     return {"side": "ours", "shape": shape.name, "vocab": shape.vocab, "batch": batch, "steps": steps,
@@ -336,7 +343,8 @@ def run_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, wo
     ends, batches = log["step_ends"], log["batches"]
     if len(ends) != steps or len(batches) != steps:
         raise RuntimeError(f"baseline logged {len(ends)} step ends and {len(batches)} batches for {steps} steps")
-    steady = [{**b, "seconds": end - before} for b, end, before in zip(batches, ends, [log["train_begin"], *ends])]
+    steady = [{**b, "padded": b["rows"] * b["width"], "padded_sq": b["rows"] * b["width"] ** 2,  # one padded batch
+               "seconds": end - before} for b, end, before in zip(batches, ends, [log["train_begin"], *ends])]
     return {"side": "baseline", "shape": shape.name, "vocab": shape.vocab, "batch": batch, "steps": steps,
             "warmup_steps": warmup, "flags": "--longest_first" if longest_first else "",
             "longest_first": longest_first, "max_width": max(b["width"] for b in batches), **proc,
