@@ -74,6 +74,8 @@ def chunk_bounds(lengths: Sequence[int], max_chunks: int) -> list[int]:
     """
     n = len(lengths)
     length = np.asarray(lengths, dtype=np.float64)
+    if max_chunks < 1:
+        raise ValueError(f"max_chunks must be at least 1, got {max_chunks}")
     if np.any(np.diff(length) > 0):
         raise ValueError("rows must be sorted longest-first")
     cost = np.full(n + 1, np.inf)  # cost[j]: fewest tokens for the first j rows in k runs
@@ -100,8 +102,8 @@ def chunk_bounds(lengths: Sequence[int], max_chunks: int) -> list[int]:
 def collate_chunks(rows: list[EncodedRow], pad_id: int, max_chunks: int) -> list[Batch]:
     """The rows, longest first, as up to max_chunks right-padded batches of similar length.
 
-    Run one after another through the decoder, they give the same outputs as one batch padded to the
-    longest row, with fewer padded tokens: the loss and gradient of the whole micro-batch, cheaper.
+    Run one after another through the decoder, they give the outputs of one batch padded to the longest
+    row (up to rounding: the matrix shapes differ) with fewer padded tokens.
     """
     rows = sorted(rows, key=lambda row: -len(row.input_ids))
     bounds = chunk_bounds([len(row.input_ids) for row in rows], max_chunks)

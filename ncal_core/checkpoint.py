@@ -31,6 +31,8 @@ PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
 
+_WARNED: set[Path] = set()  # half-written checkpoints already reported by this process
+
 
 def _fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*")):
@@ -88,7 +90,10 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
     for leftover in output_dir.glob(f"{TMP_PREFIX}*"):
-        print(f"warning: {leftover}: ignoring a half-written checkpoint left by an interrupted run", file=sys.stderr)
+        if leftover not in _WARNED:
+            _WARNED.add(leftover)
+            print(f"warning: {leftover}: ignoring a half-written checkpoint left by an interrupted run",
+                  file=sys.stderr)
     found = [p for p in output_dir.glob(f"{PREFIX}*")
              if p.is_dir() and p.name[len(PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))

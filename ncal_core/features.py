@@ -26,7 +26,7 @@ def pooled_features(model: QwenModel, rows: Sequence[EncodedRow], pad_id: int, p
     order = LengthGroupedBatches([len(r.input_ids) for r in rows], batch_size, shuffle=False)
     for index in order:
         batch = collate([rows[i] for i in index], pad_id).to(device)
-        hidden = model(batch.input_ids, attention_mask=batch.attention_mask)
+        hidden = model(batch.input_ids)  # right padding: the causal mask alone, as in training
         z = pool_features(hidden, pool_mask(batch, pooling), POOL_MODE[pooling], e_w=e_w, backend="torch")
         out[torch.tensor(index)] = z.float().cpu()
     return out

@@ -36,7 +36,7 @@ def _use_triton(backend: str, tensor: Tensor) -> bool:
     return True
 
 
-def _check_pool_inputs(hidden: Tensor, mask: Tensor, pooling: str, e_w: float) -> Tensor:
+def _check_pool_inputs(hidden: Tensor, mask: Tensor, pooling: str, e_w: float, async_checks: bool) -> Tensor:
     """Validate pool_features' arguments; returns the marked-token mask [B, T] bool."""
     if pooling not in POOLINGS:
         raise NCALError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -51,18 +51,18 @@ def _check_pool_inputs(hidden: Tensor, mask: Tensor, pooling: str, e_w: float) -
     if hidden.numel() == 0:
         raise NCALError(f"hidden has no elements: {tuple(hidden.shape)}")
     marked = mask != 0
-    _require(marked.any(1), "mask must mark at least one token in each batch row for pooling")
+    _require(marked.any(1), "mask must mark at least one token in each batch row for pooling", async_checks)
     return marked
 
 
-def _require(ok: Tensor, message: str) -> None:
+def _require(ok: Tensor, message: str, async_checks: bool) -> None:
     """Raise NCALError(message + the rows where ok [N] is False) unless ok is all True.
 
-    On CPU that is checked at once. On an accelerator it is an asynchronous device-side assert, so a
-    training step does not wait for the device here; the loop's data never trips it (rows are
-    validated when they are read), only a caller's own tensors can.
+    With async_checks, off the CPU, it is a device-side assert instead, so a training step does not wait
+    for the device here (a failure then is CUDA's fatal device-side assert, without the rows): for the
+    training loop, whose rows were validated when they were read.
     """
-    if ok.device.type == "cpu":
+    if ok.device.type == "cpu" or not async_checks:
         if not bool(ok.all()):
             raise NCALError(f"{message}; failing row(s): {(~ok).nonzero().flatten().tolist()}")
     else:
@@ -91,10 +91,14 @@ def _pool_torch(hidden: Tensor, marked: Tensor, pooling: str, e_w: float) -> Ten
 
 
 def pool_features(
-    hidden: Tensor, mask: Tensor, pooling: str = "last", e_w: float = 1.0, backend: str = "auto"
+    hidden: Tensor, mask: Tensor, pooling: str = "last", e_w: float = 1.0, backend: str = "auto",
+    async_checks: bool = False,
 ) -> Tensor:
-    """z [B, H] fp32: hidden [B, T, H] pooled ("last" or "mean") over the tokens mask [B, T] marks, clamped to e_w."""
-    marked = _check_pool_inputs(hidden, mask, pooling, e_w)
+    """z [B, H] fp32: hidden [B, T, H] pooled ("last" or "mean") over the tokens mask [B, T] marks, clamped to e_w.
+
+    async_checks: on an accelerator, check the mask's rows with a device-side assert (no host sync).
+    """
+    marked = _check_pool_inputs(hidden, mask, pooling, e_w, async_checks)
     if _use_triton(backend, hidden):
         from ncal_kernels.pool_norm import HIDDEN_DTYPES, pool_norm
 
@@ -119,9 +123,13 @@ def _gram_torch(z: Tensor, class_ids: Tensor, mu: float, class_diff: bool) -> Te
 
 
 def etf_gram_loss(
-    z: Tensor, class_ids: Tensor, num_classes: int, e_w: float = 1.0, class_diff: bool = True, backend: str = "auto"
+    z: Tensor, class_ids: Tensor, num_classes: int, e_w: float = 1.0, class_diff: bool = True, backend: str = "auto",
+    async_checks: bool = False,
 ) -> Tensor:
-    """Scalar fp32: mean over masked pairs i < j of (z_i . z_j - mu)^2, mu = -e_w^2/(K-1); z [B, H], class_ids [B]."""
+    """Scalar fp32: mean over masked pairs i < j of (z_i . z_j - mu)^2, mu = -e_w^2/(K-1); z [B, H], class_ids [B].
+
+    async_checks: on an accelerator, check the class ids with a device-side assert (no host sync).
+    """
     if num_classes < 2:
         raise NCALError(f"num_classes must be at least 2, got {num_classes}")
     if not e_w > 0:
@@ -133,7 +141,7 @@ def etf_gram_loss(
             f"class_ids must be integer [B] = [{z.shape[0]}], got {class_ids.dtype} {tuple(class_ids.shape)}"
         )
     _require((class_ids >= 0) & (class_ids < num_classes),
-             f"class_ids must lie in 0..{num_classes - 1}")
+             f"class_ids must lie in 0..{num_classes - 1}", async_checks)
     mu = -(float(e_w) ** 2) / (num_classes - 1)
     if _use_triton(backend, z):
         from ncal_kernels.etf_gram import etf_gram

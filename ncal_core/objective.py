@@ -54,6 +54,8 @@ class TrainingObjective(nn.Module):
 
     def forward(self, chunks: list[Batch]) -> ObjectiveOutput:
         """One micro-batch, given as right-padded chunks (see batching.collate_chunks)."""
+        if not chunks:
+            raise ValueError("a micro-batch needs at least one chunk of rows")
         lm_sum, z, first_logits = [], [], []
         for batch in chunks:
             # right padding: a real token never attends to the pads after it, so the causal mask alone gives
@@ -63,9 +65,10 @@ class TrainingObjective(nn.Module):
             logits = self.model.lm_head(flat[batch.query]).float()                          # [N, V]
             lm_sum.append(F.cross_entropy(logits, batch.input_ids.reshape(-1)[batch.target], reduction="sum"))
             n_targets = batch.seq_lens - batch.prompt_lens
-            first_logits.append(logits[torch.cumsum(n_targets, 0) - n_targets])          # row b's first query
+            # row b's first query; every training row has targets (label tokens and eos)
+            first_logits.append(logits[torch.cumsum(n_targets, 0) - n_targets])
             if self.use_tc:
-                z.append(pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling],
-                                       e_w=self.e_w, backend=self.tc_backend))              # [B, H] fp32
+                z.append(pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling], e_w=self.e_w,
+                                       backend=self.tc_backend, async_checks=True))         # [B, H] fp32
         return ObjectiveOutput(torch.stack(lm_sum).sum(), torch.cat(z) if z else None, torch.cat(first_logits),
                                torch.cat([batch.class_ids for batch in chunks]))

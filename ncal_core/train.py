@@ -162,7 +162,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                    if cfg.resample_epochs else 0,
                                    megabatch_batches=MEGABATCH_BATCHES if cfg.group_by_length else 1)
     steps_per_epoch = len(sampler) // cfg.gradient_accumulation_steps
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 or (world > 1 and len(encoded) < global_batch):  # each rank needs rows of its own
         raise NCALError(f"{train_path}: {len(encoded)} rows are fewer than one optimizer step needs "
                         f"({global_batch} x {cfg.gradient_accumulation_steps})")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
@@ -246,7 +246,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Ctrl-C (SIGINT) or a scheduler's SIGTERM asks the loop to stop after the current step, where weights,
     # optimizer, RNG and state agree, so the checkpoint saved there resumes exactly. Alone, a second signal
     # stops at once; under a launcher, which forwards the terminal's Ctrl-C to ranks that already got it,
-    # repeats are ignored and the ranks agree at a log step to stop together.
+    # repeats are ignored and the ranks agree at a log step to stop together (a launcher that sends SIGTERM
+    # kills its ranks 30 s later: keep --logging_steps short enough to reach a log step by then).
     stop: list[int] = []
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -293,7 +294,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             z_all, y_all = gather_features(z, class_ids)
                             tc = etf_target_loss(z_all, y_all, etf_targets) if etf_targets is not None else \
                                 etf_gram_loss(z_all, y_all, K, e_w=cfg.e_w, class_diff=cfg.class_diff,
-                                              backend=cfg.tc_backend)
+                                              backend=cfg.tc_backend, async_checks=True)
                             loss = loss + cfg.lambda_lc * tc / accum
                         if first_tokens is not None:
                             loss = loss + logit_adjusted_loss(first_logits, first_tokens, class_ids, prior_log,

@@ -69,8 +69,8 @@ class TrainConfig:
     group_by_length: bool = flag(False, "batch rows of similar length together (less padding, faster); false = "
                                      "random batches")
     length_chunks: int = flag(4, "run each micro-batch through the decoder as up to N chunks of rows of similar "
-                                 "length, so short rows are not padded to the longest (same loss and gradients, "
-                                 "less work); 1 = one padded batch")
+                                 "length, so short rows are not padded to the longest (the same loss up to "
+                                 "rounding, less work; LoRA dropout draws differ); 1 = one padded batch")
     gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step")
     learning_rate: float | None = flag(None, "peak learning rate; default: 2e-4 with LoRA, 1e-3 for full fine-tuning")
     warmup_ratio: float = flag(0.05, "fraction of the steps with linear warm-up")

@@ -85,6 +85,8 @@ def test_chunk_bounds_do_not_cut_rows_of_equal_length_and_refuse_unsorted_rows()
     assert chunk_bounds([], 2) == [0]
     with pytest.raises(ValueError, match="longest-first"):
         chunk_bounds([1, 2], 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        chunk_bounds([5, 3], 0)
 
 
 def test_collate_chunks_hold_every_row_once_longest_first():

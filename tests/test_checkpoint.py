@@ -32,7 +32,7 @@ def test_checkpoint_round_trips_optimizer_rng_and_state(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
-def test_half_written_checkpoint_is_ignored_with_a_one_line_warning(tmp_path, capsys):
+def test_half_written_checkpoint_is_ignored_with_a_one_line_warning_given_once(tmp_path, capsys):
     _save(tmp_path, 2)
     leftover = tmp_path / ".tmp-checkpoint-checkpoint-4-123"
     leftover.mkdir()
@@ -41,7 +41,7 @@ def test_half_written_checkpoint_is_ignored_with_a_one_line_warning(tmp_path, ca
     assert capsys.readouterr().err == f"warning: {leftover}: ignoring a half-written checkpoint left by an " \
                                       "interrupted run\n"
     assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-2"
-    assert "half-written" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # said once per process, not at every look
 
 
 def test_saving_the_same_step_again_replaces_it(tmp_path):

@@ -226,17 +226,18 @@ def test_bad_inputs_raise_one_line_ncal_error(change, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_off_the_cpu_the_data_checks_do_not_wait_for_the_device(monkeypatch):
+def test_async_checks_off_the_cpu_do_not_wait_for_the_device(monkeypatch):
     # meta tensors have no values: reading one on the host (a sync on a GPU) raises, so this passes only
     # if the row checks are left to the device (torch._assert_async) instead of being read back
-    args = {**_good(), "backend": "torch"}
+    args = _good()
     meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    with pytest.raises(Exception, match="meta"):
-        bool(meta["mask"].any())
     asserted = []
     monkeypatch.setattr(torch, "_assert_async", lambda ok, message: asserted.append(message))
     monkeypatch.setattr(ncal, "_gram_torch", lambda z, *rest: z.sum())  # autocast has no meta device
-    assert tc_loss(**meta).device.type == "meta"
+    with pytest.raises(Exception, match="meta"):  # by default the checks read the rows back
+        pool_features(meta["hidden"], meta["mask"], backend="torch")
+    z = pool_features(meta["hidden"], meta["mask"], backend="torch", async_checks=True)
+    assert etf_gram_loss(z, meta["class_ids"], args["num_classes"], backend="torch", async_checks=True).is_meta
     assert [m.split()[0] for m in asserted] == ["mask", "class_ids"]
 
 

@@ -80,6 +80,7 @@ def test_length_chunks_give_the_padded_batchs_loss_features_and_gradients(model,
         model.zero_grad()
         out = objective(chunks)
         order = torch.tensor([rows.index(r) for c in chunks for r in _rows_of(c, rows)])
+        assert out.class_ids.tolist() == [rows[i].label_index for i in order]
         (out.lm_sum + (out.z * torch.linspace(-1, 1, out.z.shape[1])).sum()).backward()  # touches every feature
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         z, first = torch.empty_like(out.z), torch.empty_like(out.first_logits)

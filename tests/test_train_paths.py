@@ -1,0 +1,58 @@
+"""The training loop reaches the same losses through its alternative paths: the fused Triton TC kernels
+(interpreted on CPU) against PyTorch, and micro-batches cut into length chunks against one padded batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# fp32 losses of 4 steps: the two paths differ by summation order (and matrix shapes) only
+RTOL_LOSS = 1e-4
+
+
+def _rows(path: Path) -> Path:
+    """48 rows of three classes and varied lengths."""
+    words = ["苹果", "三角形", "面积", "分数", "速度", "长方形", "周长", "小数"]
+    rows = [{"id": str(i), "question": f"{words[i % 8]}和{words[(i * 3) % 8]}的问题{i}" + "很长" * (i % 7),
+             "class": "ABC"[i % 3]} for i in range(48)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _losses(tmp_path: Path, name: str, flags: list[str]) -> list[tuple[float, float]]:
+    """(LM loss, TC loss) of each of 4 steps of a tiny run with `flags`."""
+    out = tmp_path / name
+    env = {**os.environ, "NCAL_CACHE_DIR": str(tmp_path / "cache"), "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-m", "ncal_core.train", "--dataset_path", str(_rows(tmp_path / "rows.jsonl")),
+                    "--output_dir", str(out), "--eval_dataset_path", "none", "--save_strategy", "no",
+                    "--max_steps", "4", "--logging_steps", "1", "--per_device_train_batch_size", "12",
+                    "--lambda_lc", "1", "--tiny_hidden_size", "64", "--tiny_num_layers", "1",
+                    "--tiny_vocab_size", "300", *flags], check=True, env=env, capture_output=True)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(x["lm_loss"], x["tc_loss"]) for x in lines if "lm_loss" in x]
+
+
+def _assert_same(first: list[tuple[float, float]], second: list[tuple[float, float]]) -> None:
+    assert len(first) == len(second) == 4
+    assert first[0][1] > 0  # the TC term is really there
+    for (lm_a, tc_a), (lm_b, tc_b) in zip(first, second):
+        assert lm_b == pytest.approx(lm_a, rel=RTOL_LOSS) and tc_b == pytest.approx(tc_a, rel=RTOL_LOSS)
+
+
+@pytest.mark.slow
+def test_fused_triton_tc_path_trains_to_the_same_losses_as_pytorch(tmp_path):
+    _assert_same(_losses(tmp_path, "torch", ["--tc_backend", "torch"]),
+                 _losses(tmp_path, "triton", ["--tc_backend", "triton"]))
+
+
+@pytest.mark.slow
+def test_length_chunks_train_to_the_losses_of_one_padded_batch(tmp_path):
+    # logit-adjusted loss on too: it reads each row's first-label logits and class id, which chunks reorder
+    common = ["--la_loss_tau", "1", "--tc_backend", "torch"]
+    _assert_same(_losses(tmp_path, "one", [*common, "--length_chunks", "1"]),
+                 _losses(tmp_path, "chunks", [*common, "--length_chunks", "4"]))
