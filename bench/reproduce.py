@@ -50,6 +50,7 @@ METHODS: dict[str, list[str]] = {
     "ncal_allpairs_l1": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "pairs", "--class_diff", "false"],
     "etf_target": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "etf_target"],
     "sft_la_loss": ["--use_etf_loss", "false", "--la_loss_tau", "1.0"],
+    "ncal_la_loss": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--la_loss_tau", "1.0"],
     "sft_drw": ["--use_etf_loss", "false", "--resample", "balanced", "--resample_epochs", "1"],
     "sft_sqrt": ["--use_etf_loss", "false", "--resample", "sqrt"],
     "ncal_drw": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--resample", "balanced",

@@ -56,19 +56,21 @@ class TrainingObjective(nn.Module):
         """One micro-batch, given as right-padded chunks (see batching.collate_chunks)."""
         if not chunks:
             raise ValueError("a micro-batch needs at least one chunk of rows")
-        lm_sum, z, first_logits = [], [], []
+        queries, targets, z = [], [], []
         for batch in chunks:
             # right padding: a real token never attends to the pads after it, so the causal mask alone gives
             # every real position the output it has with the padding mask, on SDPA's faster is_causal path
             hidden = self.model(batch.input_ids)                                            # [B, T, H]
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            logits = self.model.lm_head(flat[batch.query]).float()                          # [N, V]
-            lm_sum.append(F.cross_entropy(logits, batch.input_ids.reshape(-1)[batch.target], reduction="sum"))
-            n_targets = batch.seq_lens - batch.prompt_lens
-            # row b's first query; every training row has targets (label tokens and eos)
-            first_logits.append(logits[torch.cumsum(n_targets, 0) - n_targets])
+            queries.append(hidden.reshape(-1, hidden.shape[-1])[batch.query])
+            targets.append(batch.input_ids.reshape(-1)[batch.target])
             if self.use_tc:
                 z.append(pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling], e_w=self.e_w,
                                        backend=self.tc_backend, async_checks=True))         # [B, H] fp32
-        return ObjectiveOutput(torch.stack(lm_sum).sum(), torch.cat(z) if z else None, torch.cat(first_logits),
+        # one head call for every chunk: at a large vocabulary each call reads the whole [V, H] weight
+        logits = self.model.lm_head(torch.cat(queries)).float()                             # [N, V]
+        lm_sum = F.cross_entropy(logits, torch.cat(targets), reduction="sum")
+        # each row's first query; every training row has targets (label tokens and eos)
+        n_targets = torch.cat([batch.seq_lens - batch.prompt_lens for batch in chunks])
+        first_logits = logits[torch.cumsum(n_targets, 0) - n_targets]
+        return ObjectiveOutput(lm_sum, torch.cat(z) if z else None, first_logits,
                                torch.cat([batch.class_ids for batch in chunks]))

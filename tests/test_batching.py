@@ -61,27 +61,29 @@ def test_collate_target_index_points_at_the_targets_and_the_positions_before_the
     assert (batch.target - batch.query).tolist() == [1, 1, 1]
 
 
-def _padded_tokens(lengths: list[int], bounds: list[int]) -> int:
-    return sum(lengths[a] * (b - a) for a, b in zip(bounds[:-1], bounds[1:]))
+def _cost(lengths: list[int], bounds: list[int], chunk_cost: int) -> int:
+    return sum(lengths[a] * (b - a) + chunk_cost for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 @pytest.mark.parametrize("seed", range(20))
 @pytest.mark.parametrize("max_chunks", [1, 2, 3, 5])
-def test_chunk_bounds_are_the_cheapest_cut_found_by_trying_every_cut(seed, max_chunks):
+@pytest.mark.parametrize("chunk_cost", [0, 7, 40])
+def test_chunk_bounds_are_the_cheapest_cut_found_by_trying_every_cut(seed, max_chunks, chunk_cost):
     rng = np.random.default_rng(seed)
     lengths = sorted(rng.integers(1, 50, int(rng.integers(1, 10))).tolist(), reverse=True)
-    bounds = chunk_bounds(lengths, max_chunks)
+    bounds = chunk_bounds(lengths, max_chunks, chunk_cost)
     assert bounds[0] == 0 and bounds[-1] == len(lengths) and bounds == sorted(set(bounds))
     assert len(bounds) - 1 <= max_chunks
-    best = min(_padded_tokens(lengths, [0, *cuts, len(lengths)])
+    best = min(_cost(lengths, [0, *cuts, len(lengths)], chunk_cost)
                for k in range(min(max_chunks, len(lengths)))
                for cuts in itertools.combinations(range(1, len(lengths)), k))
-    assert _padded_tokens(lengths, bounds) == best
+    assert _cost(lengths, bounds, chunk_cost) == best
 
 
-def test_chunk_bounds_do_not_cut_rows_of_equal_length_and_refuse_unsorted_rows():
-    assert chunk_bounds([5, 5, 5], 3) == [0, 3]
-    assert chunk_bounds([9, 5, 5, 2], 4) == [0, 1, 3, 4]
+def test_chunk_bounds_do_not_cut_where_it_saves_nothing_and_refuse_unsorted_rows():
+    assert chunk_bounds([5, 5, 5], 3, chunk_cost=0) == [0, 3]
+    assert chunk_bounds([9, 5, 5, 2], 4, chunk_cost=0) == [0, 1, 3, 4]
+    assert chunk_bounds([45, 45, 44, 44, 43], 4) == [0, 5]  # a pass costs more than the 4 tokens it saves
     assert chunk_bounds([], 2) == [0]
     with pytest.raises(ValueError, match="longest-first"):
         chunk_bounds([1, 2], 2)
@@ -93,7 +95,7 @@ def test_collate_chunks_hold_every_row_once_longest_first():
     rng = np.random.default_rng(0)
     rows = [EncodedRow(rng.integers(1, 9, int(n)).tolist(), 1, i % 3, str(i))
             for i, n in enumerate(rng.integers(2, 40, 32))]
-    chunks = collate_chunks(rows, pad_id=PAD, max_chunks=4)
+    chunks = collate_chunks(rows, pad_id=PAD, max_chunks=4, chunk_cost=0)
     assert len(chunks) == 4
     widths = [c.input_ids.shape[1] for c in chunks]
     assert widths == sorted(widths, reverse=True)

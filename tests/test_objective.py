@@ -87,7 +87,7 @@ def test_length_chunks_give_the_padded_batchs_loss_features_and_gradients(model,
         z[order], first[order] = out.z, out.first_logits                               # back to the rows' order
         return out.lm_sum, z, first, grads
 
-    chunks = collate_chunks(rows, pad_id=0, max_chunks=max_chunks)
+    chunks = collate_chunks(rows, pad_id=0, max_chunks=max_chunks, chunk_cost=0)
     assert len(chunks) == min(max_chunks, len(rows))
     one, cut = run([batch]), run(chunks)
     for a, b in zip(one[:3], cut[:3]):

@@ -18,7 +18,7 @@ RTOL_LOSS = 1e-4
 def _rows(path: Path) -> Path:
     """48 rows of three classes and varied lengths."""
     words = ["苹果", "三角形", "面积", "分数", "速度", "长方形", "周长", "小数"]
-    rows = [{"id": str(i), "question": f"{words[i % 8]}和{words[(i * 3) % 8]}的问题{i}" + "很长" * (i % 7),
+    rows = [{"id": str(i), "question": f"{words[i % 8]}和{words[(i * 3) % 8]}的问题{i}" + "很长" * (i % 7) * 6,
              "class": "ABC"[i % 3]} for i in range(48)]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
