@@ -55,9 +55,9 @@ class TrainConfig:
     # long-tail baselines
     resample: str = flag("none", "re-sample training rows: none, balanced (1/n_c) or sqrt (1/sqrt(n_c))")
     resample_epochs: int = flag(0, "re-sample only in the last N epochs (deferred re-balancing); 0 = every epoch")
-    la_loss_tau: float = flag(0.0, "tau of a logit-adjusted cross-entropy over the K labels' first-token scores "
+    la_loss_tau: float = flag(1.0, "tau of a logit-adjusted cross-entropy over the K labels' first-token scores "
                                  "(Menon et al. 2021), added to the LM loss; 0 = off")
-    logit_adjust_tau: float = flag(1.0, "post-hoc logit adjustment at evaluation: label scores - tau * log training "
+    logit_adjust_tau: float = flag(0.5, "post-hoc logit adjustment at evaluation: label scores - tau * log training "
                                       "prior (Menon et al. 2021); 0 = plain argmax of the label scores")
     # optimisation
     output_dir: str = flag("outputs/ncal-tiny-tmwpl", "where checkpoints, metrics.jsonl, eval.json and pictures go")
