@@ -26,11 +26,13 @@ from training_runs import (REPO, TINY, command_env, eval_report, final_weights, 
 pytestmark = pytest.mark.slow
 
 # Two processes sum each batch's loss in halves and average gradients across them: fp32 rounding in
-# another order than one process. Measured over 5 seeds: every weight within 1.5e-7 of the one-process
-# run, except the key-projection bias, whose true gradient is 0 (a bias on every key shifts all of a
-# query's scores alike, which softmax ignores): it is moved only by rounding noise, which Adam scales up
-# to steps of up to ~lr, so the two runs' noise-driven values differ by up to 3e-5 in 15 steps.
-WEIGHT_ATOL = 1e-6
+# another order than one process, which Adam turns into different steps wherever a gradient is near 0
+# (its step is ~lr whatever the gradient's size). Measured over 6 seeds with the default logit-adjusted
+# loss on, 15 steps at lr 1e-3: every weight within 1e-6 of the one-process run in 5 seeds, 2.5e-5 in one;
+# a term combined wrongly across ranks (a factor on one loss's gradient) moves weights by ~1e-3. The
+# key-projection bias has a true gradient of 0 (a bias on every key shifts all of a query's scores alike,
+# which softmax ignores): rounding noise alone moves it, by up to ~lr a step.
+WEIGHT_ATOL = 1e-4
 KEY_BIAS_ATOL = 1e-3
 LOSS_RTOL = 1e-5  # measured ~2e-7
 
@@ -113,7 +115,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup):
     bias_diff = max_abs_diff({k: w_one[k] for k in key_bias}, {k: w_two[k] for k in key_bias})
     print(f"max |weights(1 process) - weights(2 processes)| = {diff:.3g} (k_proj.bias: {bias_diff:.3g}); "
           f"worst relative loss difference {worst:.3g}")
-    assert diff <= WEIGHT_ATOL
+    worst_name = max(w_one.keys() - key_bias, key=lambda k: (w_one[k].double() - w_two[k].double()).abs().max())
+    assert diff <= WEIGHT_ATOL, worst_name
     assert bias_diff <= KEY_BIAS_ATOL
     assert eval_report(two)["accuracy"] == pytest.approx(eval_report(one)["accuracy"], abs=1 / 12 + 1e-9)
 
