@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_model  # noqa: E402
-from ncal_core.batching import MEGABATCH_BATCHES, LengthGroupedBatches, chunk_bounds, collate  # noqa: E402
+from ncal_core.batching import ATTENTION_BLOCKS, MEGABATCH_BATCHES, LengthGroupedBatches, collate  # noqa: E402
 from ncal_core.data import label_set, load_examples  # noqa: E402
 from ncal_core.datasets import resolve_dataset  # noqa: E402
 from ncal_core.prompts import EncodedRow, PromptBuilder, load_tokenizer  # noqa: E402
@@ -81,7 +81,7 @@ FULL_RUNS = {("bpe4k", 8): (60, 10), ("bpe4k", 32): (30, 5), ("qwen", 8): (30, 5
 QUICK_RUNS = {("bpe4k", 8): (10, 3)}
 QUICK_ROWS = 480
 # our loop with one flag changed, at batch 8
-LEVERS = {"group_by_length": ["--group_by_length", "true"], "one padded batch": ["--length_chunks", "1"],
+LEVERS = {"group_by_length": ["--group_by_length", "true"], "one padded batch": ["--padding_free", "false"],
           "torch_compile": ["--torch_compile", "true"], "gradient_checkpointing": ["--gradient_checkpointing", "true"],
           "bf16 autocast": ["--bf16", "true"], "no TC loss": ["--use_etf_loss", "false"],
           "no LoRA dropout": ["--lora_dropout", "0"]}
@@ -156,18 +156,20 @@ def prepare_shape(name: str, workdir: Path, train_path: Path, row_limit: int | N
 
 # ---------------------------------------------------------------- counting
 
-def batch_stats(rows: list[EncodedRow], max_chunks: int = 1) -> dict[str, int]:
-    """Rows, real tokens, sum of squared lengths, target tokens and widest row of one batch, and the padded
-    tokens (and their squares per row) it runs as: one padded batch, or ours cut into length chunks."""
-    n = sorted((len(r.input_ids) for r in rows), reverse=True)
-    bounds = chunk_bounds(n, max_chunks)
-    runs = [(n[a], b - a) for a, b in zip(bounds[:-1], bounds[1:])]  # (width, rows) of each chunk
-    return {"rows": len(rows), "tokens": sum(n), "sq_tokens": sum(x * x for x in n),
-            "targets": sum(len(r.input_ids) - r.prompt_len for r in rows), "width": n[0],
-            "padded": sum(w * k for w, k in runs), "padded_sq": sum(w * w * k for w, k in runs)}
+def batch_stats(rows: list[EncodedRow], padding_free: bool = False) -> dict[str, int]:
+    """Rows, real tokens, sum of squared lengths, target tokens and widest row of one batch, and the tokens the
+    layers' matmuls run on (`padded`) and attention's rows x squared widths (`padded_sq`): one padded batch, or
+    ours padding-free (real tokens only; attention in the blocks that ncal_core.train's collate cuts)."""
+    n = [len(r.input_ids) for r in rows]
+    stats = {"rows": len(rows), "tokens": sum(n), "sq_tokens": sum(x * x for x in n),
+             "targets": sum(len(r.input_ids) - r.prompt_len for r in rows), "width": max(n)}
+    if not padding_free:
+        return {**stats, "padded": len(n) * max(n), "padded_sq": len(n) * max(n) ** 2}
+    blocks = collate(rows, 0, ATTENTION_BLOCKS).ragged.blocks
+    return {**stats, "padded": sum(n), "padded_sq": sum(p.rows * p.width ** 2 for _, _, p in blocks)}
 
 
-def our_plan(rows: list[EncodedRow], batch: int, steps: int, grouped: bool, chunks: int) -> list[dict[str, int]]:
+def our_plan(rows: list[EncodedRow], batch: int, steps: int, grouped: bool, padding_free: bool) -> list[dict[str, int]]:
     """The batches our loop trains on, step by step: the same sampler, seed and epoch order as ncal_core.train.
 
     metrics.jsonl gives each step's time but not its tokens; if ncal_core.train changes how it samples, this follows.
@@ -177,7 +179,7 @@ def our_plan(rows: list[EncodedRow], batch: int, steps: int, grouped: bool, chun
     plan, epoch = [], 0
     while len(plan) < steps:
         sampler.set_epoch(epoch)
-        plan += [batch_stats([rows[i] for i in b], chunks) for b in list(sampler)[: len(sampler)]]
+        plan += [batch_stats([rows[i] for i in b], padding_free) for b in list(sampler)[: len(sampler)]]
         epoch += 1
     return plan[:steps]
 
@@ -312,9 +314,9 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
     records = [r for r in records if "samples_per_s" in r]
     if [r["step"] for r in records] != list(range(1, steps + 1)):
         raise RuntimeError(f"{out_dir}/metrics.jsonl: expected one line per step 1..{steps}")
-    chunks = int(flags[flags.index("--length_chunks") + 1]) if "--length_chunks" in flags else \
-        TrainConfig.length_chunks
-    plan = our_plan(shape.rows, batch, steps, grouped="--group_by_length" in flags, chunks=chunks)
+    padding_free = flags[flags.index("--padding_free") + 1] == "true" if "--padding_free" in flags else \
+        TrainConfig.padding_free
+    plan = our_plan(shape.rows, batch, steps, grouped="--group_by_length" in flags, padding_free=padding_free)
     steady = [{**plan[r["step"] - 1], "seconds": plan[r["step"] - 1]["rows"] / r["samples_per_s"]}
               for r in records[warmup:]]
     return {"side": "ours", "shape": shape.name, "vocab": shape.vocab, "batch": batch, "steps": steps,
@@ -367,12 +369,12 @@ def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
     rows = sorted(shape.rows[: batch * 50], key=lambda r: len(r.input_ids))
     middle = len(rows) // 2 - batch // 2
     data = collate(rows[middle: middle + batch], load_tokenizer(shape.folder).pad_token_id)
-    objective = TrainingObjective(model, use_tc=False)
+    objective = TrainingObjective(model, use_tc=False, padding_free=False)  # the same decoder path as full_logits
     positions = torch.arange(data.input_ids.shape[1])[None, :]
     labels = data.input_ids.masked_fill((positions < data.prompt_lens[:, None]) | (data.attention_mask == 0), -100)
 
     def label_only() -> None:
-        lm_sum = objective([data]).lm_sum
+        lm_sum = objective(data).lm_sum
         (lm_sum / len(data.target)).backward()
 
     def full_logits() -> None:

@@ -1,4 +1,4 @@
-"""Encoded rows -> padded batches (whole, or cut into chunks of similar length), and batch samplers."""
+"""Encoded rows -> right-padded batches (with the layout that lets the model skip their padding), and samplers."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ncal_core.model import Padding, Ragged
 from ncal_core.prompts import EncodedRow
 
 MEGABATCH_BATCHES = 50
-# What one more pass through the model costs, in padded tokens: a chunk is cut off only where it saves more.
-# (Measured on the built-in tiny model on CPU, where a pass's fixed cost is about 100 tokens' work.)
-CHUNK_COST_TOKENS = 96
+ATTENTION_BLOCKS = 4  # at most this many attention blocks per training micro-batch
+# What one more attention block costs, in units of one row's attention over one squared token: a block is cut
+# off only where the padding it saves costs more. (Measured on the built-in tiny model on CPU.)
+BLOCK_COST = 8192
 
 
 @dataclass
@@ -28,10 +30,12 @@ class Batch:
     class_ids: Tensor  # [B] int64, -1 for unlabeled rows
     query: Tensor  # [N] int64: flat indices into [B * T] of the positions that predict a target token
     target: Tensor  # [N] int64: flat indices of those target tokens
+    ragged: Ragged  # where the real tokens are, and the rows' attention blocks
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with every tensor on device."""
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) if f.name != "ragged"
+                        else self.ragged.to(device) for f in fields(self)})
 
 
 def target_index(prompt_lens: Tensor, seq_lens: Tensor, width: int) -> tuple[Tensor, Tensor]:
@@ -47,69 +51,81 @@ def target_index(prompt_lens: Tensor, seq_lens: Tensor, width: int) -> tuple[Ten
     return torch.cat(query), torch.cat(target)
 
 
-def collate(rows: list[EncodedRow], pad_id: int) -> Batch:
-    """Pad rows on the right to the longest one."""
+def collate(rows: list[EncodedRow], pad_id: int, attention_blocks: int = 1, block_cost: int = BLOCK_COST) -> Batch:
+    """Pad rows on the right to the longest one.
+
+    With attention_blocks > 1 the rows are sorted longest-first and cut into up to that many blocks of similar
+    length, each padded only to its own longest row when the model attends (model.Ragged); where to cut is the
+    cheapest split (block_bounds) of the rows' squared lengths, attention's cost, plus block_cost per block.
+    """
+    if attention_blocks > 1:
+        rows = sorted(rows, key=lambda row: -len(row.input_ids))
     seq_lens = torch.tensor([len(row.input_ids) for row in rows], dtype=torch.int64)
-    input_ids = torch.full((len(rows), int(seq_lens.max())), pad_id, dtype=torch.int64)
+    width = int(seq_lens.max())
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     for b, row in enumerate(rows):
         input_ids[b, : len(row.input_ids)] = torch.tensor(row.input_ids, dtype=torch.int64)
-    positions = torch.arange(input_ids.shape[1])
+    positions = torch.arange(width)
+    attention_mask = positions[None, :] < seq_lens[:, None]
     prompt_lens = torch.tensor([row.prompt_len for row in rows], dtype=torch.int64)
-    query, target = target_index(prompt_lens, seq_lens, input_ids.shape[1])
+    query, target = target_index(prompt_lens, seq_lens, width)
     return Batch(
         input_ids=input_ids,
-        attention_mask=(positions[None, :] < seq_lens[:, None]).to(torch.int64),
+        attention_mask=attention_mask.to(torch.int64),
         prompt_lens=prompt_lens,
         seq_lens=seq_lens,
         class_ids=torch.tensor([row.label_index for row in rows], dtype=torch.int64),
         query=query,
         target=target,
+        ragged=ragged_layout(seq_lens.tolist(), width, attention_blocks, block_cost),
     )
 
 
-def chunk_bounds(lengths: Sequence[int], max_chunks: int, chunk_cost: int = CHUNK_COST_TOKENS) -> list[int]:
-    """Where to cut rows sorted longest-first into at most max_chunks runs, at the least cost.
+def ragged_layout(seq_lens: list[int], width: int, max_blocks: int, block_cost: int) -> Ragged:
+    """The Ragged of right-padded rows of these lengths (longest-first when max_blocks > 1)."""
+    def padding(lens: list[int], w: int) -> Padding:
+        flat = [torch.arange(n) + b * w for b, n in enumerate(lens)]
+        return Padding(torch.cat(flat) if flat else torch.zeros(0, dtype=torch.int64), len(lens), w)
 
-    Returns each run's first row and, last, len(lengths). A run starting at row i is padded to lengths[i],
-    so it costs lengths[i] tokens per row, plus chunk_cost tokens for the extra pass through the model;
-    an exact dynamic programme over the cut points.
+    bounds = block_bounds([n * n for n in seq_lens], max_blocks, block_cost) if max_blocks > 1 else \
+        [0, len(seq_lens)]
+    offsets = np.concatenate([[0], np.cumsum(seq_lens)]).astype(int).tolist()
+    blocks = tuple((offsets[a], offsets[b], padding(seq_lens[a:b], max(seq_lens[a:b])))
+                   for a, b in zip(bounds[:-1], bounds[1:]) if b > a)
+    return Ragged(padding(seq_lens, width), blocks)
+
+
+def block_bounds(costs: Sequence[int], max_blocks: int, block_cost: int) -> list[int]:
+    """Where to cut rows sorted costliest-first into at most max_blocks blocks, at the least cost.
+
+    Returns each block's first row and, last, len(costs). In a block starting at row i every row costs costs[i]
+    (rows are padded to the block's first), plus block_cost for the block itself; an exact dynamic programme
+    over the cut points.
     """
-    n = len(lengths)
-    length = np.asarray(lengths, dtype=np.float64)
-    if max_chunks < 1:
-        raise ValueError(f"max_chunks must be at least 1, got {max_chunks}")
+    n = len(costs)
+    length = np.asarray(costs, dtype=np.float64)
+    if max_blocks < 1:
+        raise ValueError(f"max_blocks must be at least 1, got {max_blocks}")
     if np.any(np.diff(length) > 0):
-        raise ValueError("rows must be sorted longest-first")
+        raise ValueError("rows must be sorted costliest-first")
     if n == 0:
         return [0]
-    cost = np.full(n + 1, np.inf)  # cost[j]: least cost of the first j rows in k runs
+    cost = np.full(n + 1, np.inf)  # cost[j]: least cost of the first j rows in k blocks
     cost[0] = 0.0
-    starts, totals = [], []  # starts[k][j]: first row of the last run in the best split of j rows into k+1 runs
-    for _ in range(min(max_chunks, n)):
+    starts, totals = [], []  # starts[k][j]: first row of the last block in the best split of j rows into k+1 blocks
+    for _ in range(min(max_blocks, n)):
         new, start = np.full(n + 1, np.inf), np.zeros(n + 1, dtype=np.int64)
         for j in range(1, n + 1):
-            total = cost[:j] + length[:j] * (j - np.arange(j)) + chunk_cost
+            total = cost[:j] + length[:j] * (j - np.arange(j)) + block_cost
             start[j] = int(np.argmin(total))
             new[j] = total[start[j]]
         cost = new
         starts.append(start)
         totals.append(cost[n])
     bounds = [n]
-    for start in reversed(starts[: int(np.argmin(totals)) + 1]):  # the fewest runs among the cheapest
+    for start in reversed(starts[: int(np.argmin(totals)) + 1]):  # the fewest blocks among the cheapest
         bounds.insert(0, int(start[bounds[0]]))
     return bounds
-
-
-def collate_chunks(rows: list[EncodedRow], pad_id: int, max_chunks: int,
-                   chunk_cost: int = CHUNK_COST_TOKENS) -> list[Batch]:
-    """The rows, longest first, as up to max_chunks right-padded batches of similar length.
-
-    Run one after another through the decoder, they give the outputs of one batch padded to the longest
-    row (up to rounding: the matrix shapes differ) with fewer padded tokens.
-    """
-    rows = sorted(rows, key=lambda row: -len(row.input_ids))
-    bounds = chunk_bounds([len(row.input_ids) for row in rows], max_chunks, chunk_cost)
-    return [collate(rows[a:b], pad_id) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class LengthGroupedBatches:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +195,41 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class Padding(NamedTuple):
+    """Where the real tokens of a right-padded [rows, width] batch sit."""
+
+    index: Tensor  # [N] flat indices into [rows * width] of the real tokens, ascending
+    rows: int
+    width: int
+
+    def pad(self, x: Tensor) -> Tensor:
+        """[N, ...] -> [rows, width, ...], zeros at the pads."""
+        out = x.new_zeros(self.rows * self.width, *x.shape[1:])
+        return out.index_copy(0, self.index, x).view(self.rows, self.width, *x.shape[1:])
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """[rows, width, ...] -> [N, ...]"""
+        return x.reshape(self.rows * self.width, *x.shape[2:]).index_select(0, self.index)
+
+    def to(self, device: torch.device | str) -> Padding:
+        return self._replace(index=self.index.to(device, non_blocking=True))
+
+
+class Ragged(NamedTuple):
+    """A right-padded batch run without its padding.
+
+    The layers' matmuls and norms take its N real tokens, in row order. Attention takes them in blocks of
+    consecutive rows, each block padded only to its own longest row: right padding needs no mask there (a real
+    token never attends to the pads after it), so every block runs SDPA's causal path.
+    """
+
+    batch: Padding  # the whole batch: where its input ids come from and its hidden states go
+    blocks: tuple[tuple[int, int, Padding], ...]  # per block: its tokens' slice [start, stop) of the N, its layout
+
+    def to(self, device: torch.device | str) -> Ragged:
+        return Ragged(self.batch.to(device), tuple((a, b, p.to(device)) for a, b, p in self.blocks))
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary positions (and Qwen3's per-head q/k RMSNorm)."""
 
@@ -208,12 +244,24 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **factory)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **factory)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        """x [B, T, H], cos/sin [B or 1, T, D], mask [B, 1, T, T] bool or None (= causal) -> [B, T, H]"""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, ragged: Ragged | None = None) -> Tensor:
+        """x [B, T, H] (or [N, H] with ragged), cos/sin [B or 1, T, D], mask [B, 1, T, T] bool or None (= causal)
+        -> the shape of x"""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if ragged is None:
+            y = self.attend(q, k, v, cos, sin, mask)
+        else:
+            parts = [p.unpad(self.attend(p.pad(q[a:b]), p.pad(k[a:b]), p.pad(v[a:b]), cos[:, :p.width],
+                                         sin[:, :p.width], None)) for a, b, p in ragged.blocks]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.o_proj(y)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        """Projected q [B, T, nh*D], k/v [B, T, nkv*D] -> attention output [B, T, nh*D] (before o_proj)."""
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, nh|nkv, T, D]
@@ -223,7 +271,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_head
         )  # [B, nh, T, D]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -250,9 +298,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **factory)
         self.mlp = MLP(c, **factory)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        """[B, T, H] -> [B, T, H]"""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, ragged: Ragged | None = None) -> Tensor:
+        """[B, T, H] (or [N, H] with ragged) -> the same shape"""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, ragged)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -283,24 +331,32 @@ class QwenModel(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        ragged: Ragged | None = None,
     ) -> Tensor:
         """input_ids [B, T] -> hidden [B, T, H] after the final RMSNorm.
 
         attention_mask [B, T]: 1 = real token (right- or left-padded). position_ids [B, T]: default arange(T).
         attn_mask [B, T, T] bool, True = may attend: replaces the causal mask (padded keys stay masked when
         attention_mask is given too), e.g. to score several continuations of one prompt in one pass.
+        ragged: input_ids is right-padded as it says; the layers then skip the padding (see Ragged), whose
+        hidden states come out as zeros. Takes no other mask, nor position_ids.
         """
         B, T = input_ids.shape
-        x = self.embed_tokens(input_ids)  # [B, T, H]
+        if ragged is not None:
+            if attention_mask is not None or position_ids is not None or attn_mask is not None:
+                raise ValueError("ragged describes right padding by itself; pass no mask or position_ids")
+            input_ids = ragged.batch.unpad(input_ids)
+        x = self.embed_tokens(input_ids)  # [B, T, H] or [N, H]
         cos, sin = self.rope(position_ids, T, x.device, x.dtype)  # [B or 1, T, D]
         mask = build_mask(attention_mask, attn_mask, B, T, x.device)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, ragged, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
-        return self.norm(x)
+                x = layer(x, cos, sin, mask, ragged)
+        x = self.norm(x)
+        return x if ragged is None else ragged.batch.pad(x)
 
     def rope(
         self, position_ids: Tensor | None, T: int, device: torch.device, dtype: torch.dtype

@@ -3,9 +3,8 @@
 Wrapping both in one module means DDP sees a single forward that uses every trainable weight.
 The LM head runs only at the positions that predict label tokens, so the [B, T, V] logits
 tensor never exists (with Qwen's 151,936-token vocabulary it dominates time and memory).
-A micro-batch arrives cut into chunks of rows of similar length (batching.collate_chunks), so a
-random batch is not padded to its longest row; the chunks' outputs are joined before any loss
-that couples rows (the TC Gram matrix) sees them.
+With padding_free the decoder skips the micro-batch's padding (model.Ragged), so a random batch
+costs its real tokens, not its rows times its longest row.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ def pool_mask(batch: Batch, pooling: str) -> Tensor:
 
 
 class ObjectiveOutput(NamedTuple):
-    """What one micro-batch gives the loop; rows in the order of its chunks."""
+    """What one micro-batch gives the loop, in the batch's row order."""
 
     lm_sum: Tensor              # summed CE over every target token of the batch
     z: Tensor | None            # [B, H] fp32 TC features, when TC is on
@@ -44,33 +43,27 @@ class TrainingObjective(nn.Module):
     """Decoder + label-only head (+ TC feature) of one micro-batch."""
 
     def __init__(self, model: QwenModel, *, use_tc: bool, pooling: str = "last", e_w: float = 1.0,
-                 tc_backend: str = "auto") -> None:
+                 tc_backend: str = "auto", padding_free: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.padding_free = padding_free
         self.use_tc = use_tc
         self.pooling = pooling
         self.e_w = e_w
         self.tc_backend = tc_backend
 
-    def forward(self, chunks: list[Batch]) -> ObjectiveOutput:
-        """One micro-batch, given as right-padded chunks (see batching.collate_chunks)."""
-        if not chunks:
-            raise ValueError("a micro-batch needs at least one chunk of rows")
-        queries, targets, z = [], [], []
-        for batch in chunks:
-            # right padding: a real token never attends to the pads after it, so the causal mask alone gives
-            # every real position the output it has with the padding mask, on SDPA's faster is_causal path
-            hidden = self.model(batch.input_ids)                                            # [B, T, H]
-            queries.append(hidden.reshape(-1, hidden.shape[-1])[batch.query])
-            targets.append(batch.input_ids.reshape(-1)[batch.target])
-            if self.use_tc:
-                z.append(pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling], e_w=self.e_w,
-                                       backend=self.tc_backend, async_checks=True))         # [B, H] fp32
-        # one head call for every chunk: at a large vocabulary each call reads the whole [V, H] weight
-        logits = self.model.lm_head(torch.cat(queries)).float()                             # [N, V]
-        lm_sum = F.cross_entropy(logits, torch.cat(targets), reduction="sum")
+    def forward(self, batch: Batch) -> ObjectiveOutput:
+        """One right-padded micro-batch."""
+        # either path needs no padding mask: a real token never attends to the pads after it, so the causal
+        # mask alone gives every real position the output it has with the mask, on SDPA's faster is_causal path
+        hidden = self.model(batch.input_ids, ragged=batch.ragged if self.padding_free else None)  # [B, T, H]
+        logits = self.model.lm_head(hidden.reshape(-1, hidden.shape[-1])[batch.query]).float()  # [N, V]
+        lm_sum = F.cross_entropy(logits, batch.input_ids.reshape(-1)[batch.target], reduction="sum")
         # each row's first query; every training row has targets (label tokens and eos)
-        n_targets = torch.cat([batch.seq_lens - batch.prompt_lens for batch in chunks])
+        n_targets = batch.seq_lens - batch.prompt_lens
         first_logits = logits[torch.cumsum(n_targets, 0) - n_targets]
-        return ObjectiveOutput(lm_sum, torch.cat(z) if z else None, first_logits,
-                               torch.cat([batch.class_ids for batch in chunks]))
+        z = None
+        if self.use_tc:
+            z = pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling], e_w=self.e_w,
+                              backend=self.tc_backend, async_checks=True)  # [B, H] fp32
+        return ObjectiveOutput(lm_sum, z, first_logits, batch.class_ids)

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ncal_core.batching import MEGABATCH_BATCHES, LengthGroupedBatches, collate_chunks
+from ncal_core.batching import ATTENTION_BLOCKS, MEGABATCH_BATCHES, LengthGroupedBatches, collate
 from ncal_core.checkpoint import (prune_checkpoints, read_optimizer_state, read_rng,
                                   read_state, resolve_checkpoint, save_checkpoint)
 from ncal_core.cli import DTYPES, parse_config
@@ -145,7 +145,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for layer in model.layers:
             layer.compile()
     use_tc = cfg.use_etf_loss and cfg.lambda_lc > 0
-    objective = TrainingObjective(model, use_tc=use_tc, pooling=cfg.pooling, e_w=cfg.e_w, tc_backend=cfg.tc_backend)
+    objective = TrainingObjective(model, use_tc=use_tc, pooling=cfg.pooling, e_w=cfg.e_w, tc_backend=cfg.tc_backend,
+                                  padding_free=cfg.padding_free)
     etf_targets = simplex_etf(len(labels), model.config.hidden_size, cfg.seed).to(accelerator.device) \
         if use_tc and cfg.tc_variant == "etf_target" else None
     prior_log = log_prior(counts).to(accelerator.device)
@@ -280,12 +281,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 n_tokens = sum(len(encoded[i].input_ids) - encoded[i].prompt_len for rows in group for i in rows)
                 for k, rows in enumerate(group):
                     mine = rows[rank * cfg.per_device_train_batch_size:(rank + 1) * cfg.per_device_train_batch_size]
-                    chunks = [chunk.to(accelerator.device) for chunk in
-                              collate_chunks([encoded[i] for i in mine], tokenizer.pad_token_id, cfg.length_chunks)]
-                    n_targets = sum(len(chunk.target) for chunk in chunks)
+                    batch = collate([encoded[i] for i in mine], tokenizer.pad_token_id,
+                                    ATTENTION_BLOCKS if cfg.padding_free else 1).to(accelerator.device)
                     sync = k == len(group) - 1
                     with (nullcontext() if sync else accelerator.no_sync(objective)), accelerator.autocast():
-                        lm_sum, z, first_logits, class_ids = objective(chunks)
+                        lm_sum, z, first_logits, class_ids = objective(batch)
                         # DDP averages gradients over ranks: scale so the step's gradient is that of
                         # the mean over every target token of the global accumulated batch
                         loss = lm_sum * (world / n_tokens)
@@ -300,7 +300,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             loss = loss + logit_adjusted_loss(first_logits, first_tokens, class_ids, prior_log,
                                                               cfg.la_loss_tau) / accum
                     accelerator.backward(loss)
-                    sums += torch.stack([lm_sum.detach().float(), torch.tensor(float(n_targets)),
+                    sums += torch.stack([lm_sum.detach().float(), torch.tensor(float(len(batch.target))),
                                          tc.detach().float() / world, torch.tensor(1.0 / world),
                                          torch.tensor(float(len(mine)))]).to(sums.device)
                 if cfg.max_grad_norm > 0:

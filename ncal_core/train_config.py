@@ -68,9 +68,9 @@ class TrainConfig:
     per_device_eval_batch_size: int = flag(32, "rows per scoring batch")
     group_by_length: bool = flag(False, "batch rows of similar length together (less padding, faster); false = "
                                      "random batches")
-    length_chunks: int = flag(4, "run each micro-batch through the decoder as up to N chunks of rows of similar "
-                                 "length, so short rows are not padded to the longest (the same loss up to "
-                                 "rounding, less work; LoRA dropout draws differ); 1 = one padded batch")
+    padding_free: bool = flag(True, "run the decoder on each micro-batch's real tokens only, attention in blocks of "
+                                    "rows of similar length (the same loss up to rounding, less work; LoRA dropout "
+                                    "draws differ); false = every row padded to the batch's longest")
     gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step")
     learning_rate: float | None = flag(None, "peak learning rate; default: 2e-4 with LoRA, 1e-3 for full fine-tuning")
     warmup_ratio: float = flag(0.05, "fraction of the steps with linear warm-up")
@@ -133,7 +133,7 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             bad("warmup_ratio", f"must be in [0, 1), not {self.warmup_ratio}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "save_steps", "cutoff_len", "save_total_limit", "length_chunks"):
+                     "logging_steps", "save_steps", "cutoff_len", "save_total_limit"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, not {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:

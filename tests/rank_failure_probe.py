@@ -15,7 +15,7 @@ from ncal_core.errors import NCALError, run_cli
 FAIL_RANK = int(os.environ.get("NCAL_FAIL_RANK", "1"))
 FAIL_AT = int(os.environ.get("NCAL_FAIL_AT", "3"))
 KIND = os.environ.get("NCAL_FAIL_KIND", "crash")
-_collate = train.collate_chunks
+_collate = train.collate
 _calls = 0
 
 
@@ -29,7 +29,7 @@ def failing_collate(*args, **kwargs):
     return _collate(*args, **kwargs)
 
 
-train.collate_chunks = failing_collate
+train.collate = failing_collate
 
 if __name__ == "__main__":
     run_cli(train.main)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncal_core.batching import Batch, LengthGroupedBatches, chunk_bounds, collate, collate_chunks
+from ncal_core.batching import Batch, LengthGroupedBatches, block_bounds, collate
 from ncal_core.prompts import EncodedRow
 
 PAD = 0
@@ -45,7 +45,7 @@ def test_collate_pads_right_and_marks_exactly_the_target_positions():
     assert batch.prompt_lens.tolist() == [3, 1, 3]
     assert batch.seq_lens.tolist() == [5, 2, 3]
     assert batch.class_ids.tolist() == [2, 0, -1]
-    assert all(t.dtype == torch.int64 for t in vars(batch).values())
+    assert all(t.dtype == torch.int64 for name, t in vars(batch).items() if name != "ragged")
     positions = torch.arange(batch.input_ids.shape[1])
     target = (positions >= batch.prompt_lens[:, None]) & (positions < batch.seq_lens[:, None])
     assert [batch.input_ids[b][target[b]].tolist() for b in range(3)] == [
@@ -61,54 +61,64 @@ def test_collate_target_index_points_at_the_targets_and_the_positions_before_the
     assert (batch.target - batch.query).tolist() == [1, 1, 1]
 
 
-def _cost(lengths: list[int], bounds: list[int], chunk_cost: int) -> int:
-    return sum(lengths[a] * (b - a) + chunk_cost for a, b in zip(bounds[:-1], bounds[1:]))
+def _cost(lengths: list[int], bounds: list[int], block_cost: int) -> int:
+    return sum(lengths[a] * (b - a) + block_cost for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 @pytest.mark.parametrize("seed", range(20))
-@pytest.mark.parametrize("max_chunks", [1, 2, 3, 5])
-@pytest.mark.parametrize("chunk_cost", [0, 7, 40])
-def test_chunk_bounds_are_the_cheapest_cut_found_by_trying_every_cut(seed, max_chunks, chunk_cost):
+@pytest.mark.parametrize("max_blocks", [1, 2, 3, 5])
+@pytest.mark.parametrize("block_cost", [0, 7, 40])
+def test_block_bounds_are_the_cheapest_cut_found_by_trying_every_cut(seed, max_blocks, block_cost):
     rng = np.random.default_rng(seed)
     lengths = sorted(rng.integers(1, 50, int(rng.integers(1, 10))).tolist(), reverse=True)
-    bounds = chunk_bounds(lengths, max_chunks, chunk_cost)
+    bounds = block_bounds(lengths, max_blocks, block_cost)
     assert bounds[0] == 0 and bounds[-1] == len(lengths) and bounds == sorted(set(bounds))
-    assert len(bounds) - 1 <= max_chunks
-    best = min(_cost(lengths, [0, *cuts, len(lengths)], chunk_cost)
-               for k in range(min(max_chunks, len(lengths)))
+    assert len(bounds) - 1 <= max_blocks
+    best = min(_cost(lengths, [0, *cuts, len(lengths)], block_cost)
+               for k in range(min(max_blocks, len(lengths)))
                for cuts in itertools.combinations(range(1, len(lengths)), k))
-    assert _cost(lengths, bounds, chunk_cost) == best
+    assert _cost(lengths, bounds, block_cost) == best
 
 
-def test_chunk_bounds_do_not_cut_where_it_saves_nothing_and_refuse_unsorted_rows():
-    assert chunk_bounds([5, 5, 5], 3, chunk_cost=0) == [0, 3]
-    assert chunk_bounds([9, 5, 5, 2], 4, chunk_cost=0) == [0, 1, 3, 4]
-    assert chunk_bounds([45, 45, 44, 44, 43], 4) == [0, 5]  # a pass costs more than the 4 tokens it saves
-    assert chunk_bounds([], 2) == [0]
-    with pytest.raises(ValueError, match="longest-first"):
-        chunk_bounds([1, 2], 2)
+def test_block_bounds_do_not_cut_where_it_saves_nothing_and_refuse_unsorted_rows():
+    assert block_bounds([5, 5, 5], 3, block_cost=0) == [0, 3]
+    assert block_bounds([9, 5, 5, 2], 4, block_cost=0) == [0, 1, 3, 4]
+    assert block_bounds([45, 45, 44, 44, 43], 4, block_cost=10) == [0, 5]  # a run costs more than the 4 it saves
+    assert block_bounds([], 2, block_cost=0) == [0]
+    with pytest.raises(ValueError, match="costliest-first"):
+        block_bounds([1, 2], 2, block_cost=0)
     with pytest.raises(ValueError, match="at least 1"):
-        chunk_bounds([5, 3], 0)
+        block_bounds([5, 3], 0, block_cost=0)
 
 
-def test_collate_chunks_hold_every_row_once_longest_first():
+def test_attention_blocks_hold_every_row_once_longest_first():
     rng = np.random.default_rng(0)
     rows = [EncodedRow(rng.integers(1, 9, int(n)).tolist(), 1, i % 3, str(i))
             for i, n in enumerate(rng.integers(2, 40, 32))]
-    chunks = collate_chunks(rows, pad_id=PAD, max_chunks=4, chunk_cost=0)
-    assert len(chunks) == 4
-    widths = [c.input_ids.shape[1] for c in chunks]
-    assert widths == sorted(widths, reverse=True)
-    held = [c.input_ids[b, : c.seq_lens[b]].tolist() for c in chunks for b in range(len(c.seq_lens))]
+    batch = collate(rows, pad_id=PAD, attention_blocks=4, block_cost=0)
+    assert batch.seq_lens.tolist() == sorted(batch.seq_lens.tolist(), reverse=True)
+    held = [batch.input_ids[b, : batch.seq_lens[b]].tolist() for b in range(len(rows))]
     assert sorted(held) == sorted(r.input_ids for r in rows)
-    padded = sum(c.input_ids.numel() for c in chunks)
-    assert padded < collate(rows, pad_id=PAD).input_ids.numel()
+    flat = batch.input_ids.reshape(-1)
+    assert torch.equal(batch.ragged.batch.unpad(batch.input_ids), flat[batch.attention_mask.reshape(-1).bool()])
+    assert len(batch.ragged.blocks) == 4
+    start, first_row = 0, 0
+    for a, b, block in batch.ragged.blocks:  # consecutive token slices; each block as wide as its longest row
+        assert a == start and b - a == len(block.index)
+        lens = batch.seq_lens[first_row: first_row + block.rows]
+        assert block.width == int(lens.max()) and len(block.index) == int(lens.sum())
+        start, first_row = b, first_row + block.rows
+    assert start == int(batch.seq_lens.sum()) and first_row == len(rows)
+    blocks_cost = sum(block.rows * block.width ** 2 for _, _, block in batch.ragged.blocks)
+    assert blocks_cost < len(rows) * batch.input_ids.shape[1] ** 2
 
 
 def test_batch_to_moves_every_tensor():
     batch = collate([EncodedRow([1, 2], 1, 0, "a")], pad_id=PAD).to("meta")
     assert isinstance(batch, Batch)
-    assert {t.device.type for t in vars(batch).values()} == {"meta"}
+    tensors = [t for name, t in vars(batch).items() if name != "ragged"]
+    tensors += [batch.ragged.batch.index, *(block.index for _, _, block in batch.ragged.blocks)]
+    assert {t.device.type for t in tensors} == {"meta"}
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

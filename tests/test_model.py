@@ -4,7 +4,8 @@ Tolerances (max |ours - ref| / max |ref| over the compared logits or hidden stat
   fp32: 1e-4 (measured ~1e-6 against transformers' eager attention).
   bf16 (both sides loaded in bf16, transformers' SDPA attention): 1e-2; measured 0 (same kernels, same order),
        the bound is about one bf16 ulp (7.8e-3) so a change of SDPA kernel does not break the test.
-  Identities of our own model (attn_mask vs causal, checkpointing, packed vs separate): 1e-5 in fp32.
+  Identities of our own model (attn_mask vs causal, checkpointing, packed vs separate, ragged vs padded):
+  1e-5 in fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from random_checkpoints import make_hf_checkpoint, our_logits, rel_err
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from ncal_core.batching import ragged_layout
 from ncal_core.errors import NCALError
 from ncal_core.model import ModelConfig, QwenModel, build_mask, init_weights, load_model, save_model
 
@@ -102,6 +104,46 @@ def test_padded_batch_matches_transformers_on_real_positions(
     # the padded row equals the same tokens run alone, without padding
     alone = our_logits(model, ids[1:, real[1]])
     assert rel_err(ours[1, real[1]], alone[0]) < FP32_TOL
+
+
+@pytest.mark.parametrize("name", ["qwen2_gqa_untied", "qwen3_head_dim_32"])
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_ragged_batch_matches_transformers_and_the_padded_gradients(
+    checkpoints: dict[str, Path], name: str, blocks: int, checkpointing: bool
+) -> None:
+    lens = [11, 9, 9, 4, 2]  # longest-first, as the training batches come
+    ids = random_ids(B=len(lens), T=lens[0], seed=3)
+    mask = (torch.arange(lens[0])[None, :] < torch.tensor(lens)[:, None]).long()
+    ragged = ragged_layout(lens, lens[0], max_blocks=blocks, block_cost=0)
+    assert len(ragged.blocks) == blocks
+    model = load_model(checkpoints[name]).train()  # no dropout in the plain model: train() changes nothing here
+    model.gradient_checkpointing = checkpointing
+    weights = torch.randn(lens[0], model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    def run(**kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        hidden = model(ids, **kwargs)
+        (hidden * weights * mask[..., None]).sum().backward()  # a loss on the real positions only
+        return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    hidden, grads = run(ragged=ragged)
+    padded, padded_grads = run(attention_mask=mask)
+    real = mask.bool()
+    assert rel_err(model.lm_head(hidden)[real].detach(), hf_logits(checkpoints[name], ids, attention_mask=mask)[real]) \
+        < FP32_TOL
+    assert rel_err(hidden[real], padded[real]) < SELF_TOL
+    assert hidden[~real].abs().max() == 0  # the pads' hidden states are zeros
+    assert grads.keys() == padded_grads.keys() and len(grads) > 20
+    for n in grads:
+        torch.testing.assert_close(grads[n], padded_grads[n], rtol=SELF_TOL, atol=1e-6, msg=n)
+
+
+def test_ragged_takes_no_other_mask(checkpoints: dict[str, Path]) -> None:
+    model = load_model(checkpoints["qwen2_gqa_untied"])
+    ids = random_ids(B=1, T=4)
+    with pytest.raises(ValueError, match="ragged describes right padding"):
+        model(ids, attention_mask=torch.ones_like(ids), ragged=ragged_layout([4], 4, 1, 0))
 
 
 @pytest.mark.parametrize("name", ["qwen2_gqa_untied", "qwen3_attention_bias"])

@@ -1,5 +1,5 @@
 """The training objective: label-only head equals the full-logits loss; TC features pooled at the right places;
-a micro-batch cut into length chunks gives the loss and gradients of the one padded batch."""
+the padding-free decoder (attention in blocks of rows) gives the loss and gradients of the one padded batch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from random_checkpoints import make_hf_checkpoint
 
-from ncal_core.batching import collate, collate_chunks
+from ncal_core.batching import collate
 from ncal_core.model import load_model
 from ncal_core.objective import TrainingObjective
 from ncal_core.prompts import EncodedRow
@@ -31,11 +31,12 @@ def _batch():
     return rows, collate(rows, pad_id=0)
 
 
-def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model, padding_free):
     rows, batch = _batch()
-    objective = TrainingObjective(model, use_tc=False)
+    objective = TrainingObjective(model, use_tc=False, padding_free=padding_free)
     model.zero_grad()
-    lm_sum, z, first_logits, class_ids = objective([batch])
+    lm_sum, z, first_logits, class_ids = objective(batch)
     lm_sum.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert z is None
@@ -58,11 +59,13 @@ def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model):
 
 
 @pytest.mark.parametrize("pooling", ["last", "seq_last", "mean"])
-def test_tc_feature_is_pooled_where_method_md_says(model, pooling):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_tc_feature_is_pooled_where_method_md_says(model, pooling, padding_free):
     rows, batch = _batch()
-    objective = TrainingObjective(model, use_tc=True, pooling=pooling, e_w=1e6)  # no clamp: raw features
+    objective = TrainingObjective(model, use_tc=True, pooling=pooling, e_w=1e6,  # no clamp: raw features
+                                  padding_free=padding_free)
     with torch.no_grad():
-        z = objective([batch]).z
+        z = objective(batch).z
         for i, row in enumerate(rows):
             hidden = model(torch.tensor([row.input_ids]))[0]
             expected = {"last": hidden[row.prompt_len - 1], "seq_last": hidden[-1],
@@ -71,15 +74,16 @@ def test_tc_feature_is_pooled_where_method_md_says(model, pooling):
 
 
 @pytest.mark.parametrize("pooling", ["last", "seq_last", "mean"])
-@pytest.mark.parametrize("max_chunks", [2, 4])
-def test_length_chunks_give_the_padded_batchs_loss_features_and_gradients(model, pooling, max_chunks):
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_padding_free_gives_the_padded_batchs_loss_features_and_gradients(model, pooling, blocks):
     rows, batch = _batch()
-    objective = TrainingObjective(model, use_tc=True, pooling=pooling)
+    padded = TrainingObjective(model, use_tc=True, pooling=pooling, padding_free=False)
+    ragged = TrainingObjective(model, use_tc=True, pooling=pooling, padding_free=True)
 
-    def run(chunks):
+    def run(objective, batch):
         model.zero_grad()
-        out = objective(chunks)
-        order = torch.tensor([rows.index(r) for c in chunks for r in _rows_of(c, rows)])
+        out = objective(batch)
+        order = torch.tensor([rows.index(r) for r in _rows_of(batch, rows)])
         assert out.class_ids.tolist() == [rows[i].label_index for i in order]
         (out.lm_sum + (out.z * torch.linspace(-1, 1, out.z.shape[1])).sum()).backward()  # touches every feature
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -87,19 +91,19 @@ def test_length_chunks_give_the_padded_batchs_loss_features_and_gradients(model,
         z[order], first[order] = out.z, out.first_logits                               # back to the rows' order
         return out.lm_sum, z, first, grads
 
-    chunks = collate_chunks(rows, pad_id=0, max_chunks=max_chunks, chunk_cost=0)
-    assert len(chunks) == min(max_chunks, len(rows))
-    one, cut = run([batch]), run(chunks)
-    for a, b in zip(one[:3], cut[:3]):
+    cut = collate(rows, pad_id=0, attention_blocks=blocks, block_cost=0)
+    assert len(cut.ragged.blocks) == min(blocks, len(rows))
+    one, free = run(padded, batch), run(ragged, cut)
+    for a, b in zip(one[:3], free[:3]):
         assert torch.allclose(a, b, atol=ATOL_FP32)
     for name in one[3]:
-        assert torch.allclose(one[3][name], cut[3][name], atol=ATOL_FP32), name
+        assert torch.allclose(one[3][name], free[3][name], atol=ATOL_FP32), name
 
 
-def _rows_of(chunk, rows):
-    """The rows a chunk holds, found by their token ids (the rows here are all distinct)."""
+def _rows_of(batch, rows):
+    """The rows a batch holds, in its order, found by their token ids (the rows here are all distinct)."""
     found = []
-    for b in range(chunk.input_ids.shape[0]):
-        ids = chunk.input_ids[b, : chunk.seq_lens[b]].tolist()
+    for b in range(batch.input_ids.shape[0]):
+        ids = batch.input_ids[b, : batch.seq_lens[b]].tolist()
         found.append(next(r for r in rows if r.input_ids == ids))
     return found

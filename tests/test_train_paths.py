@@ -1,5 +1,5 @@
 """The training loop reaches the same losses through its alternative paths: the fused Triton TC kernels
-(interpreted on CPU) against PyTorch, and micro-batches cut into length chunks against one padded batch."""
+(interpreted on CPU) against PyTorch, and the padding-free decoder against one padded batch."""
 
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def test_fused_triton_tc_path_trains_to_the_same_losses_as_pytorch(tmp_path):
 
 
 @pytest.mark.slow
-def test_length_chunks_train_to_the_losses_of_one_padded_batch(tmp_path):
-    # logit-adjusted loss on too: it reads each row's first-label logits and class id, which chunks reorder
+def test_padding_free_trains_to_the_losses_of_one_padded_batch(tmp_path):
+    # logit-adjusted loss on too: it reads each row's first-label logits and class id, which attention blocks
+    # reorder (rows sorted longest-first)
     common = ["--la_loss_tau", "1", "--tc_backend", "torch"]
-    _assert_same(_losses(tmp_path, "one", [*common, "--length_chunks", "1"]),
-                 _losses(tmp_path, "chunks", [*common, "--length_chunks", "4"]))
+    _assert_same(_losses(tmp_path, "padded", [*common, "--padding_free", "false"]),
+                 _losses(tmp_path, "free", [*common, "--padding_free", "true"]))
