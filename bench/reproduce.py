@@ -11,7 +11,9 @@ Each method's macro-F1 is compared with SFT's scored the same way (`x+LA` with `
     python bench/reproduce.py --methods sft,ncal --seeds 0,1,2
     python bench/reproduce.py --quick               # a CI-sized run: asserts nothing about who wins
 
-Runs are resumable: a finished run's scores are kept in OUT/runs/<method>-s<seed>/scores.json.
+Runs are resumable: a finished run's scores are kept in OUT/runs/<method>-s<seed>/scores.json. A finished run
+is reused only while the settings it recorded (ncal_run.json) are those its method's flags give now; one
+trained under other settings (say, before a default changed) is trained again.
 Writes OUT/results.json, OUT/results.md and OUT/comparison.png.
 """
 
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ncal_core.cli import parse_config
 from ncal_core.data import load_examples
 from ncal_core.datasets import resolve_dataset
 from ncal_core.longtail import adjust_scores, log_prior
@@ -35,8 +38,11 @@ from ncal_core.metrics import classification_report
 from ncal_core.predictor import load_predictor
 from ncal_core.prompts import PromptBuilder
 from ncal_core.scoring import score_labels
+from ncal_core.train_config import TrainConfig
 
-# method name -> flags of ncal_core.train on top of the common ones
+# every run starts from these, so that a method means the same whatever ncal_core.train's defaults become
+PINNED = ["--use_etf_loss", "true", "--la_loss_tau", "0", "--resample", "none"]
+# method name -> flags of ncal_core.train on top of the pinned and common ones (a later flag wins)
 PAIRS = ["--tc_variant", "pairs", "--class_diff", "true"]
 METHODS: dict[str, list[str]] = {
     "sft": ["--use_etf_loss", "false"],
@@ -51,6 +57,7 @@ METHODS: dict[str, list[str]] = {
     "etf_target": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "etf_target"],
     "sft_la_loss": ["--use_etf_loss", "false", "--la_loss_tau", "1.0"],
     "ncal_la_loss": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--la_loss_tau", "1.0"],
+    "ncal_seq_last_la_loss": ["--lambda_lc", "0.1", "--pooling", "seq_last", *PAIRS, "--la_loss_tau", "1.0"],
     "sft_drw": ["--use_etf_loss", "false", "--resample", "balanced", "--resample_epochs", "1"],
     "sft_sqrt": ["--use_etf_loss", "false", "--resample", "sqrt"],
     "ncal_drw": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--resample", "balanced",
@@ -60,16 +67,33 @@ METHODS: dict[str, list[str]] = {
 }
 TAUS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 TAIL = 3  # report per-class F1 of the three smallest training classes
+# settings that do not change the trained weights (where files go, speed paths, evaluation-time options)
+NOT_TRAINING = {"output_dir", "overwrite_output_dir", "eval_dataset_path", "eval_strategy", "save_strategy",
+                "save_steps", "save_total_limit", "logging_steps", "resume_from_checkpoint", "logit_adjust_tau",
+                "per_device_eval_batch_size", "padding_free", "length_chunks", "tc_backend", "torch_compile"}
+
+
+def stale_settings(recorded: dict, flags: list[str]) -> dict[str, tuple]:
+    """{setting: (recorded, wanted)} where a finished run's recorded config differs from what `flags` give now."""
+    wanted = vars(parse_config(TrainConfig, flags, "", "python -m ncal_core.train"))
+    return {k: (recorded[k], v) for k, v in wanted.items()
+            if k in recorded and k not in NOT_TRAINING and recorded[k] != v}
 
 
 def _run(method: str, seed: int, out: Path, common: list[str]) -> Path:
-    """Train one (method, seed) unless its run folder already holds a finished model."""
+    """Train one (method, seed) unless its run folder already holds a model trained with these settings."""
     run_dir = out / "runs" / f"{method}-s{seed}"
-    if (run_dir / "ncal_run.json").is_file() and (run_dir / "tokenizer_config.json").is_file():
-        return run_dir
-    cmd = [sys.executable, "-m", "ncal_core.train", "--output_dir", str(run_dir), "--seed", str(seed),
-           "--overwrite_output_dir", "true", "--eval_dataset_path", "none", "--save_strategy", "no",
-           *common, *METHODS[method]]
+    flags = ["--output_dir", str(run_dir), "--seed", str(seed), "--overwrite_output_dir", "true",
+             "--eval_dataset_path", "none", "--save_strategy", "no", *PINNED, *common, *METHODS[method]]
+    record = run_dir / "ncal_run.json"
+    if record.is_file() and (run_dir / "tokenizer_config.json").is_file():
+        stale = stale_settings(json.loads(record.read_text())["config"], flags)
+        if not stale:
+            return run_dir
+        print(f"{run_dir}: trained with other settings, training again: "
+              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in stale.items()), flush=True)
+        (run_dir / "scores.json").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "ncal_core.train", *flags]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     (run_dir / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
