@@ -60,6 +60,8 @@ METHODS: dict[str, list[str]] = {
     "ncal_seq_last_la_loss": ["--lambda_lc", "0.1", "--pooling", "seq_last", *PAIRS, "--la_loss_tau", "1.0"],
     "sft_drw": ["--use_etf_loss", "false", "--resample", "balanced", "--resample_epochs", "1"],
     "sft_sqrt": ["--use_etf_loss", "false", "--resample", "sqrt"],
+    "ncal_sqrt": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--resample", "sqrt"],
+    "ncal_mean_l1_sqrt": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt"],
     "ncal_drw": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--resample", "balanced",
                  "--resample_epochs", "1"],
     "etf_target_la_loss": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "etf_target",

@@ -45,19 +45,19 @@ class TrainConfig:
     target_modules: list[str] = flag(["q_proj", "k_proj", "v_proj", "o_proj"], "linear layers that get LoRA")
     # TC loss
     use_etf_loss: bool = flag(True, "add the Text-modality Collapse (TC) loss")
-    lambda_lc: float = flag(0.1, "weight of the TC loss")
+    lambda_lc: float = flag(1.0, "weight of the TC loss")
     e_w: float = flag(1.0, "norm bound of the features in the TC loss")
     class_diff: bool = flag(True, "TC over pairs of different classes only (else all pairs)")
-    pooling: str = flag("last", "TC feature: last (last prompt token), seq_last (last real token) or mean (prompt mean)")
+    pooling: str = flag("mean", "TC feature: last (last prompt token), seq_last (last real token) or mean (prompt mean)")
     tc_backend: str = flag("auto", "TC loss implementation: auto (Triton on CUDA, PyTorch otherwise), triton or torch")
     tc_variant: str = flag("pairs", "pairs: the paper's batch Gram loss; etf_target: dot regression of every row to "
                                   "fixed simplex-ETF class directions (every class in play at every step)")
     # long-tail baselines
-    resample: str = flag("none", "re-sample training rows: none, balanced (1/n_c) or sqrt (1/sqrt(n_c))")
+    resample: str = flag("sqrt", "re-sample training rows: none, balanced (1/n_c) or sqrt (1/sqrt(n_c))")
     resample_epochs: int = flag(0, "re-sample only in the last N epochs (deferred re-balancing); 0 = every epoch")
-    la_loss_tau: float = flag(1.0, "tau of a logit-adjusted cross-entropy over the K labels' first-token scores "
+    la_loss_tau: float = flag(0.0, "tau of a logit-adjusted cross-entropy over the K labels' first-token scores "
                                  "(Menon et al. 2021), added to the LM loss; 0 = off")
-    logit_adjust_tau: float = flag(0.5, "post-hoc logit adjustment at evaluation: label scores - tau * log training "
+    logit_adjust_tau: float = flag(1.5, "post-hoc logit adjustment at evaluation: label scores - tau * log training "
                                       "prior (Menon et al. 2021); 0 = plain argmax of the label scores")
     # optimisation
     output_dir: str = flag("outputs/ncal-tiny-tmwpl", "where checkpoints, metrics.jsonl, eval.json and pictures go")
