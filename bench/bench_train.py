@@ -308,7 +308,8 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
            "--target_modules", "q_proj,k_proj,v_proj,o_proj", "--lambda_lc", str(LAMBDA_LC),
            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
            "--max_steps", str(steps), "--logging_steps", "1", "--torch_dtype", "float32", "--seed", str(SEED),
-           "--resample", "none", *flags]  # uniform rows, as the baseline's sampler (and our_plan) draws them
+           # uniform rows, as the baseline's sampler (and our_plan) draws them; TC on one token, as the baseline's
+           "--resample", "none", "--pooling", "last", *flags]
     proc = run_measured(cmd, workdir / f"ours-{tag}", threads, timeout)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "samples_per_s" in r]
