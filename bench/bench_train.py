@@ -68,6 +68,7 @@ from ncal_core.batching import ATTENTION_BLOCKS, MEGABATCH_BATCHES, LengthGroupe
 from ncal_core.data import label_set, load_examples  # noqa: E402
 from ncal_core.datasets import resolve_dataset  # noqa: E402
 from ncal_core.prompts import EncodedRow, PromptBuilder, load_tokenizer  # noqa: E402
+from ncal_core.cli import parse_config  # noqa: E402
 from ncal_core.train_config import TrainConfig  # noqa: E402
 
 # Qwen's real tokenizer, never committed: ../shared/tokenizers/qwen3 (or under $NCAL_SHARED_DIR, as the tests)
@@ -315,9 +316,8 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
     records = [r for r in records if "samples_per_s" in r]
     if [r["step"] for r in records] != list(range(1, steps + 1)):
         raise RuntimeError(f"{out_dir}/metrics.jsonl: expected one line per step 1..{steps}")
-    padding_free = flags[flags.index("--padding_free") + 1] == "true" if "--padding_free" in flags else \
-        TrainConfig.padding_free
-    plan = our_plan(shape.rows, batch, steps, grouped="--group_by_length" in flags, padding_free=padding_free)
+    cfg = parse_config(TrainConfig, cmd[3:], "", "python -m ncal_core.train")  # the settings the run had
+    plan = our_plan(shape.rows, batch, steps, grouped=cfg.group_by_length, padding_free=cfg.padding_free)
     steady = [{**plan[r["step"] - 1], "seconds": plan[r["step"] - 1]["rows"] / r["samples_per_s"]}
               for r in records[warmup:]]
     return {"side": "ours", "shape": shape.name, "vocab": shape.vocab, "batch": batch, "steps": steps,
