@@ -57,13 +57,12 @@ def first_label_tokens(label_ids: Sequence[list[int]], labels: Sequence[str]) ->
     return firsts
 
 
-def logit_adjusted_loss(first_logits: Tensor, first_tokens: Tensor, class_ids: Tensor, prior_log: Tensor,
-                        tau: float) -> Tensor:
+def logit_adjusted_loss(first_scores: Tensor, class_ids: Tensor, prior_log: Tensor, tau: float) -> Tensor:
     """Mean over rows of CE over the K restricted label scores + tau * log prior.
 
-    first_logits [B, V]: the logits at each row's last prompt token (which predict the label's first token).
+    first_scores [B, K]: at each row's last prompt token, the logits of the labels' first tokens.
     """
-    restricted = first_logits.float()[:, first_tokens] + tau * prior_log.to(first_logits.device)
+    restricted = first_scores.float() + tau * prior_log.to(first_scores.device)
     return F.cross_entropy(restricted, class_ids)
 
 

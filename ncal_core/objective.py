@@ -2,7 +2,8 @@
 
 Wrapping both in one module means DDP sees a single forward that uses every trainable weight.
 The LM head runs only at the positions that predict label tokens, so the [B, T, V] logits
-tensor never exists (with Qwen's 151,936-token vocabulary it dominates time and memory).
+tensor never exists (with Qwen's 151,936-token vocabulary it dominates time and memory); on the CPU its
+weight is pre-packed (head.LabelHead).
 With padding_free the decoder skips the micro-batch's padding (model.Ragged), so a random batch
 costs its real tokens, not its rows times its longest row.
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ncal_core.batching import Batch
+from ncal_core.head import LabelHead
 from ncal_core.model import QwenModel
 from ncal_core.ncal import pool_features
 
@@ -35,7 +37,7 @@ class ObjectiveOutput(NamedTuple):
 
     lm_sum: Tensor              # summed CE over every target token of the batch
     z: Tensor | None            # [B, H] fp32 TC features, when TC is on
-    first_logits: Tensor        # [B, V] logits at each row's last prompt token (they predict the label's first token)
+    first_scores: Tensor | None  # [B, K] logits of the labels' first tokens at each row's last prompt token
     class_ids: Tensor           # [B]
 
 
@@ -43,9 +45,12 @@ class TrainingObjective(nn.Module):
     """Decoder + label-only head (+ TC feature) of one micro-batch."""
 
     def __init__(self, model: QwenModel, *, use_tc: bool, pooling: str = "last", e_w: float = 1.0,
-                 tc_backend: str = "auto", padding_free: bool = True) -> None:
+                 tc_backend: str = "auto", padding_free: bool = True, first_tokens: Tensor | None = None) -> None:
+        """first_tokens [K]: each label's first token id; given, the output carries the rows' first_scores."""
         super().__init__()
         self.model = model
+        self.head = LabelHead(model.lm_head)
+        self.first_tokens = first_tokens
         self.padding_free = padding_free
         self.use_tc = use_tc
         self.pooling = pooling
@@ -57,13 +62,15 @@ class TrainingObjective(nn.Module):
         # either path needs no padding mask: a real token never attends to the pads after it, so the causal
         # mask alone gives every real position the output it has with the mask, on SDPA's faster is_causal path
         hidden = self.model(batch.input_ids, ragged=batch.ragged if self.padding_free else None)  # [B, T, H]
-        logits = self.model.lm_head(hidden.reshape(-1, hidden.shape[-1])[batch.query]).float()  # [N, V]
+        logits = self.head(hidden.reshape(-1, hidden.shape[-1])[batch.query]).float()  # [N, V]
         lm_sum = F.cross_entropy(logits, batch.input_ids.reshape(-1)[batch.target], reduction="sum")
-        # each row's first query; every training row has targets (label tokens and eos)
-        n_targets = batch.seq_lens - batch.prompt_lens
-        first_logits = logits[torch.cumsum(n_targets, 0) - n_targets]
+        first_scores = None
+        if self.first_tokens is not None:
+            # each row's first query; every training row has targets (label tokens and eos)
+            n_targets = batch.seq_lens - batch.prompt_lens
+            first_scores = logits[torch.cumsum(n_targets, 0) - n_targets][:, self.first_tokens]
         z = None
         if self.use_tc:
             z = pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling], e_w=self.e_w,
                               backend=self.tc_backend, async_checks=True)  # [B, H] fp32
-        return ObjectiveOutput(lm_sum, z, first_logits, batch.class_ids)
+        return ObjectiveOutput(lm_sum, z, first_scores, batch.class_ids)

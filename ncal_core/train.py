@@ -145,13 +145,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for layer in model.layers:
             layer.compile()
     use_tc = cfg.use_etf_loss and cfg.lambda_lc > 0
+    first_tokens = torch.tensor(first_label_tokens(builder.label_ids, labels), device=accelerator.device) \
+        if cfg.la_loss_tau > 0 else None
     objective = TrainingObjective(model, use_tc=use_tc, pooling=cfg.pooling, e_w=cfg.e_w, tc_backend=cfg.tc_backend,
-                                  padding_free=cfg.padding_free)
+                                  padding_free=cfg.padding_free, first_tokens=first_tokens)
     etf_targets = simplex_etf(len(labels), model.config.hidden_size, cfg.seed).to(accelerator.device) \
         if use_tc and cfg.tc_variant == "etf_target" else None
     prior_log = log_prior(counts).to(accelerator.device)
-    first_tokens = torch.tensor(first_label_tokens(builder.label_ids, labels), device=accelerator.device) \
-        if cfg.la_loss_tau > 0 else None
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
 
     # the plan: every rank sees the same global batches and takes its slice of each
@@ -285,7 +285,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                     ATTENTION_BLOCKS if cfg.padding_free else 1).to(accelerator.device)
                     sync = k == len(group) - 1
                     with (nullcontext() if sync else accelerator.no_sync(objective)), accelerator.autocast():
-                        lm_sum, z, first_logits, class_ids = objective(batch)
+                        lm_sum, z, first_scores, class_ids = objective(batch)
                         # DDP averages gradients over ranks: scale so the step's gradient is that of
                         # the mean over every target token of the global accumulated batch
                         loss = lm_sum * (world / n_tokens)
@@ -296,8 +296,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                 etf_gram_loss(z_all, y_all, K, e_w=cfg.e_w, class_diff=cfg.class_diff,
                                               backend=cfg.tc_backend, async_checks=True)
                             loss = loss + cfg.lambda_lc * tc / accum
-                        if first_tokens is not None:
-                            loss = loss + logit_adjusted_loss(first_logits, first_tokens, class_ids, prior_log,
+                        if first_scores is not None:
+                            loss = loss + logit_adjusted_loss(first_scores, class_ids, prior_log,
                                                               cfg.la_loss_tau) / accum
                     accelerator.backward(loss)
                     sums += torch.stack([lm_sum.detach().float(), torch.tensor(float(len(batch.target))),

@@ -51,7 +51,7 @@ def test_logit_adjusted_loss_equals_cross_entropy_on_shifted_restricted_logits()
     y = torch.tensor([0, 2, 1, 0])
     prior = log_prior([50, 30, 20])
     expected = F.cross_entropy(logits[:, [3, 7, 1]] + 0.7 * prior, y)
-    assert torch.allclose(logit_adjusted_loss(logits, firsts, y, prior, 0.7), expected)
+    assert torch.allclose(logit_adjusted_loss(logits[:, firsts], y, prior, 0.7), expected)
     with pytest.raises(NCALError, match="start with the same token"):
         first_label_tokens([[4, 9], [4, 2], [5]], ["a", "b", "c"])
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from ncal_core.errors import NCALError
 from ncal_core.lora import (
     LoRALinear,
+    dropout_keep,
     inject_lora,
     load_adapter,
     lora_state_dict,
@@ -72,6 +73,49 @@ def test_lora_linear_computes_base_plus_scaled_low_rank_update() -> None:
     expected = x @ base.weight.T + base.bias + 2.0 * (x @ lora.lora_A.T @ lora.lora_B.T)
     torch.testing.assert_close(lora(x), expected)
     assert lora.weight is base.weight and set(dict(lora.named_parameters())) == {"weight", "bias", "lora_A", "lora_B"}
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_each_element_independently_with_probability_one_minus_p(p: float) -> None:
+    torch.manual_seed(0)
+    keep = dropout_keep(torch.empty(1000, 2000), p).double()
+    sigma = (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+    # independent across elements: neighbours agree as often as two independent draws would
+    agree = (keep[:, 1:] == keep[:, :-1]).double().mean().item()
+    assert abs(agree - ((1 - p) ** 2 + p**2)) < 10 * sigma
+    assert not torch.equal(dropout_keep(torch.empty(1000, 2000), p), keep.bool())  # a fresh mask per call
+
+
+def test_lora_dropout_drops_inputs_of_the_update_and_scales_the_kept_ones() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48)
+    lora = LoRALinear(base, r=4, alpha=8.0, dropout=0.25).train()
+    randomise_lora_b(lora)
+    x = torch.randn(5, 64)
+    torch.manual_seed(7)
+    out = lora(x)
+    torch.manual_seed(7)
+    dropped = x * dropout_keep(x, 0.25) / 0.75  # nn.Dropout's definition, with the same mask
+    expected = base(x) + 2.0 * (dropped @ lora.lora_A.T @ lora.lora_B.T)
+    torch.testing.assert_close(out, expected)
+    assert (dropped == 0).any() and not torch.equal(lora(x), out)  # dropout is on, and redrawn each call
+
+
+def test_gradient_checkpointing_redraws_the_same_lora_dropout_masks(bases: dict[str, Path]) -> None:
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = load_model(bases["qwen2"])
+        torch.manual_seed(3)  # the same A factors, then the same stream of masks
+        inject_lora(model, r=4, alpha=8, dropout=0.5, target_modules=["q_proj", "v_proj", "down_proj"])
+        randomise_lora_b(model)
+        model.train().gradient_checkpointing = checkpointing
+        model.lm_head(model(IDS)).logsumexp(-1).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert len(plain) == 12
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_merge_matches_unmerged_forward_and_unmerge_restores(bases: dict[str, Path]) -> None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from random_checkpoints import make_hf_checkpoint
 
 from ncal_core.batching import collate
+from ncal_core.head import packing_available
 from ncal_core.model import load_model
 from ncal_core.objective import TrainingObjective
 from ncal_core.prompts import EncodedRow
@@ -34,9 +35,10 @@ def _batch():
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model, padding_free):
     rows, batch = _batch()
-    objective = TrainingObjective(model, use_tc=False, padding_free=padding_free)
+    firsts = torch.tensor([3, 60, 11])
+    objective = TrainingObjective(model, use_tc=False, padding_free=padding_free, first_tokens=firsts)
     model.zero_grad()
-    lm_sum, z, first_logits, class_ids = objective(batch)
+    lm_sum, z, first_scores, class_ids = objective(batch)
     lm_sum.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert z is None
@@ -50,7 +52,9 @@ def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model, pad
     full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=-100, reduction="sum")
     full.backward()
-    assert torch.allclose(first_logits, logits[torch.arange(len(rows)), batch.prompt_lens - 1], atol=ATOL_FP32)
+    expected_first = logits[torch.arange(len(rows)), batch.prompt_lens - 1][:, firsts]
+    assert torch.allclose(first_scores, expected_first, atol=ATOL_FP32)
+    assert TrainingObjective(model, use_tc=False, padding_free=padding_free)(batch).first_scores is None
     assert len(batch.target) == sum(len(r.input_ids) - r.prompt_len for r in rows)
     assert class_ids.tolist() == [r.label_index for r in rows]
     assert torch.allclose(lm_sum, full, atol=ATOL_FP32)
@@ -77,8 +81,9 @@ def test_tc_feature_is_pooled_where_method_md_says(model, pooling, padding_free)
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 def test_padding_free_gives_the_padded_batchs_loss_features_and_gradients(model, pooling, blocks):
     rows, batch = _batch()
-    padded = TrainingObjective(model, use_tc=True, pooling=pooling, padding_free=False)
-    ragged = TrainingObjective(model, use_tc=True, pooling=pooling, padding_free=True)
+    firsts = torch.tensor([3, 60, 11])
+    padded = TrainingObjective(model, use_tc=True, pooling=pooling, padding_free=False, first_tokens=firsts)
+    ragged = TrainingObjective(model, use_tc=True, pooling=pooling, padding_free=True, first_tokens=firsts)
 
     def run(objective, batch):
         model.zero_grad()
@@ -87,8 +92,8 @@ def test_padding_free_gives_the_padded_batchs_loss_features_and_gradients(model,
         assert out.class_ids.tolist() == [rows[i].label_index for i in order]
         (out.lm_sum + (out.z * torch.linspace(-1, 1, out.z.shape[1])).sum()).backward()  # touches every feature
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        z, first = torch.empty_like(out.z), torch.empty_like(out.first_logits)
-        z[order], first[order] = out.z, out.first_logits                               # back to the rows' order
+        z, first = torch.empty_like(out.z), torch.empty_like(out.first_scores)
+        z[order], first[order] = out.z, out.first_scores                               # back to the rows' order
         return out.lm_sum, z, first, grads
 
     cut = collate(rows, pad_id=0, attention_blocks=blocks, block_cost=0)
@@ -107,3 +112,25 @@ def _rows_of(batch, rows):
         ids = batch.input_ids[b, : batch.seq_lens[b]].tolist()
         found.append(next(r for r in rows if r.input_ids == ids))
     return found
+
+
+def test_packed_head_gives_the_plain_heads_loss_and_gradients(model):
+    rows, batch = _batch()
+    objective = TrainingObjective(model, use_tc=False, first_tokens=torch.tensor([3, 60, 11]))
+
+    def run(pack: bool):
+        objective.head.pack = pack
+        assert objective.head.usable(torch.zeros(1, 1)) == pack  # the path under test is the one taken
+        model.zero_grad()
+        out = objective(batch)
+        (out.lm_sum + out.first_scores.sum()).backward()
+        return out.lm_sum, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.lm_head.weight.requires_grad_(False)  # frozen, as under LoRA: the head may pack its weight
+    try:
+        (packed_loss, packed), (plain_loss, plain) = run(packing_available()), run(False)
+    finally:
+        model.lm_head.weight.requires_grad_(True)
+    assert torch.allclose(packed_loss, plain_loss, atol=ATOL_FP32)
+    for name in plain:
+        assert torch.allclose(packed[name], plain[name], atol=ATOL_FP32), name
