@@ -38,7 +38,7 @@ from ncal_core.metrics import classification_report
 from ncal_core.predictor import load_predictor
 from ncal_core.prompts import PromptBuilder
 from ncal_core.scoring import score_labels
-from ncal_core.train_config import TrainConfig
+from ncal_core.train_config import TrainConfig, uses_lora
 
 # every run starts from these, so that a method means the same whatever ncal_core.train's defaults become
 PINNED = ["--use_etf_loss", "true", "--la_loss_tau", "0", "--resample", "none"]
@@ -75,11 +75,29 @@ NOT_TRAINING = {"output_dir", "overwrite_output_dir", "eval_dataset_path", "eval
                 "per_device_eval_batch_size", "padding_free", "length_chunks", "tc_backend", "torch_compile"}
 
 
+# settings of a part of training that is off: they change nothing (TC with its weight at 0, LoRA in full fine-tuning)
+TC_SETTINGS = {"lambda_lc", "e_w", "class_diff", "pooling", "tc_variant"}
+LORA_SETTINGS = {"lora_r", "lora_alpha", "lora_dropout", "target_modules"}
+
+
+def unused_settings(config: dict) -> set[str]:
+    """The settings that do not change what a run with this config trains."""
+    unused = set()
+    if not config["use_etf_loss"] or config["lambda_lc"] == 0:
+        unused |= TC_SETTINGS
+    if not uses_lora(config["use_lora"], config["model_name_or_path"]):
+        unused |= LORA_SETTINGS
+    if config["resample"] == "none":
+        unused.add("resample_epochs")
+    return unused
+
+
 def stale_settings(recorded: dict, flags: list[str]) -> dict[str, tuple]:
-    """{setting: (recorded, wanted)} where a finished run's recorded config differs from what `flags` give now."""
+    """{setting: (recorded, wanted)} where a finished run's recorded config differs from what `flags` give now,
+    leaving out settings that neither the recorded run nor the wanted one uses (an SFT run's TC pooling, say)."""
     wanted = vars(parse_config(TrainConfig, flags, "", "python -m ncal_core.train"))
-    return {k: (recorded[k], v) for k, v in wanted.items()
-            if k in recorded and k not in NOT_TRAINING and recorded[k] != v}
+    ignored = NOT_TRAINING | (unused_settings(recorded) & unused_settings(wanted))
+    return {k: (recorded[k], v) for k, v in wanted.items() if k in recorded and k not in ignored and recorded[k] != v}
 
 
 def _run(method: str, seed: int, out: Path, common: list[str]) -> Path:

@@ -43,7 +43,7 @@ from ncal_core.prompts import PromptBuilder, load_tokenizer
 from ncal_core.run_files import RUN_FILE, prepare_output_dir, save_run_output, truncate_log
 from ncal_core.schedule import make_optimizer, make_scheduler
 from ncal_core.tiny import tiny_checkpoint
-from ncal_core.train_config import BUILTIN_TINY, TrainConfig
+from ncal_core.train_config import BUILTIN_TINY, TrainConfig, uses_lora
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -122,7 +122,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         check_labels(eval_rows, labels, eval_path)
 
     # model
-    use_lora = cfg.use_lora if cfg.use_lora is not None else cfg.model_name_or_path != BUILTIN_TINY
+    use_lora = uses_lora(cfg.use_lora, cfg.model_name_or_path)
     lr = cfg.learning_rate or (2e-4 if use_lora else 1e-3)
     # the label names go into the tiny tokenizer's corpus too, so each becomes a token or two
     with accelerator.main_process_first():  # the tiny model is built once, by the main process

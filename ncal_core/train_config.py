@@ -13,6 +13,11 @@ from ncal_core.errors import NCALError
 BUILTIN_TINY = "tiny"
 
 
+def uses_lora(use_lora: bool | None, model_name_or_path: str) -> bool:
+    """--use_lora as given; unset, LoRA for a real checkpoint and full fine-tuning for the built-in tiny model."""
+    return use_lora if use_lora is not None else model_name_or_path != BUILTIN_TINY
+
+
 @dataclass
 class TrainConfig:
     """The configuration of one training run."""

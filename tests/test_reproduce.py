@@ -41,3 +41,24 @@ def test_quick_reproduce_writes_the_table_json_and_plot(tmp_path, tmwpl_dir):
     table = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     assert table.count("\n") == 2 + len(rows)
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
+
+
+def test_settings_of_a_part_that_is_off_do_not_make_a_run_stale():
+    sys.path.insert(0, str(REPO / "bench"))
+    from reproduce import METHODS, PINNED, stale_settings
+
+    from ncal_core.cli import parse_config
+    from ncal_core.train_config import TrainConfig
+
+    def recorded(method: str, *changed: str) -> dict:
+        return vars(parse_config(TrainConfig, [*PINNED, *METHODS[method], *changed], "", "train"))
+
+    sft = [*PINNED, *METHODS["sft"]]
+    # an SFT run of the tiny model (full fine-tuning) trained under other TC and LoRA defaults is still SFT
+    assert stale_settings(recorded("sft", "--lambda_lc", "0.1", "--pooling", "last", "--lora_dropout", "0"), sft) == {}
+    assert stale_settings(recorded("sft", "--resample_epochs", "2"), sft) == {}  # no re-sampling to defer
+    assert stale_settings(recorded("sft", "--la_loss_tau", "1"), sft) == {"la_loss_tau": (1.0, 0.0)}
+    ncal = [*PINNED, *METHODS["ncal"]]
+    assert stale_settings(recorded("ncal", "--pooling", "mean"), ncal) == {"pooling": ("mean", "last")}
+    lora = ["--model_name_or_path", "some/checkpoint"]
+    assert stale_settings(recorded("sft", *lora, "--lora_dropout", "0"), [*sft, *lora]) == {"lora_dropout": (0.0, 0.1)}
