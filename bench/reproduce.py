@@ -62,6 +62,14 @@ METHODS: dict[str, list[str]] = {
     "sft_sqrt": ["--use_etf_loss", "false", "--resample", "sqrt"],
     "ncal_sqrt": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--resample", "sqrt"],
     "ncal_mean_l1_sqrt": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt"],
+    "ncal_mean_l3_sqrt": ["--lambda_lc", "3.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt"],
+    "ncal_mean_allpairs_l1_sqrt": ["--lambda_lc", "1.0", "--pooling", "mean", "--tc_variant", "pairs",
+                                   "--class_diff", "false", "--resample", "sqrt"],
+    "ncal_mean_l1_sqrt_lr5e-4": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
+                                 "--learning_rate", "5e-4"],
+    "sft_sqrt_e5": ["--use_etf_loss", "false", "--resample", "sqrt", "--num_train_epochs", "5"],
+    "ncal_mean_l1_sqrt_e5": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
+                             "--num_train_epochs", "5"],
     "ncal_drw": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--resample", "balanced",
                  "--resample_epochs", "1"],
     "etf_target_la_loss": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "etf_target",
@@ -106,8 +114,10 @@ def _run(method: str, seed: int, out: Path, common: list[str]) -> Path:
     flags = ["--output_dir", str(run_dir), "--seed", str(seed), "--overwrite_output_dir", "true",
              "--eval_dataset_path", "none", "--save_strategy", "no", *PINNED, *common, *METHODS[method]]
     record = run_dir / "ncal_run.json"
-    if record.is_file() and (run_dir / "tokenizer_config.json").is_file():
-        stale = stale_settings(json.loads(record.read_text())["config"], flags)
+    # a finished run's record holds its "config"; a run stopped part-way left only the flags it started with
+    finished = json.loads(record.read_text()) if record.is_file() else {}
+    if "config" in finished and (run_dir / "tokenizer_config.json").is_file():
+        stale = stale_settings(finished["config"], flags)
         if not stale:
             return run_dir
         print(f"{run_dir}: trained with other settings, training again: "
