@@ -38,7 +38,7 @@ from ncal_core.metrics import classification_report
 from ncal_core.predictor import load_predictor
 from ncal_core.prompts import PromptBuilder
 from ncal_core.scoring import score_labels
-from ncal_core.train_config import TrainConfig, uses_lora
+from ncal_core.train_config import TrainConfig, uses_lora, uses_tc
 
 # every run starts from these, so that a method means the same whatever ncal_core.train's defaults become
 PINNED = ["--use_etf_loss", "true", "--la_loss_tau", "0", "--resample", "none"]
@@ -91,7 +91,7 @@ LORA_SETTINGS = {"lora_r", "lora_alpha", "lora_dropout", "target_modules"}
 def unused_settings(config: dict) -> set[str]:
     """The settings that do not change what a run with this config trains."""
     unused = set()
-    if not config["use_etf_loss"] or config["lambda_lc"] == 0:
+    if not uses_tc(config["use_etf_loss"], config["lambda_lc"]):
         unused |= TC_SETTINGS
     if not uses_lora(config["use_lora"], config["model_name_or_path"]):
         unused |= LORA_SETTINGS

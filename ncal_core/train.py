@@ -43,7 +43,7 @@ from ncal_core.prompts import PromptBuilder, load_tokenizer
 from ncal_core.run_files import RUN_FILE, prepare_output_dir, save_run_output, truncate_log
 from ncal_core.schedule import make_optimizer, make_scheduler
 from ncal_core.tiny import tiny_checkpoint
-from ncal_core.train_config import BUILTIN_TINY, TrainConfig, uses_lora
+from ncal_core.train_config import BUILTIN_TINY, TrainConfig, uses_lora, uses_tc
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -144,7 +144,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.torch_compile:
         for layer in model.layers:
             layer.compile()
-    use_tc = cfg.use_etf_loss and cfg.lambda_lc > 0
+    use_tc = uses_tc(cfg.use_etf_loss, cfg.lambda_lc)
     first_tokens = torch.tensor(first_label_tokens(builder.label_ids, labels), device=accelerator.device) \
         if cfg.la_loss_tau > 0 else None
     objective = TrainingObjective(model, use_tc=use_tc, pooling=cfg.pooling, e_w=cfg.e_w, tc_backend=cfg.tc_backend,

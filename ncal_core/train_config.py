@@ -18,6 +18,11 @@ def uses_lora(use_lora: bool | None, model_name_or_path: str) -> bool:
     return use_lora if use_lora is not None else model_name_or_path != BUILTIN_TINY
 
 
+def uses_tc(use_etf_loss: bool, lambda_lc: float) -> bool:
+    """Whether the TC loss is part of training: asked for, at a positive weight."""
+    return use_etf_loss and lambda_lc > 0
+
+
 @dataclass
 class TrainConfig:
     """The configuration of one training run."""
