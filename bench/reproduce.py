@@ -6,6 +6,8 @@ split and TMWPL test once. Settings that need tuning (the post-hoc logit-adjustm
 on the development split only; test numbers are reported for what the development split chose.
 Each method's macro-F1 is compared with SFT's scored the same way (`x+LA` with `sft+LA`, `x` with `sft`,
 `sft+LA` with `sft`): the mean difference over seeds and its paired-bootstrap 95% interval over test rows.
+The seeds of a method are also scored as one ensemble (the mean of their label log-probabilities, as
+`python -m ncal_core.infer --model_path A,B,C` scores them), compared with the SFT seeds' ensemble alike.
 
     python bench/reproduce.py                       # the table in README.md (several hours on 2 cores)
     python bench/reproduce.py --methods sft,ncal --seeds 0,1,2
@@ -37,7 +39,7 @@ from ncal_core.longtail import adjust_scores, log_prior
 from ncal_core.metrics import classification_report
 from ncal_core.predictor import load_predictor
 from ncal_core.prompts import PromptBuilder
-from ncal_core.scoring import score_labels
+from ncal_core.scoring import ensemble_log_probs, score_labels
 from ncal_core.train_config import TrainConfig, uses_lora, uses_tc
 
 # every run starts from these, so that a method means the same whatever ncal_core.train's defaults become
@@ -70,6 +72,20 @@ METHODS: dict[str, list[str]] = {
     "sft_sqrt_e5": ["--use_etf_loss", "false", "--resample", "sqrt", "--num_train_epochs", "5"],
     "ncal_mean_l1_sqrt_e5": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
                              "--num_train_epochs", "5"],
+    "ncal_mean_l1_sqrt_la_loss": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
+                                  "--la_loss_tau", "1.0"],
+    "sft_sqrt_la_loss": ["--use_etf_loss", "false", "--resample", "sqrt", "--la_loss_tau", "1.0"],
+    "ncal_mean_l1_sqrt_lr2e-3": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
+                                 "--learning_rate", "2e-3"],
+    "ncal_mean_l1_sqrt_e2": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
+                             "--num_train_epochs", "2"],
+    "ncal_mean_l1_balanced": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "balanced"],
+    "ncal_mean_l1_sqrt_wd0.1": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
+                                "--weight_decay", "0.1"],
+    "ncal_mean_l1_sqrt_b16": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
+                              "--per_device_train_batch_size", "16"],
+    "ncal_mean_l1_sqrt_h384": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
+                               "--tiny_hidden_size", "384"],
     "ncal_drw": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--resample", "balanced",
                  "--resample_epochs", "1"],
     "etf_target_la_loss": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "etf_target",
@@ -167,6 +183,21 @@ def _bootstrap_delta(gold: list[int], preds_a: list[list[int]], preds_b: list[li
     return point, float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
 
 
+def _ensemble(by_seed: list[dict], prior: torch.Tensor, adjusted: bool, labels: list[str]) -> dict:
+    """The seeds' models as one (as `ncal_core.infer --model_path A,B,C` scores them), tau chosen on dev the
+    same way; {} for a single seed."""
+    if len(by_seed) < 2:
+        return {}
+    split = {name: {"scores": ensemble_log_probs([torch.tensor(res[name]["scores"]) for res in by_seed]).tolist(),
+                    "gold": by_seed[0][name]["gold"]} for name in ("dev", "test")}
+    dev_f1 = [classification_report(split["dev"]["gold"], _predict(split["dev"], prior, t), labels)["macro_f1"]
+              for t in (TAUS if adjusted else [0.0])]
+    tau = TAUS[int(np.argmax(dev_f1))] if adjusted else 0.0
+    predictions = _predict(split["test"], prior, tau)
+    return {"tau": tau, "dev_macro_f1": max(dev_f1), "test_predictions": predictions,
+            "macro_f1": classification_report(split["test"]["gold"], predictions, labels)["macro_f1"]}
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -190,6 +221,9 @@ def summarise(results: dict[str, dict[int, dict]], out: Path) -> list[dict]:
                 taus.append(TAUS[int(np.argmax(dev_f1))] if adjusted else 0.0)
                 dev.append(max(dev_f1))
             preds[name] = [_predict(res["test"], prior, t) for (_, res), t in zip(sorted(by_seed.items()), taus)]
+            ensemble = _ensemble(list(by_seed.values()), prior, adjusted, labels)
+            if ensemble:
+                preds[f"{name} ensemble"] = [ensemble.pop("test_predictions")]
             reports = [classification_report(gold, p, labels) for p in preds[name]]
             acc = _mean_std([r["accuracy"] for r in reports])
             f1 = _mean_std([r["macro_f1"] for r in reports])
@@ -197,13 +231,17 @@ def summarise(results: dict[str, dict[int, dict]], out: Path) -> list[dict]:
                    "accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0], "macro_f1_std": f1[1],
                    "macro_f1_per_seed": [r["macro_f1"] for r in reports],
                    "tail_f1": {labels[c]: _mean_std([r["per_class"][labels[c]]["f1"] for r in reports])[0]
-                               for c in tail}}
+                               for c in tail},
+                   "ensemble": ensemble}
             rows.append(row)
     seeds = {row["method"]: row["seeds"] for row in rows}
     for row in rows:
         base = _baseline(row["method"])
         if row["method"] != "sft" and seeds.get(base) == row["seeds"]:
             row["delta_vs_sft"] = _bootstrap_delta(gold, preds[base], preds[row["method"]], labels)
+            if row["ensemble"]:
+                row["ensemble"]["delta_vs_sft"] = _bootstrap_delta(gold, preds[f"{base} ensemble"],
+                                                                   preds[f"{row['method']} ensemble"], labels)
     return rows
 
 
@@ -213,19 +251,27 @@ def _baseline(method: str) -> str:
     return "sft+LA" if method.endswith("+LA") and method != "sft+LA" else "sft"
 
 
+def _ensemble_cells(ensemble: dict | None) -> str:
+    if not ensemble:
+        return "– | –"
+    delta = ensemble.get("delta_vs_sft")
+    return f"{ensemble['macro_f1']:.3f} | " + (f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–")
+
+
 def write_table(rows: list[dict], path: Path) -> None:
     """The markdown table the README quotes."""
     tail_names = list(rows[0]["tail_f1"])
     head = ("| method | seeds | dev macro-F1 | accuracy | macro-F1 | Δ macro-F1 vs SFT scored alike [95% CI] | "
-            + " | ".join(f"F1 {n}" for n in tail_names) + " |")
-    lines = [head, "|" + "---|" * (6 + len(tail_names))]
+            + " | ".join(f"F1 {n}" for n in tail_names) + " | seed ensemble macro-F1 | Δ ensemble vs SFT's [95% CI] |")
+    lines = [head, "|" + "---|" * (8 + len(tail_names))]
     for row in rows:
         delta = row.get("delta_vs_sft")
         delta_text = f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–"
         lines.append(f"| {row['method']} | {len(row['seeds'])} | {row['dev_macro_f1_mean']:.3f} "
                      f"| {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}"
                      f" | {row['macro_f1_mean']:.3f} ± {row['macro_f1_std']:.3f} | {delta_text} | "
-                     + " | ".join(f"{row['tail_f1'][n]:.3f}" for n in tail_names) + " |")
+                     + " | ".join(f"{row['tail_f1'][n]:.3f}" for n in tail_names) + " | "
+                     + _ensemble_cells(row.get("ensemble")) + " |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

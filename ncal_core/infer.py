@@ -17,15 +17,16 @@ from ncal_core.longtail import log_prior
 from ncal_core.metrics import classification_report, format_report
 from ncal_core.predictor import Predictor, load_predictor
 from ncal_core.prompts import PromptBuilder
-from ncal_core.scoring import score_labels
+from ncal_core.scoring import ensemble_log_probs, score_labels
 
 
 @dataclass
 class InferConfig:
     """Flags of `python -m ncal_core.infer`."""
 
-    model_path: str | None = flag(None, "a training output, checkpoint, merged/full checkpoint, base checkpoint "
-                                      "or PEFT adapter folder")
+    model_path: list[str] | None = flag(None, "a training output, checkpoint, merged/full checkpoint, base "
+                                            "checkpoint or PEFT adapter folder; several score as an ensemble (the "
+                                            "mean of their label log-probabilities), one model in memory at a time")
     base_model_path: str | None = flag(None, "the base checkpoint under an adapter (default: the one its run or "
                                            "adapter_config.json names)")
     prompt: str | None = flag(None, "one text to classify")
@@ -64,13 +65,38 @@ def _rows(cfg: InferConfig) -> list[Example]:
     return []
 
 
+def _builder(cfg: InferConfig, predictor: Predictor, labels: list[str]) -> PromptBuilder:
+    return PromptBuilder(predictor.tokenizer, labels, instruction=cfg.instruction or predictor.instruction,
+                         cutoff_len=predictor.cutoff_len)
+
+
+def _label_log_probs(cfg: InferConfig, path: str, predictor: Predictor, labels: list[str],
+                     rows: list[Example]) -> torch.Tensor:
+    """log-softmax over the labels [N, K] of one model's label scores, logit-adjusted when asked."""
+    if predictor.labels is not None and cfg.labels is None and predictor.labels != labels:
+        raise NCALError(f"--model_path {path}: trained on the labels {','.join(predictor.labels)}, not "
+                        f"{','.join(labels)} as the first model; an ensemble needs one label set")
+    offset = torch.zeros(len(labels))
+    if cfg.logit_adjust_tau:
+        if predictor.label_counts is None or labels != predictor.labels:
+            raise NCALError(f"--logit_adjust_tau: {path} records no training class counts for these labels")
+        offset = -cfg.logit_adjust_tau * log_prior(predictor.label_counts)
+    builder = _builder(cfg, predictor, labels)
+    scores = score_labels(predictor.model, [builder.prompt_ids(row) for row in rows], builder.label_ids,
+                          batch_size=cfg.batch_size)
+    return torch.log_softmax(scores + offset, dim=1)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, load the model, predict and report."""
+    """Parse flags, load the model(s), predict and report."""
     cfg = parse_config(InferConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.infer")
     if not cfg.model_path:
         raise NCALError("--model_path is required")
     if sum([cfg.prompt is not None, cfg.prompts_file is not None, cfg.interactive]) != 1:
         raise NCALError("give exactly one of --prompt, --prompts_file and --interactive")
+    if len(cfg.model_path) > 1 and (cfg.interactive or cfg.generate):
+        raise NCALError("--model_path: several models score --prompt or --prompts_file as an ensemble; "
+                        "--interactive and --generate take one model")
     if cfg.batch_size < 1:
         raise NCALError(f"--batch_size: must be >= 1, not {cfg.batch_size}")
     if cfg.logit_adjust_tau and cfg.generate:
@@ -80,44 +106,41 @@ def main(argv: list[str] | None = None) -> int:
     rows = _rows(cfg)
     if cfg.metrics_file and (cfg.interactive or any(row.label is None for row in rows)):
         raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
-    predictor = load_predictor(cfg.model_path, cfg.base_model_path, dtype=DTYPES[cfg.dtype])
+    first_path = cfg.model_path[0]
+    predictor = load_predictor(first_path, cfg.base_model_path, dtype=DTYPES[cfg.dtype])
     labels = _labels(cfg, predictor, rows)
     gold_rows = [row for row in rows if row.label is not None]
     if gold_rows:
         check_labels(gold_rows, labels, cfg.prompts_file or "--prompt")
-    builder = PromptBuilder(predictor.tokenizer, labels, instruction=cfg.instruction or predictor.instruction,
-                            cutoff_len=predictor.cutoff_len)
-    offset = torch.zeros(len(labels))
-    if cfg.logit_adjust_tau:
-        if predictor.label_counts is None or labels != predictor.labels:
-            raise NCALError(f"--logit_adjust_tau: {cfg.model_path} records no training class counts for these labels")
-        offset = -cfg.logit_adjust_tau * log_prior(predictor.label_counts)
-
-    def probabilities(prompts: list[list[int]]) -> torch.Tensor:
-        scores = score_labels(predictor.model, prompts, builder.label_ids, batch_size=cfg.batch_size)
-        return torch.softmax(scores + offset, dim=1)
 
     if cfg.interactive:
         for line in sys.stdin:
             if line.strip():
                 example = Example(id="stdin", messages=[{"role": "user", "content": line.strip()}], label=None,
                                   where="stdin")
-                probs = probabilities([builder.prompt_ids(example)])[0]
+                probs = _label_log_probs(cfg, first_path, predictor, labels, [example])[0].exp()
                 best = int(probs.argmax())
                 print(f"{labels[best]}\t{probs[best]:.4f}", flush=True)
         return 0
 
-    prompts = [builder.prompt_ids(row) for row in rows]
     if cfg.generate:
-        texts = [predictor.tokenizer.decode(greedy_generate(predictor.model, p, builder.eos_id, cfg.max_new_tokens),
-                                            skip_special_tokens=True).strip() for p in prompts]
+        builder = _builder(cfg, predictor, labels)
+        texts = [predictor.tokenizer.decode(greedy_generate(predictor.model, builder.prompt_ids(row), builder.eos_id,
+                                                            cfg.max_new_tokens), skip_special_tokens=True).strip()
+                 for row in rows]
         predictions = texts
         invalid = sum(text not in labels for text in texts)
         print(f"generated {len(texts)} outputs, {invalid} not a valid label")
         outputs = [{"id": row.id, "prediction": text, "valid": text in labels, "label": row.label}
                    for row, text in zip(rows, texts)]
     else:
-        probs = probabilities(prompts)
+        log_probs = []
+        for i, path in enumerate(cfg.model_path):
+            if i:
+                predictor = None  # freed before the next model is read
+                predictor = load_predictor(path, cfg.base_model_path, dtype=DTYPES[cfg.dtype])
+            log_probs.append(_label_log_probs(cfg, path, predictor, labels, rows))
+        probs = ensemble_log_probs(log_probs).softmax(dim=1)
         predictions = [labels[i] for i in probs.argmax(dim=1).tolist()]
         outputs = [{"id": row.id, "prediction": pred,
                     "scores": {label: float(p) for label, p in zip(labels, row_probs.tolist())}, "label": row.label}

@@ -80,3 +80,9 @@ def score_labels(model: QwenModel, prompts: Sequence[list[int]], label_ids: Sequ
         per_class = torch.zeros(len(rows), num_classes, device=device).index_add_(1, owner, token_logp)
         scores[torch.tensor(rows, device=device)] = per_class
     return scores
+
+
+def ensemble_log_probs(score_sets: Sequence[Tensor]) -> Tensor:
+    """Several models' label scores [N, K] as one: the mean of each model's log-softmax over the K labels
+    (the log of the normalised geometric mean of their label probabilities)."""
+    return torch.stack([torch.log_softmax(scores.float(), dim=1) for scores in score_sets]).mean(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from ncal_core.errors import NCALError
 from ncal_core.infer import main
 from ncal_core.prompts import load_tokenizer
+from ncal_core.run_files import RUN_FILE
 
 # fp32: probabilities of the same model computed two ways differ by accumulation order only
 ATOL_FP32 = 1e-4
@@ -60,6 +62,32 @@ def test_probabilities_and_metrics_of_a_base_checkpoint_match_transformers_and_s
     pred = [p["prediction"] for p in predictions]
     assert report["accuracy"] == pytest.approx(accuracy_score(gold, pred))
     assert report["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=labels, average="macro", zero_division=0))
+
+
+def test_several_models_score_as_the_mean_of_their_label_log_probabilities(base, rows_file, tmp_path):
+    other = make_checkpoint_with_tokenizer(tmp_path / "other", seed=1)
+    path, rows = rows_file
+    out = tmp_path / "p.jsonl"
+    assert main(["--model_path", f"{base},{other}", "--prompts_file", str(path), "--output_file", str(out),
+                 "--labels", ",".join(LABELS)]) == 0
+    ours = torch.tensor([[p["scores"][label] for label in LABELS] for p in _read_jsonl(out)])
+    each = [reference_probabilities(AutoModelForCausalLM.from_pretrained(folder).eval(), load_tokenizer(folder),
+                                    _messages(rows), LABELS) for folder in (base, other)]
+    reference = torch.softmax((each[0].log() + each[1].log()) / 2, dim=1)
+    assert torch.allclose(ours, reference, atol=ATOL_FP32)
+    # the two models disagree, so the ensemble is neither of them
+    assert not torch.allclose(each[0], each[1], atol=1e-2)
+
+
+def test_an_ensemble_needs_one_label_set(base, rows_file, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    (other / RUN_FILE).write_text(json.dumps({"labels": ["甲", "乙"]}, ensure_ascii=False), encoding="utf-8")
+    first = tmp_path / "first"
+    shutil.copytree(base, first)
+    (first / RUN_FILE).write_text(json.dumps({"labels": LABELS}, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(NCALError, match=f"--model_path {other}: trained on the labels 甲,乙, not "):
+        main(["--model_path", f"{first},{other}", "--prompts_file", str(rows_file[0])])
 
 
 def test_adapter_saved_by_peft_works_over_its_base(base, rows_file, tmp_path):
@@ -120,9 +148,11 @@ def test_single_prompt_and_interactive_print_label_and_probability(base, monkeyp
     (["--model_path", "/nonexistent", "--prompt", "x"], "--model_path /nonexistent: not a folder"),
     (["--model_path", "MODEL", "--prompt", "x"], "--labels"),
     (["--model_path", "MODEL", "--prompt", "x", "--labels", "a,b", "--metrics_file", "m.json"], "gold label"),
+    (["--model_path", "MODEL,MODEL", "--interactive", "true", "--labels", "a,b"], "take one model"),
+    (["--model_path", "MODEL,MODEL", "--prompt", "x", "--labels", "a,b", "--generate", "true"], "take one model"),
 ])
 def test_bad_invocations_are_one_line_errors(base, argv, fragment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(NCALError) as err:
-        main([str(base) if a == "MODEL" else a for a in argv])
+        main([a.replace("MODEL", str(base)) for a in argv])
     assert fragment in str(err.value) and "\n" not in str(err.value)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,3 +66,39 @@ def test_settings_of_a_part_that_is_off_do_not_make_a_run_stale():
     assert stale_settings(recorded("ncal", "--pooling", "mean"), ncal) == {"pooling": ("mean", "last")}
     lora = ["--model_name_or_path", "some/checkpoint"]
     assert stale_settings(recorded("sft", *lora, "--lora_dropout", "0"), [*sft, *lora]) == {"lora_dropout": (0.0, 0.1)}
+
+
+def test_seed_ensemble_row_scores_the_mean_label_log_probabilities_with_tau_from_dev():
+    sys.path.insert(0, str(REPO / "bench"))
+    from reproduce import TAUS, summarise
+    from sklearn.metrics import f1_score
+
+    labels, counts = ["a", "b", "c"], [80, 15, 5]
+    gen = torch.Generator().manual_seed(0)
+    gold = {"dev": torch.arange(30) % 3, "test": torch.arange(60) % 3}
+
+    def run() -> dict:  # label scores that are right more often than not, on a different scale per run
+        res = {"labels": labels, "label_counts": counts}
+        for split, g in gold.items():
+            scores = torch.randn(len(g), 3, generator=gen) + 1.5 * torch.nn.functional.one_hot(g, 3)
+            res[split] = {"scores": (scores * (1 + torch.rand(1, generator=gen)) - 5).tolist(), "gold": g.tolist()}
+        return res
+
+    results = {"sft": {0: run(), 1: run(), 2: run()}}
+    rows = summarise(results, Path("unused"))
+    prior = torch.tensor(counts, dtype=torch.float64).div(sum(counts)).log().float()
+
+    def mean_log_probs(split: str) -> torch.Tensor:
+        return torch.stack([torch.tensor(r[split]["scores"]).log_softmax(1) for r in results["sft"].values()]).mean(0)
+
+    def macro_f1(split: str, tau: float) -> float:
+        pred = (mean_log_probs(split) - tau * prior).argmax(1)
+        return f1_score(gold[split], pred, average="macro")
+
+    plain, adjusted = rows
+    assert plain["ensemble"]["tau"] == 0.0
+    assert plain["ensemble"]["macro_f1"] == pytest.approx(macro_f1("test", 0.0))
+    tau = TAUS[max(range(len(TAUS)), key=lambda i: (macro_f1("dev", TAUS[i]), -i))]  # the first best on dev
+    assert adjusted["ensemble"]["tau"] == tau
+    assert adjusted["ensemble"]["macro_f1"] == pytest.approx(macro_f1("test", tau))
+    assert adjusted["ensemble"]["delta_vs_sft"][0] == pytest.approx(macro_f1("test", tau) - macro_f1("test", 0.0))
