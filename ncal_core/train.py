@@ -62,7 +62,8 @@ def _base_model(cfg: TrainConfig, texts: list[str]) -> Path:
     """The base checkpoint folder: the user's, or the built-in tiny one (built on first use)."""
     if cfg.model_name_or_path == BUILTIN_TINY:
         return tiny_checkpoint(texts, seed=cfg.seed, vocab_size=cfg.tiny_vocab_size,
-                               hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_num_layers)
+                               hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_num_layers,
+                               tied=cfg.tiny_tied_embeddings)
     path = Path(cfg.model_name_or_path)
     if not path.is_dir():
         raise NCALError(f"--model_name_or_path {cfg.model_name_or_path}: not a checkpoint folder "

@@ -46,6 +46,7 @@ class TrainConfig:
     tiny_hidden_size: int = flag(256, "hidden size of the built-in tiny model")
     tiny_num_layers: int = flag(4, "decoder layers of the built-in tiny model")
     tiny_vocab_size: int = flag(4096, "BPE vocabulary of the built-in tiny model, trained on the training texts")
+    tiny_tied_embeddings: bool = flag(True, "the built-in tiny model's LM head shares the input embedding's weights")
     # LoRA
     use_lora: bool | None = flag(None, "train LoRA adapters instead of every weight; default: true, except for "
                                      "the tiny model trained from scratch")

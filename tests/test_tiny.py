@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from checkpoint_with_tokenizer import LABELS, TEXTS
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -13,12 +14,14 @@ from ncal_core.tiny import build_tiny_checkpoint, tiny_checkpoint
 RTOL_FP32 = 1e-4
 
 
-def test_transformers_loads_the_tiny_checkpoint_and_agrees_with_our_model(tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformers_loads_the_tiny_checkpoint_and_agrees_with_our_model(tmp_path, tied):
     path = build_tiny_checkpoint(tmp_path / "tiny", TEXTS + LABELS, seed=3, vocab_size=400, hidden_size=64,
-                                 num_layers=2)
+                                 num_layers=2, tied=tied)
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
-    assert hf.config.model_type == "qwen2" and hf.config.tie_word_embeddings
+    assert hf.config.model_type == "qwen2" and hf.config.tie_word_embeddings == tied
+    assert torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight) == tied
     assert hf.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": TEXTS[0]}], add_generation_prompt=True,
                                              tokenize=False)
@@ -42,3 +45,4 @@ def test_tiny_checkpoint_is_deterministic_and_cached(tmp_path, monkeypatch):
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (first / name).read_bytes() == (other / name).read_bytes(), name
     assert tiny_checkpoint(TEXTS, **{**kwargs, "seed": 2}) != first
+    assert tiny_checkpoint(TEXTS, **{**kwargs, "tied": False}) != first
