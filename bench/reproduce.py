@@ -186,6 +186,14 @@ def _bootstrap_delta(gold: list[int], preds_a: list[list[int]], preds_b: list[li
     return point, float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
 
 
+def _choose_tau(dev: dict, prior: torch.Tensor, adjusted: bool, labels: list[str]) -> tuple[float, float]:
+    """(tau, dev macro-F1): the first of TAUS best on the development split, or 0 without adjustment."""
+    dev_f1 = [classification_report(dev["gold"], _predict(dev, prior, t), labels)["macro_f1"]
+              for t in (TAUS if adjusted else [0.0])]
+    best = int(np.argmax(dev_f1))
+    return (TAUS[best] if adjusted else 0.0), dev_f1[best]
+
+
 def _ensemble(by_seed: list[dict], prior: torch.Tensor, adjusted: bool, labels: list[str]) -> dict:
     """The seeds' models as one (as `ncal_core.infer --model_path A,B,C` scores them), tau chosen on dev the
     same way; {} for a single seed."""
@@ -193,11 +201,9 @@ def _ensemble(by_seed: list[dict], prior: torch.Tensor, adjusted: bool, labels: 
         return {}
     split = {name: {"scores": ensemble_log_probs([torch.tensor(res[name]["scores"]) for res in by_seed]).tolist(),
                     "gold": by_seed[0][name]["gold"]} for name in ("dev", "test")}
-    dev_f1 = [classification_report(split["dev"]["gold"], _predict(split["dev"], prior, t), labels)["macro_f1"]
-              for t in (TAUS if adjusted else [0.0])]
-    tau = TAUS[int(np.argmax(dev_f1))] if adjusted else 0.0
+    tau, dev_f1 = _choose_tau(split["dev"], prior, adjusted, labels)
     predictions = _predict(split["test"], prior, tau)
-    return {"tau": tau, "dev_macro_f1": max(dev_f1), "test_predictions": predictions,
+    return {"tau": tau, "dev_macro_f1": dev_f1, "test_predictions": predictions,
             "macro_f1": classification_report(split["test"]["gold"], predictions, labels)["macro_f1"]}
 
 
@@ -219,10 +225,9 @@ def summarise(results: dict[str, dict[int, dict]], out: Path) -> list[dict]:
             name = f"{method}+LA" if adjusted else method
             taus, dev = [], []
             for seed, res in sorted(by_seed.items()):
-                dev_f1 = [classification_report(res["dev"]["gold"], _predict(res["dev"], prior, t), labels)
-                          ["macro_f1"] for t in (TAUS if adjusted else [0.0])]
-                taus.append(TAUS[int(np.argmax(dev_f1))] if adjusted else 0.0)
-                dev.append(max(dev_f1))
+                tau, dev_f1 = _choose_tau(res["dev"], prior, adjusted, labels)
+                taus.append(tau)
+                dev.append(dev_f1)
             preds[name] = [_predict(res["test"], prior, t) for (_, res), t in zip(sorted(by_seed.items()), taus)]
             ensemble = _ensemble(list(by_seed.values()), prior, adjusted, labels)
             if ensemble:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ncal_core.errors import NCALError, run_cli
 from ncal_core.generate import greedy_generate
 from ncal_core.longtail import log_prior
 from ncal_core.metrics import classification_report, format_report
-from ncal_core.predictor import Predictor, load_predictor
+from ncal_core.predictor import Predictor, load_predictor, read_run
 from ncal_core.prompts import PromptBuilder
 from ncal_core.scoring import ensemble_log_probs, score_labels
 
@@ -25,8 +26,9 @@ class InferConfig:
     """Flags of `python -m ncal_core.infer`."""
 
     model_path: list[str] | None = flag(None, "a training output, checkpoint, merged/full checkpoint, base "
-                                            "checkpoint or PEFT adapter folder; several score as an ensemble (the "
-                                            "mean of their label log-probabilities), one model in memory at a time")
+                                            "checkpoint or PEFT adapter folder; several, comma-separated, score as "
+                                            "an ensemble (the mean of their label log-probabilities), one model in "
+                                            "memory at a time")
     base_model_path: str | None = flag(None, "the base checkpoint under an adapter (default: the one its run or "
                                            "adapter_config.json names)")
     prompt: str | None = flag(None, "one text to classify")
@@ -45,8 +47,8 @@ class InferConfig:
     dtype: str = flag("float32", "float32, bfloat16 or float16")
 
 
-def _labels(cfg: InferConfig, predictor: Predictor, rows: list[Example]) -> list[str]:
-    labels = cfg.labels or predictor.labels
+def _labels(cfg: InferConfig, recorded: list[str] | None, rows: list[Example]) -> list[str]:
+    labels = cfg.labels or recorded
     if labels is None:
         gold = sorted({row.label for row in rows if row.label is not None})
         if len(gold) < 2:
@@ -70,21 +72,36 @@ def _builder(cfg: InferConfig, predictor: Predictor, labels: list[str]) -> Promp
                          cutoff_len=predictor.cutoff_len)
 
 
-def _label_log_probs(cfg: InferConfig, path: str, predictor: Predictor, labels: list[str],
-                     rows: list[Example]) -> torch.Tensor:
-    """log-softmax over the labels [N, K] of one model's label scores, logit-adjusted when asked."""
-    if predictor.labels is not None and cfg.labels is None and predictor.labels != labels:
-        raise NCALError(f"--model_path {path}: trained on the labels {','.join(predictor.labels)}, not "
-                        f"{','.join(labels)} as the first model; an ensemble needs one label set")
-    offset = torch.zeros(len(labels))
-    if cfg.logit_adjust_tau:
-        if predictor.label_counts is None or labels != predictor.labels:
-            raise NCALError(f"--logit_adjust_tau: {path} records no training class counts for these labels")
-        offset = -cfg.logit_adjust_tau * log_prior(predictor.label_counts)
+def _offset(cfg: InferConfig, path: str, run: dict, labels: list[str]) -> torch.Tensor:
+    """-tau * log training prior [K] of `labels` from the class counts a run recorded; zeros without
+    --logit_adjust_tau."""
+    if not cfg.logit_adjust_tau:
+        return torch.zeros(len(labels))
+    counts = dict(zip(run.get("labels") or [], run.get("label_counts") or []))
+    if any(label not in counts for label in labels):
+        raise NCALError(f"--logit_adjust_tau: {path} records no training class counts for these labels")
+    return -cfg.logit_adjust_tau * log_prior([counts[label] for label in labels])
+
+
+def _check_ensemble(paths: list[str], runs: list[dict], labels: list[str]) -> None:
+    """The models of an ensemble score one label set: each that records its labels was trained on it."""
+    for path, run in zip(paths, runs):
+        if len(paths) > 1 and run.get("labels") and set(run["labels"]) != set(labels):
+            raise NCALError(f"--model_path {path}: trained on the labels {','.join(run['labels'])}, not "
+                            f"{','.join(labels)}; the models of an ensemble score one label set")
+
+
+def _scorer(cfg: InferConfig, predictor: Predictor, labels: list[str],
+            offset: torch.Tensor) -> Callable[[list[Example]], torch.Tensor]:
+    """rows -> log-softmax over the labels [N, K] of one model's (adjusted) label scores."""
     builder = _builder(cfg, predictor, labels)
-    scores = score_labels(predictor.model, [builder.prompt_ids(row) for row in rows], builder.label_ids,
-                          batch_size=cfg.batch_size)
-    return torch.log_softmax(scores + offset, dim=1)
+
+    def score(rows: list[Example]) -> torch.Tensor:
+        scores = score_labels(predictor.model, [builder.prompt_ids(row) for row in rows], builder.label_ids,
+                              batch_size=cfg.batch_size)
+        return torch.log_softmax(scores + offset, dim=1)
+
+    return score
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,19 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     rows = _rows(cfg)
     if cfg.metrics_file and (cfg.interactive or any(row.label is None for row in rows)):
         raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
-    first_path = cfg.model_path[0]
-    predictor = load_predictor(first_path, cfg.base_model_path, dtype=DTYPES[cfg.dtype])
-    labels = _labels(cfg, predictor, rows)
+    # every model's folder and records are checked before the first is read
+    runs = [read_run(path) for path in cfg.model_path]
+    labels = _labels(cfg, runs[0].get("labels"), rows)
     gold_rows = [row for row in rows if row.label is not None]
     if gold_rows:
         check_labels(gold_rows, labels, cfg.prompts_file or "--prompt")
+    _check_ensemble(cfg.model_path, runs, labels)
+    offsets = [_offset(cfg, path, run, labels) for path, run in zip(cfg.model_path, runs)]
+    predictor = load_predictor(cfg.model_path[0], cfg.base_model_path, dtype=DTYPES[cfg.dtype])
 
     if cfg.interactive:
+        score = _scorer(cfg, predictor, labels, offsets[0])
         for line in sys.stdin:
             if line.strip():
                 example = Example(id="stdin", messages=[{"role": "user", "content": line.strip()}], label=None,
                                   where="stdin")
-                probs = _label_log_probs(cfg, first_path, predictor, labels, [example])[0].exp()
+                probs = score([example])[0].exp()
                 best = int(probs.argmax())
                 print(f"{labels[best]}\t{probs[best]:.4f}", flush=True)
         return 0
@@ -135,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                    for row, text in zip(rows, texts)]
     else:
         log_probs = []
-        for i, path in enumerate(cfg.model_path):
+        for i, (path, offset) in enumerate(zip(cfg.model_path, offsets)):
             if i:
                 predictor = None  # freed before the next model is read
                 predictor = load_predictor(path, cfg.base_model_path, dtype=DTYPES[cfg.dtype])
-            log_probs.append(_label_log_probs(cfg, path, predictor, labels, rows))
-        probs = ensemble_log_probs(log_probs).softmax(dim=1)
+            log_probs.append(_scorer(cfg, predictor, labels, offset)(rows))
+        probs = ensemble_log_probs(log_probs).exp()
         predictions = [labels[i] for i in probs.argmax(dim=1).tolist()]
         outputs = [{"id": row.id, "prediction": pred,
                     "scores": {label: float(p) for label, p in zip(labels, row_probs.tolist())}, "label": row.label}

@@ -41,13 +41,19 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise NCALError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
+def read_run(model_path: str | Path) -> dict[str, Any]:
+    """What the training run of a model folder recorded (labels, label_counts, config), {} for a foreign model."""
+    path = Path(model_path)
+    if not path.is_dir():
+        raise NCALError(f"--model_path {model_path}: not a folder")
+    return _read_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else {}
+
+
 def load_predictor(model_path: str | Path, base_model_path: str | Path | None = None,
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Predictor:
     """Resolve `model_path` (and the base it needs) into a Predictor in eval mode."""
     path = Path(model_path)
-    if not path.is_dir():
-        raise NCALError(f"--model_path {model_path}: not a folder")
-    run = _read_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else {}
+    run = read_run(path)
     config = run.get("config", {})
     is_adapter = (path / "adapter_config.json").is_file()
     if is_adapter:

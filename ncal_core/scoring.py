@@ -83,6 +83,6 @@ def score_labels(model: QwenModel, prompts: Sequence[list[int]], label_ids: Sequ
 
 
 def ensemble_log_probs(score_sets: Sequence[Tensor]) -> Tensor:
-    """Several models' label scores [N, K] as one: the mean of each model's log-softmax over the K labels
-    (the log of the normalised geometric mean of their label probabilities)."""
-    return torch.stack([torch.log_softmax(scores.float(), dim=1) for scores in score_sets]).mean(0)
+    """Several models' label scores [N, K] as one: label log-probabilities [N, K] proportional to the geometric
+    mean of the models' label probabilities (the mean of their log-softmax over the K labels)."""
+    return torch.stack([torch.log_softmax(scores.float(), dim=1) for scores in score_sets]).mean(0).log_softmax(1)

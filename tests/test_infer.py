@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from ncal_core.errors import NCALError
 from ncal_core.infer import main
+from ncal_core.predictor import load_predictor
 from ncal_core.prompts import load_tokenizer
 from ncal_core.run_files import RUN_FILE
 
@@ -79,15 +82,55 @@ def test_several_models_score_as_the_mean_of_their_label_log_probabilities(base,
     assert not torch.allclose(each[0], each[1], atol=1e-2)
 
 
-def test_an_ensemble_needs_one_label_set(base, rows_file, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(base, other)
-    (other / RUN_FILE).write_text(json.dumps({"labels": ["甲", "乙"]}, ensure_ascii=False), encoding="utf-8")
-    first = tmp_path / "first"
-    shutil.copytree(base, first)
-    (first / RUN_FILE).write_text(json.dumps({"labels": LABELS}, ensure_ascii=False), encoding="utf-8")
-    with pytest.raises(NCALError, match=f"--model_path {other}: trained on the labels 甲,乙, not "):
+def _recorded(folder, target, labels, counts):
+    """A copy of `folder` with the label set and class counts a training run records."""
+    shutil.copytree(folder, target)
+    (target / RUN_FILE).write_text(json.dumps({"labels": labels, "label_counts": counts}, ensure_ascii=False),
+                                   encoding="utf-8")
+    return target
+
+
+def test_an_ensemble_adjusts_each_model_by_its_own_prior_and_holds_one_model_at_a_time(base, rows_file, tmp_path,
+                                                                                       monkeypatch):
+    other = make_checkpoint_with_tokenizer(tmp_path / "other", seed=1)
+    counts = [50, 30, 15, 5][: len(LABELS)]
+    first = _recorded(base, tmp_path / "first", LABELS, counts)
+    # the same label set in another order, with other counts: scored by label name
+    second = _recorded(other, tmp_path / "second", LABELS[::-1], [c * 2 + 1 for c in counts][::-1])
+    loaded = []
+
+    def load_one_at_a_time(path, *args, **kwargs):
+        assert all(ref() is None for ref in loaded), "the previous model is still in memory"
+        predictor = load_predictor(path, *args, **kwargs)
+        loaded.append(weakref.ref(predictor.model))
+        return predictor
+
+    monkeypatch.setattr("ncal_core.infer.load_predictor", load_one_at_a_time)
+    path, rows = rows_file
+    out, tau = tmp_path / "p.jsonl", 0.7
+    assert main(["--model_path", f"{first},{second}", "--prompts_file", str(path), "--output_file", str(out),
+                 "--logit_adjust_tau", str(tau)]) == 0
+    assert len(loaded) == 2
+    ours = torch.tensor([[p["scores"][label] for label in LABELS] for p in _read_jsonl(out)])
+    log_prior = [torch.tensor(c, dtype=torch.float64).div(sum(c)).log().float()
+                 for c in (counts, [c * 2 + 1 for c in counts])]
+    adjusted = [(reference_probabilities(AutoModelForCausalLM.from_pretrained(folder).eval(), load_tokenizer(folder),
+                                         _messages(rows), LABELS).log() - tau * prior).log_softmax(1)
+                for folder, prior in zip((base, other), log_prior)]
+    assert torch.allclose(ours, torch.softmax((adjusted[0] + adjusted[1]) / 2, dim=1), atol=ATOL_FP32)
+
+
+def test_an_ensemble_needs_one_label_set_and_is_checked_before_any_model_is_read(base, rows_file, tmp_path,
+                                                                                 monkeypatch):
+    first = _recorded(base, tmp_path / "first", LABELS, [1] * len(LABELS))
+    other = _recorded(base, tmp_path / "other", ["甲", "乙"], [1, 1])
+    monkeypatch.setattr("ncal_core.infer.load_predictor", lambda *a, **k: pytest.fail("a model was read"))
+    with pytest.raises(NCALError, match=re.escape(f"--model_path {other}: trained on the labels 甲,乙, not ")):
         main(["--model_path", f"{first},{other}", "--prompts_file", str(rows_file[0])])
+    with pytest.raises(NCALError, match=re.escape(f"--model_path {tmp_path / 'missing'}: not a folder")):
+        main(["--model_path", f"{first},{tmp_path / 'missing'}", "--prompts_file", str(rows_file[0])])
+    with pytest.raises(NCALError, match=re.escape(f"--logit_adjust_tau: {base} records no training class counts")):
+        main(["--model_path", f"{first},{base}", "--prompts_file", str(rows_file[0]), "--logit_adjust_tau", "1"])
 
 
 def test_adapter_saved_by_peft_works_over_its_base(base, rows_file, tmp_path):

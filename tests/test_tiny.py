@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from checkpoint_with_tokenizer import LABELS, TEXTS
@@ -46,3 +48,16 @@ def test_tiny_checkpoint_is_deterministic_and_cached(tmp_path, monkeypatch):
         assert (first / name).read_bytes() == (other / name).read_bytes(), name
     assert tiny_checkpoint(TEXTS, **{**kwargs, "seed": 2}) != first
     assert tiny_checkpoint(TEXTS, **{**kwargs, "tied": False}) != first
+
+
+@pytest.mark.parametrize("flag,tied", [("true", True), ("false", False)])
+def test_train_builds_the_tiny_model_its_flags_describe(tmp_path, monkeypatch, flag, tied):
+    from ncal_core.cli import parse_config
+    from ncal_core.train import _base_model
+    from ncal_core.train_config import TrainConfig
+
+    monkeypatch.setenv("NCAL_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = parse_config(TrainConfig, ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_vocab_size",
+                                     "300", "--tiny_tied_embeddings", flag], "", "train")
+    config = json.loads((_base_model(cfg, TEXTS) / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["tie_word_embeddings"]) == (32, 1, tied)
