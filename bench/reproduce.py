@@ -6,8 +6,10 @@ split and TMWPL test once. Settings that need tuning (the post-hoc logit-adjustm
 on the development split only; test numbers are reported for what the development split chose.
 Each method's macro-F1 is compared with SFT's scored the same way (`x+LA` with `sft+LA`, `x` with `sft`,
 `sft+LA` with `sft`): the mean difference over seeds and its paired-bootstrap 95% interval over test rows.
-The seeds of a method are also scored as one ensemble (the mean of their label log-probabilities, as
-`python -m ncal_core.infer --model_path A,B,C` scores them), compared with the SFT seeds' ensemble alike.
+A method with TC is also compared with its SFT twin, the method that trains exactly alike with TC off
+(`sft_twin`): that difference is TC's own share. The seeds of a method are also scored as one ensemble
+(the mean of their label log-probabilities, as `python -m ncal_core.infer --model_path A,B,C` scores
+them), and a TC method's ensemble is compared with its twin's.
 
     python bench/reproduce.py                       # the table in README.md (several hours on 2 cores)
     python bench/reproduce.py --methods sft,ncal --seeds 0,1,2
@@ -120,6 +122,18 @@ def stale_settings(recorded: dict, flags: list[str]) -> dict[str, tuple]:
     wanted = vars(parse_config(TrainConfig, flags, "", "python -m ncal_core.train"))
     ignored = NOT_TRAINING | (unused_settings(recorded) & unused_settings(wanted))
     return {k: (recorded[k], v) for k, v in wanted.items() if k in recorded and k not in ignored and recorded[k] != v}
+
+
+def sft_twin(method: str) -> str | None:
+    """The method without TC that trains exactly as `method` does with TC off (its share of a result is TC's);
+    None for a method without TC or without such a twin."""
+    flags = [*PINNED, *METHODS[method]]
+    config = vars(parse_config(TrainConfig, flags, "", ""))
+    if not uses_tc(config["use_etf_loss"], config["lambda_lc"]):
+        return None
+    tc_off = vars(parse_config(TrainConfig, [*flags, "--use_etf_loss", "false"], "", ""))
+    return next((other for other in METHODS if other != method
+                 and not stale_settings(tc_off, [*PINNED, *METHODS[other]])), None)
 
 
 def _run(method: str, seed: int, out: Path, common: list[str]) -> Path:
@@ -239,12 +253,19 @@ def summarise(results: dict[str, dict[int, dict]], out: Path) -> list[dict]:
             rows.append(row)
     seeds = {row["method"]: row["seeds"] for row in rows}
     for row in rows:
-        base = _baseline(row["method"])
-        if row["method"] != "sft" and seeds.get(base) == row["seeds"]:
-            row["delta_vs_sft"] = _bootstrap_delta(gold, preds[base], preds[row["method"]], labels)
+        name = row["method"]
+        base = _baseline(name)
+        if name != "sft" and seeds.get(base) == row["seeds"]:
+            row["delta_vs_sft"] = _bootstrap_delta(gold, preds[base], preds[name], labels)
+        method, adjusted = name.removesuffix("+LA"), name.endswith("+LA")
+        twin = sft_twin(method)
+        twin_name = f"{twin}+LA" if twin and adjusted else twin
+        if twin_name and seeds.get(twin_name) == row["seeds"]:
+            row["twin"] = twin_name
+            row["delta_vs_twin"] = _bootstrap_delta(gold, preds[twin_name], preds[name], labels)
             if row["ensemble"]:
-                row["ensemble"]["delta_vs_sft"] = _bootstrap_delta(gold, preds[f"{base} ensemble"],
-                                                                   preds[f"{row['method']} ensemble"], labels)
+                row["ensemble"]["delta_vs_twin"] = _bootstrap_delta(gold, preds[f"{twin_name} ensemble"],
+                                                                    preds[f"{name} ensemble"], labels)
     return rows
 
 
@@ -254,27 +275,26 @@ def _baseline(method: str) -> str:
     return "sft+LA" if method.endswith("+LA") and method != "sft+LA" else "sft"
 
 
-def _ensemble_cells(ensemble: dict | None) -> str:
-    if not ensemble:
-        return "– | –"
-    delta = ensemble.get("delta_vs_sft")
-    return f"{ensemble['macro_f1']:.3f} | " + (f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–")
+def _delta_cell(delta: tuple[float, float, float] | None) -> str:
+    return f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–"
 
 
 def write_table(rows: list[dict], path: Path) -> None:
     """The markdown table the README quotes."""
     tail_names = list(rows[0]["tail_f1"])
     head = ("| method | seeds | dev macro-F1 | accuracy | macro-F1 | Δ macro-F1 vs SFT scored alike [95% CI] | "
-            + " | ".join(f"F1 {n}" for n in tail_names) + " | seed ensemble macro-F1 | Δ ensemble vs SFT's [95% CI] |")
-    lines = [head, "|" + "---|" * (8 + len(tail_names))]
+            "Δ vs its SFT twin: TC's share [95% CI] | " + " | ".join(f"F1 {n}" for n in tail_names)
+            + " | seed ensemble macro-F1 | its Δ vs the SFT twin's ensemble [95% CI] |")
+    lines = [head, "|" + "---|" * (9 + len(tail_names))]
     for row in rows:
-        delta = row.get("delta_vs_sft")
-        delta_text = f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–"
-        lines.append(f"| {row['method']} | {len(row['seeds'])} | {row['dev_macro_f1_mean']:.3f} "
-                     f"| {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}"
-                     f" | {row['macro_f1_mean']:.3f} ± {row['macro_f1_std']:.3f} | {delta_text} | "
-                     + " | ".join(f"{row['tail_f1'][n]:.3f}" for n in tail_names) + " | "
-                     + _ensemble_cells(row.get("ensemble")) + " |")
+        ensemble = row.get("ensemble") or {}
+        cells = [row["method"], str(len(row["seeds"])), f"{row['dev_macro_f1_mean']:.3f}",
+                 f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}",
+                 f"{row['macro_f1_mean']:.3f} ± {row['macro_f1_std']:.3f}",
+                 _delta_cell(row.get("delta_vs_sft")), _delta_cell(row.get("delta_vs_twin")),
+                 *(f"{row['tail_f1'][n]:.3f}" for n in tail_names),
+                 f"{ensemble['macro_f1']:.3f}" if ensemble else "–", _delta_cell(ensemble.get("delta_vs_twin"))]
+        lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

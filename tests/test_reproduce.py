@@ -41,7 +41,7 @@ def test_quick_reproduce_writes_the_table_json_and_plot(tmp_path, tmwpl_dir):
     assert [r["method"] for r in rows] == ["sft", "sft+LA", "ncal", "ncal+LA"]
     for row in rows:
         assert 0 <= row["macro_f1_mean"] <= 1 and 0 <= row["dev_macro_f1_mean"] <= 1 and len(row["tail_f1"]) == 3
-    assert "delta_vs_sft" in rows[2]
+    assert "delta_vs_sft" in rows[2] and rows[2]["twin"] == "sft" and "delta_vs_twin" in rows[2]
     table = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     assert table.count("\n") == 2 + len(rows)
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
@@ -68,7 +68,19 @@ def test_settings_of_a_part_that_is_off_do_not_make_a_run_stale():
     assert stale_settings(recorded("sft", *lora, "--lora_dropout", "0"), [*sft, *lora]) == {"lora_dropout": (0.0, 0.1)}
 
 
-def test_seed_ensemble_row_scores_the_mean_label_log_probabilities_with_tau_from_dev(tmp_path):
+def test_sft_twin_is_the_method_that_trains_alike_with_tc_off():
+    sys.path.insert(0, str(REPO / "bench"))
+    from reproduce import sft_twin
+
+    assert sft_twin("ncal") == sft_twin("ncal_mean_l1") == sft_twin("etf_target") == "sft"
+    assert sft_twin("ncal_mean_l1_sqrt") == sft_twin("ncal_sqrt") == "sft_sqrt"
+    assert sft_twin("ncal_la_loss") == "sft_la_loss" and sft_twin("ncal_drw") == "sft_drw"
+    assert sft_twin("ncal_mean_l1_sqrt_e5") == "sft_sqrt_e5"
+    assert sft_twin("ncal_mean_l1_sqrt_lr5e-4") is None  # no SFT run at that learning rate
+    assert sft_twin("sft") is None and sft_twin("sft_sqrt") is None
+
+
+def test_seed_ensembles_score_the_mean_label_log_probabilities_with_tau_from_dev(tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from reproduce import TAUS, summarise, write_table
     from sklearn.metrics import f1_score
@@ -76,35 +88,36 @@ def test_seed_ensemble_row_scores_the_mean_label_log_probabilities_with_tau_from
     labels, counts = ["a", "b", "c"], [80, 15, 5]
     gen = torch.Generator().manual_seed(0)
     gold = {"dev": torch.arange(30) % 3, "test": torch.arange(60) % 3}
-
     prior = torch.tensor(counts, dtype=torch.float64).div(sum(counts)).log().float()
 
-    def run() -> dict:
+    def run(signal: float) -> dict:
         """Label scores right more often than not and leaning to the head class (as an unadjusted model's do),
         on a different scale per run."""
         res = {"labels": labels, "label_counts": counts}
         for split, g in gold.items():
-            scores = torch.randn(len(g), 3, generator=gen) + 1.5 * torch.nn.functional.one_hot(g, 3) + prior
+            scores = torch.randn(len(g), 3, generator=gen) + signal * torch.nn.functional.one_hot(g, 3) + prior
             res[split] = {"scores": (scores * (1 + torch.rand(1, generator=gen)) - 5).tolist(), "gold": g.tolist()}
         return res
 
-    results = {"sft": {0: run(), 1: run(), 2: run()}}
-    rows = summarise(results, Path("unused"))
+    results = {"sft": {s: run(1.0) for s in range(3)}, "ncal": {s: run(1.5) for s in range(3)}}
+    rows = {row["method"]: row for row in summarise(results, Path("unused"))}
 
-    def mean_log_probs(split: str) -> torch.Tensor:
-        return torch.stack([torch.tensor(r[split]["scores"]).log_softmax(1) for r in results["sft"].values()]).mean(0)
+    def macro_f1(method: str, split: str, tau: float) -> float:
+        mean = torch.stack([torch.tensor(r[split]["scores"]).log_softmax(1) for r in results[method].values()]).mean(0)
+        return f1_score(gold[split], (mean - tau * prior).argmax(1), average="macro")
 
-    def macro_f1(split: str, tau: float) -> float:
-        pred = (mean_log_probs(split) - tau * prior).argmax(1)
-        return f1_score(gold[split], pred, average="macro")
+    def dev_tau(method: str) -> float:  # the first of TAUS best on dev
+        return TAUS[max(range(len(TAUS)), key=lambda i: (macro_f1(method, "dev", TAUS[i]), -i))]
 
-    plain, adjusted = rows
-    assert plain["ensemble"]["tau"] == 0.0
-    assert plain["ensemble"]["macro_f1"] == pytest.approx(macro_f1("test", 0.0))
-    tau = TAUS[max(range(len(TAUS)), key=lambda i: (macro_f1("dev", TAUS[i]), -i))]  # the first best on dev
-    assert adjusted["ensemble"]["tau"] == tau > 0  # the balanced dev split undoes the lean to the head class
-    assert adjusted["ensemble"]["macro_f1"] == pytest.approx(macro_f1("test", tau))
-    delta = macro_f1("test", tau) - macro_f1("test", 0.0)
-    assert delta > 0 and adjusted["ensemble"]["delta_vs_sft"][0] == pytest.approx(delta)
-    write_table(rows, tmp_path / "t.md")
-    assert f"| {adjusted['ensemble']['macro_f1']:.3f} | {delta:+.3f} [" in (tmp_path / "t.md").read_text()
+    for method in results:
+        assert rows[method]["ensemble"]["tau"] == 0.0
+        assert rows[method]["ensemble"]["macro_f1"] == pytest.approx(macro_f1(method, "test", 0.0))
+        tau = dev_tau(method)
+        assert rows[f"{method}+LA"]["ensemble"]["tau"] == tau > 0  # the balanced dev split undoes the lean
+        assert rows[f"{method}+LA"]["ensemble"]["macro_f1"] == pytest.approx(macro_f1(method, "test", tau))
+    assert rows["ncal+LA"]["twin"] == "sft+LA" and "delta_vs_twin" not in rows["sft+LA"]
+    delta = macro_f1("ncal", "test", dev_tau("ncal")) - macro_f1("sft", "test", dev_tau("sft"))
+    assert delta != 0 and rows["ncal+LA"]["ensemble"]["delta_vs_twin"][0] == pytest.approx(delta)
+    write_table(list(rows.values()), tmp_path / "t.md")
+    line = next(x for x in (tmp_path / "t.md").read_text().splitlines() if x.startswith("| ncal+LA |"))
+    assert f"| {rows['ncal+LA']['ensemble']['macro_f1']:.3f} | {delta:+.3f} [" in line
