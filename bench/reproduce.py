@@ -81,8 +81,6 @@ METHODS: dict[str, list[str]] = {
                                  "--learning_rate", "2e-3"],
     "ncal_mean_l1_sqrt_e2": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
                              "--num_train_epochs", "2"],
-    "ncal_mean_l1_sqrt_h384": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
-                               "--tiny_hidden_size", "384"],
     "sft_untied": ["--use_etf_loss", "false", "--tiny_tied_embeddings", "false"],
     "ncal_mean_l1_sqrt_untied": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
                                  "--tiny_tied_embeddings", "false"],
