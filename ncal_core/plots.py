@@ -258,19 +258,22 @@ def comparison_plot(rows: list[dict], path: str | Path) -> None:
     if not rows:
         raise NCALError("comparison_plot needs at least one row")
     with _text_setting([row["method"] for row in rows], "M", "method") as (names, caption):
-        fig = Figure(figsize=(max(6.0, 1.6 * len(rows) + 2.0), 4.8))
+        # one line a method, top to bottom in table order, so that tens of methods stay readable
+        fig = Figure(figsize=(9.0, max(4.2, 0.42 * len(rows) + 1.6)))
         ax = fig.add_subplot()
-        x = np.arange(len(rows))
+        y = np.arange(len(rows))
         for offset, metric, colour in ((-0.19, "macro_f1", "tab:blue"), (0.19, "accuracy", "tab:orange")):
             means = [row[f"{metric}_mean"] for row in rows]
             stds = [row[f"{metric}_std"] for row in rows]
-            bars = ax.bar(x + offset, means, 0.36, yerr=stds, capsize=4, color=colour,
-                          label=metric.replace("_f1", "-F1"), error_kw={"linewidth": 1})
-            for bar, mean, std in zip(bars, means, stds):
-                _label_bar(ax, bar, mean + std, f"{mean:.3f}\n±{std:.3f}")
-        top = max(row[f"{m}_mean"] + row[f"{m}_std"] for row in rows for m in ("macro_f1", "accuracy"))
-        _name_ticks(ax, names)
-        ax.set(ylim=(0, top * 1.15 or 1.0), xlabel=caption, ylabel="score")
+            ax.barh(y + offset, means, 0.36, xerr=stds, capsize=3, color=colour,
+                    label=metric.replace("_f1", "-F1"), error_kw={"linewidth": 1})
+            for pos, mean, std in zip(y + offset, means, stds):
+                ax.annotate(f"{mean:.3f} ± {std:.3f}", (mean + std, pos), xytext=(3, 0), textcoords="offset points",
+                            ha="left", va="center", fontsize=7)
+        right = max(row[f"{m}_mean"] + row[f"{m}_std"] for row in rows for m in ("macro_f1", "accuracy"))
+        ax.set_yticks(y, names)
+        ax.invert_yaxis()
+        ax.set(xlim=(0, right * 1.25 or 1.0), ylabel=caption, xlabel="score")
         ax.set_title("Methods compared (mean ± std over seeds)", pad=24)
         ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False)
         ax.spines[["top", "right"]].set_visible(False)
