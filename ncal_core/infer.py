@@ -16,7 +16,7 @@ from ncal_core.errors import NCALError, run_cli
 from ncal_core.generate import greedy_generate
 from ncal_core.longtail import log_prior
 from ncal_core.metrics import classification_report, format_report
-from ncal_core.predictor import Predictor, load_predictor, read_run
+from ncal_core.predictor import Predictor, load_predictor, open_model_folder
 from ncal_core.prompts import PromptBuilder
 from ncal_core.scoring import ensemble_log_probs, score_labels
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.metrics_file and (cfg.interactive or any(row.label is None for row in rows)):
         raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
     # every model's folder and records are checked before the first is read
-    runs = [read_run(path) for path in cfg.model_path]
+    runs = [open_model_folder(path, cfg.base_model_path).run for path in cfg.model_path]
     labels = _labels(cfg, runs[0].get("labels"), rows)
     gold_rows = [row for row in rows if row.label is not None]
     if gold_rows:

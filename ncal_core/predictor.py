@@ -41,36 +41,45 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise NCALError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def read_run(model_path: str | Path) -> dict[str, Any]:
-    """What the training run of a model folder recorded (labels, label_counts, config), {} for a foreign model."""
+@dataclass
+class ModelFolder:
+    """A model folder checked before any weight is read."""
+
+    path: Path
+    run: dict[str, Any]  # what its training run recorded (labels, label_counts, config); {} for a foreign model
+    base: Path | None    # the base checkpoint under an adapter; None for a full checkpoint
+
+
+def open_model_folder(model_path: str | Path, base_model_path: str | Path | None = None) -> ModelFolder:
+    """What `model_path` is (adapter or full checkpoint), the base an adapter needs, and its run's record."""
     path = Path(model_path)
     if not path.is_dir():
         raise NCALError(f"--model_path {model_path}: not a folder")
-    return _read_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else {}
-
-
-def load_predictor(model_path: str | Path, base_model_path: str | Path | None = None,
-                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Predictor:
-    """Resolve `model_path` (and the base it needs) into a Predictor in eval mode."""
-    path = Path(model_path)
-    run = read_run(path)
-    config = run.get("config", {})
-    is_adapter = (path / "adapter_config.json").is_file()
-    if is_adapter:
+    run = _read_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else {}
+    if (path / "adapter_config.json").is_file():
         base = base_model_path or run.get("base_model") \
             or _read_json(path / "adapter_config.json").get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise NCALError(f"{path / 'adapter_config.json'}: base_model_name_or_path: the base checkpoint "
                             f"{base!r} is not a local folder; pass --base_model_path")
-        model = load_model(base, dtype=dtype, device=device)
+        return ModelFolder(path, run, Path(base))
+    if (path / "config.json").is_file():
+        return ModelFolder(path, run, None)
+    raise NCALError(f"--model_path {model_path}: neither a checkpoint (config.json) nor an adapter "
+                    "(adapter_config.json)")
+
+
+def load_predictor(model_path: str | Path, base_model_path: str | Path | None = None,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Predictor:
+    """Resolve `model_path` (and the base it needs) into a Predictor in eval mode."""
+    folder = open_model_folder(model_path, base_model_path)
+    path, run, config = folder.path, folder.run, folder.run.get("config", {})
+    if folder.base is not None:
+        model = load_model(folder.base, dtype=dtype, device=device)
         load_adapter(model, path)
-    elif (path / "config.json").is_file():
-        base = path
-        model = load_model(path, dtype=dtype, device=device)
     else:
-        raise NCALError(f"--model_path {model_path}: neither a checkpoint (config.json) nor an adapter "
-                        "(adapter_config.json)")
-    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
+        model = load_model(path, dtype=dtype, device=device)
+    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else folder.base or path
     model.eval()
     return Predictor(model=model, tokenizer=load_tokenizer(tokenizer_dir), labels=run.get("labels"),
                      label_counts=run.get("label_counts"),

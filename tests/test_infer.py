@@ -129,6 +129,9 @@ def test_an_ensemble_needs_one_label_set_and_is_checked_before_any_model_is_read
         main(["--model_path", f"{first},{other}", "--prompts_file", str(rows_file[0])])
     with pytest.raises(NCALError, match=re.escape(f"--model_path {tmp_path / 'missing'}: not a folder")):
         main(["--model_path", f"{first},{tmp_path / 'missing'}", "--prompts_file", str(rows_file[0])])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NCALError, match=re.escape(f"--model_path {tmp_path / 'empty'}: neither a checkpoint")):
+        main(["--model_path", f"{first},{tmp_path / 'empty'}", "--prompts_file", str(rows_file[0])])
     with pytest.raises(NCALError, match=re.escape(f"--logit_adjust_tau: {base} records no training class counts")):
         main(["--model_path", f"{first},{base}", "--prompts_file", str(rows_file[0]), "--logit_adjust_tau", "1"])
 
