@@ -250,13 +250,14 @@ def summarise(results: dict[str, dict[int, dict]], out: Path) -> list[dict]:
                    "ensemble": ensemble}
             rows.append(row)
     seeds = {row["method"]: row["seeds"] for row in rows}
+    twins = {method: sft_twin(method) for method in results}
     for row in rows:
         name = row["method"]
         base = _baseline(name)
         if name != "sft" and seeds.get(base) == row["seeds"]:
             row["delta_vs_sft"] = _bootstrap_delta(gold, preds[base], preds[name], labels)
         method, adjusted = name.removesuffix("+LA"), name.endswith("+LA")
-        twin = sft_twin(method)
+        twin = twins[method]
         twin_name = f"{twin}+LA" if twin and adjusted else twin
         if twin_name and seeds.get(twin_name) == row["seeds"]:
             row["twin"] = twin_name

@@ -85,8 +85,10 @@ def _offset(cfg: InferConfig, path: str, run: dict, labels: list[str]) -> torch.
 
 def _check_ensemble(paths: list[str], runs: list[dict], labels: list[str]) -> None:
     """The models of an ensemble score one label set: each that records its labels was trained on it."""
+    if len(paths) == 1:
+        return
     for path, run in zip(paths, runs):
-        if len(paths) > 1 and run.get("labels") and set(run["labels"]) != set(labels):
+        if run.get("labels") and set(run["labels"]) != set(labels):
             raise NCALError(f"--model_path {path}: trained on the labels {','.join(run['labels'])}, not "
                             f"{','.join(labels)}; the models of an ensemble score one label set")
 

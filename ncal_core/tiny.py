@@ -59,6 +59,7 @@ def tiny_checkpoint(texts: Sequence[str], *, seed: int, vocab_size: int = 4096, 
     digest = hashlib.sha256()
     for text in texts:
         digest.update(text.encode("utf-8") + b"\0")
+    # a tied model keeps the key it had before untied heads existed, so its cached build stays valid
     digest.update(f"{seed}/{vocab_size}/{hidden_size}/{num_layers}{'' if tied else '/untied'}".encode())
     target = cache_root() / "models" / f"tiny-qwen2-{digest.hexdigest()[:16]}"
     if (target / "model.safetensors").is_file():
