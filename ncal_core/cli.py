@@ -2,14 +2,18 @@
 
 Each field of the dataclass is one flag of the same name; its `metadata["help"]` is the help text.
 Precedence: defaults < `--config FILE` < flags on the command line. Booleans are written
-`true`/`false` like the reference's HfArgumentParser; list fields take comma-separated values.
+`true`/`false` like the reference's HfArgumentParser, and a bare `--flag` means true; list fields
+take comma-separated values. Flags must be spelled out: a prefix (`--lr` for `--lr_scheduler_type`)
+is refused with the closest real flag named, never taken for the flag it abbreviates.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -26,6 +30,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
+
+# Common short names that difflib cannot tie to their flag (too few letters in common); consulted
+# only when get_close_matches finds nothing, and only for flags the command has.
+_ALIASES = {"lr": "learning_rate"}
 
 
 def flag(default: Any, help: str) -> Any:
@@ -104,28 +112,87 @@ def _help(field: dataclasses.Field) -> str:
     return f"{field.metadata.get('help', '')} (default: {default})"
 
 
+def did_you_mean(name: str, names: list[str]) -> str:
+    """`; did you mean --x?` for the real flag closest to a misspelt or abbreviated `name`, else ''."""
+    word = name.lstrip("-")
+    close = difflib.get_close_matches(word, names, n=1) or difflib.get_close_matches(word.replace("-", "_"), names, n=1)
+    if not close and _ALIASES.get(word) in names:
+        close = [_ALIASES[word]]
+    return f"; did you mean --{close[0]}?" if close else ""
+
+
+def _option_name(arg: str) -> str | None:
+    """The flag an argv word names (`--x` or `--x=value` -> `--x`); None for a value.
+
+    Mirrors how argparse sorts words: one starting with '-' is a flag unless it is a negative number
+    or (before any '=') holds a space.
+    """
+    if len(arg) < 2 or not arg.startswith("-"):
+        return None
+    name = arg.split("=", 1)[0]
+    if " " in name or _looks_negative(arg):
+        return None
+    return name
+
+
+def _looks_negative(arg: str) -> bool:
+    try:
+        float(arg)
+    except ValueError:
+        return False
+    return True
+
+
+def _refuse_unknown_flags(argv: list[str], known: set[str], names: list[str]) -> None:
+    """NCALError for the first flag in `argv` that is not spelled exactly as one of `known`.
+
+    argparse's allow_abbrev=False already refuses prefixes on the Pythons we know, but this check
+    does not depend on that, and it can name the flag that was probably meant.
+    """
+    for arg in argv:
+        if arg == "--":  # argparse reads everything after it as values
+            return
+        name = _option_name(arg)
+        if name is not None and name not in known:
+            raise NCALError(f"command line: {name}: no such flag{did_you_mean(name, names)} (see --help)")
+
+
+def _add_field(parser: argparse.ArgumentParser, name: str, field: dataclasses.Field, annotation: Any) -> list[str]:
+    """One field as a flag (a boolean may stand alone: `--flag` is `--flag true`); its option strings."""
+    kind, is_list = _base_type(annotation)
+    if kind is bool:
+        action = parser.add_argument(f"--{name}", default=None, nargs="?", const="true", metavar="true|false",
+                                     help=_help(field))
+    else:
+        action = parser.add_argument(f"--{name}", default=None, metavar="A,B,..." if is_list else kind.__name__.upper(),
+                                     help=_help(field))
+    return action.option_strings
+
+
 def parse_config(cls: type[C], argv: list[str] | None, description: str, prog: str) -> C:
     """Build `cls` from defaults, an optional `--config` file and the command line."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", metavar="FILE",
-                        help="JSON or YAML file whose keys are flag names; flags given here win")
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    known = {"-h", "--help"}
+    known.update(parser.add_argument("--config", metavar="FILE",
+                                     help="JSON or YAML file whose keys are flag names; flags given here win")
+                 .option_strings)
     for name, field in fields.items():
-        kind, is_list = _base_type(hints[name])
-        metavar = "true|false" if kind is bool else ("A,B,..." if is_list else kind.__name__.upper())
-        parser.add_argument(f"--{name}", default=None, metavar=metavar, help=_help(field))
+        known.update(_add_field(parser, name, field, hints[name]))
 
     def error(message: str) -> typing.NoReturn:
         raise NCALError(f"command line: {message} (see --help)")
 
     parser.error = error  # type: ignore[method-assign]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _refuse_unknown_flags(argv, known, [*fields, "config", "help"])
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config:
         for key, raw in _read_config_file(args.config).items():
             if key not in fields:
-                raise NCALError(f"{args.config}: {key}: not a flag of {prog}")
+                raise NCALError(f"{args.config}: {key}: not a flag of {prog}{did_you_mean(key, list(fields))}")
             values[key] = _convert(key, raw, hints[key], args.config)
     for name in fields:
         raw = getattr(args, name)

@@ -8,6 +8,7 @@ import pytest
 
 from ncal_core.cli import parse_bool, parse_config
 from ncal_core.errors import NCALError
+from ncal_core.infer import InferConfig
 from ncal_core.train_config import TrainConfig
 
 
@@ -15,9 +16,21 @@ def parse(argv):
     return parse_config(TrainConfig, argv, description="test", prog="train")
 
 
-def test_defaults_when_no_flags():
+def parse_infer(argv):
+    return parse_config(InferConfig, argv, description="test", prog="infer")
+
+
+def test_defaults_when_no_flags_are_the_documented_ones():
+    """A few defaults as the README's flag table states them (a parser that drops or mangles defaults fails)."""
     cfg = parse([])
-    assert cfg == TrainConfig()
+    assert (cfg.dataset_path, cfg.model_name_or_path, cfg.output_dir) == ("tmwpl", "tiny", "outputs/ncal-tiny-tmwpl")
+    assert (cfg.cutoff_len, cfg.lora_r, cfg.max_steps, cfg.seed) == (2048, 8, -1, 42)
+    assert cfg.per_device_train_batch_size == 32
+    assert (cfg.lambda_lc, cfg.lora_alpha, cfg.logit_adjust_tau, cfg.num_train_epochs) == (1.0, 32.0, 1.5, 3.0)
+    assert cfg.use_etf_loss is True and cfg.class_diff is True and cfg.bf16 is False
+    assert cfg.use_lora is None and cfg.learning_rate is None and cfg.label_types is None
+    assert cfg.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cfg.lr_scheduler_type == "linear" and cfg.pooling == "mean" and cfg.resample == "sqrt"
 
 
 def test_booleans_lists_and_numbers_parse_like_the_reference():
@@ -40,7 +53,8 @@ def test_config_file_is_read_and_flags_win(tmp_path, suffix, writer):
 @pytest.mark.parametrize("argv,fragment", [
     (["--use_lora", "maybe"], "--use_lora: expected true or false"),
     (["--max_steps", "1.5"], "--max_steps"),
-    (["--no_such_flag", "1"], "unrecognized arguments"),
+    (["--no_such_flag", "1"], "--no_such_flag: no such flag"),
+    (["--seed", "1", "extra"], "unrecognized arguments: extra"),
 ])
 def test_bad_flags_are_one_line_errors(argv, fragment):
     with pytest.raises(NCALError) as err:
@@ -51,8 +65,62 @@ def test_bad_flags_are_one_line_errors(argv, fragment):
 def test_config_file_with_an_unknown_key_names_file_and_key(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lamda_lc": 1}))
-    with pytest.raises(NCALError, match=r"c\.json: lamda_lc: not a flag"):
+    with pytest.raises(NCALError, match=r"c\.json: lamda_lc: not a flag of train; did you mean --lambda_lc\?"):
         parse(["--config", str(path)])
+
+
+@pytest.mark.parametrize("argv,flag,meant", [
+    (["--lr", "1e-4"], "--lr", "--learning_rate"),  # a prefix of --lr_scheduler_type, not taken for it
+    (["--lr=1e-4"], "--lr", "--learning_rate"),
+    (["--lr_sched", "cosine"], "--lr_sched", "--lr_scheduler_type"),
+    (["--output", "runs/x"], "--output", "--output_dir"),
+    (["--output=runs/x"], "--output", "--output_dir"),
+    (["--seed", "1", "--lamda_lc", "1"], "--lamda_lc", "--lambda_lc"),
+    (["--learning-rate", "1e-4"], "--learning-rate", "--learning_rate"),
+])
+def test_prefixes_and_misspellings_are_refused_naming_the_closest_flag(argv, flag, meant):
+    with pytest.raises(NCALError) as err:
+        parse(argv)
+    message = str(err.value)
+    assert message == f"command line: {flag}: no such flag; did you mean {meant}? (see --help)"
+
+
+def test_an_unknown_flag_far_from_every_flag_gets_no_suggestion():
+    with pytest.raises(NCALError) as err:
+        parse(["--zzzzqqq", "1"])
+    assert str(err.value) == "command line: --zzzzqqq: no such flag (see --help)"
+
+
+def test_a_prefix_of_a_boolean_is_not_taken_for_it():
+    with pytest.raises(NCALError, match=r"--inter: no such flag; did you mean --interactive\?"):
+        parse_infer(["--inter"])
+
+
+@pytest.mark.parametrize("argv", [["--interactive"], ["--interactive", "--model_path", "m"],
+                                  ["--model_path", "m", "--interactive"], ["--interactive=true"],
+                                  ["--interactive", "yes", "--generate", "false"]])
+def test_a_bare_boolean_flag_means_true(argv):
+    cfg = parse_infer(argv)
+    assert cfg.interactive is True and cfg.generate is False
+    assert cfg.model_path == (["m"] if "m" in argv else None)
+
+
+def test_a_boolean_flag_still_takes_true_or_false():
+    assert parse(["--use_lora", "false", "--bf16", "true"]).use_lora is False
+    assert parse(["--use_lora=false", "--bf16=true"]).bf16 is True
+    assert parse(["--overwrite_output_dir", "--seed", "3"]).overwrite_output_dir is True
+
+
+def test_flag_equals_value_form():
+    cfg = parse(["--learning_rate=1e-4", "--target_modules=q_proj,v_proj", "--lambda_lc=-1",
+                 "--instruction=a = b"])
+    assert cfg.learning_rate == 1e-4 and cfg.target_modules == ["q_proj", "v_proj"] and cfg.lambda_lc == -1.0
+    assert cfg.instruction == "a = b"
+
+
+def test_values_that_start_with_a_dash_are_not_taken_for_flags():
+    cfg = parse(["--lambda_lc", "-1", "--max_steps", "-1", "--instruction", "-- be brief"])
+    assert cfg.lambda_lc == -1.0 and cfg.max_steps == -1 and cfg.instruction == "-- be brief"
 
 
 @pytest.mark.parametrize("flags,fragment", [
