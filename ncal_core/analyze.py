@@ -11,8 +11,8 @@ from ncal_core.data import check_labels, label_set, load_examples
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluate import evaluate, write_report
 from ncal_core.plots import training_curves
-from ncal_core.predictor import load_predictor
-from ncal_core.prompts import PromptBuilder
+from ncal_core.predictor import (check_device, load_predictor, open_model_folder, pick_device, pick_dtype, progress,
+                                 run_tau, say_tau, training_log_prior)
 
 
 @dataclass
@@ -25,25 +25,46 @@ class AnalyzeConfig:
     output_dir: str | None = flag(None, "where eval.json, sphere.png, per_class_f1.png and training_curves.png go")
     labels: list[str] | None = flag(None, "class names when the model folder records none (default: sorted gold labels)")
     pooling: str | None = flag(None, "feature pooling: last, seq_last or mean (default: the training run's)")
+    instruction: str | None = flag(None, "system turn before each prompt (default: the training run's)")
+    logit_adjust_tau: float | None = flag(None, "post-hoc logit adjustment: label scores - tau * log training prior "
+                                             "(default: the tau of the training run's evaluation, else 0)")
     batch_size: int = flag(16, "rows per forward pass")
+    dtype: str = flag("auto", "auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16")
+    device: str | None = flag(None, "where the model runs: cpu, cuda, cuda:1, ... (default: cuda when there is a "
+                                    "GPU, else cpu)")
+
+    def check(self) -> None:
+        """Refuse missing or out-of-range flags with one line naming the flag."""
+        for name in ("model_path", "prompts_file", "output_dir"):
+            if not getattr(self, name):
+                raise NCALError(f"--{name} is required")
+        if self.pooling not in (None, "last", "seq_last", "mean"):
+            raise NCALError(f"--pooling: must be last, seq_last or mean, not {self.pooling!r}")
+        if self.batch_size < 1:
+            raise NCALError(f"--batch_size: must be >= 1, not {self.batch_size}")
+        check_device(self.device, self.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Score the rows, compute NC1/NC2 on the pooled features and draw the pictures."""
+    """Score the rows as the training run's evaluation does, compute NC1/NC2 on the pooled features and draw the
+    pictures."""
     cfg = parse_config(AnalyzeConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.analyze")
-    for name in ("model_path", "prompts_file", "output_dir"):
-        if not getattr(cfg, name):
-            raise NCALError(f"--{name} is required")
-    if cfg.pooling not in (None, "last", "seq_last", "mean"):
-        raise NCALError(f"--pooling: must be last, seq_last or mean, not {cfg.pooling!r}")
-    predictor = load_predictor(cfg.model_path, cfg.base_model_path)
+    cfg.check()
+    run = open_model_folder(cfg.model_path, cfg.base_model_path).run
     rows = load_examples(cfg.prompts_file)
-    labels = cfg.labels or predictor.labels or label_set(rows, cfg.prompts_file)
+    labels = cfg.labels or run.get("labels") or label_set(rows, cfg.prompts_file)
     check_labels(rows, labels, cfg.prompts_file)
-    builder = PromptBuilder(predictor.tokenizer, labels, instruction=predictor.instruction,
-                            cutoff_len=predictor.cutoff_len)
-    report, features = evaluate(predictor.model, builder, rows, pooling=cfg.pooling or predictor.pooling,
-                                batch_size=cfg.batch_size)
+    tau = run_tau(run, cfg.logit_adjust_tau)
+    prior = training_log_prior(cfg.model_path, run, labels) if tau else None
+    device = pick_device(cfg.device)
+    predictor = load_predictor(cfg.model_path, cfg.base_model_path, dtype=pick_dtype(cfg.dtype, device),
+                               device=device)
+    say_tau([tau], given=cfg.logit_adjust_tau is not None)
+    builder = predictor.prompt_builder(labels, cfg.instruction)
+    # evaluate runs one forward pass per batch to score the labels, then one per batch to pool the features
+    with progress(predictor.model, 2 * -(-len(rows) // cfg.batch_size), "scoring and pooling"):
+        report, features = evaluate(predictor.model, builder, rows, pooling=cfg.pooling or predictor.pooling,
+                                    e_w=predictor.e_w, batch_size=cfg.batch_size, prior_log=prior, tau=tau)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_report(output_dir, report, features, [labels.index(r.label) for r in rows], labels)

@@ -38,3 +38,20 @@ def gather_features(z: Tensor, class_ids: Tensor) -> tuple[Tensor, Tensor]:
     ids = [torch.empty_like(class_ids) for _ in range(dist.get_world_size())]
     dist.all_gather(ids, class_ids.contiguous())
     return _GatherWithGrad.apply(z), torch.cat(ids)
+
+
+def shard(n: int, rank: int, world: int) -> list[int]:
+    """The row indices one rank scores out of n: every world-th row from its rank (lengths stay mixed)."""
+    return list(range(rank, n, world))
+
+
+def gather_shards(local: Tensor, n: int, world: int) -> Tensor:
+    """Every rank's [rows of `shard(n, r, world)`, ...] CPU tensor -> the [n, ...] tensor in row order, on all ranks."""
+    if world == 1:
+        return local
+    parts: list[Tensor | None] = [None] * world
+    dist.all_gather_object(parts, local.cpu())
+    out = torch.empty(n, *local.shape[1:], dtype=local.dtype)
+    for rank, part in enumerate(parts):
+        out[rank::world] = part
+    return out

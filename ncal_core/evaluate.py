@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ncal_core.collapse import neural_collapse
 from ncal_core.data import Example
+from ncal_core.distributed import gather_shards, shard
 from ncal_core.features import pooled_features
 from ncal_core.longtail import adjust_scores
 from ncal_core.metrics import classification_report, format_report
@@ -22,21 +23,25 @@ from ncal_core.scoring import score_labels
 
 def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], *, pooling: str = "last",
              e_w: float = 1.0, batch_size: int = 32, prior_log: Tensor | None = None,
-             tau: float = 0.0) -> tuple[dict[str, Any], Tensor]:
+             tau: float = 0.0, rank: int = 0, world: int = 1) -> tuple[dict[str, Any], Tensor]:
     """Constrained label scoring of labelled rows -> (classification report with NC figures, features [N, H]).
 
     With `tau`, the label scores are logit-adjusted (minus tau * the training log prior) before the argmax.
+    Under several processes (a process group of `world` ranks) each rank scores its shard of the rows and
+    every rank gets the whole report.
     """
     was_training = model.training
     model.eval()
     gold = [builder.labels.index(row.label) for row in rows]
-    scores = score_labels(model, [builder.prompt_ids(row) for row in rows], builder.label_ids, batch_size=batch_size)
+    mine = [rows[i] for i in shard(len(rows), rank, world)]
+    scores = score_labels(model, [builder.prompt_ids(row) for row in mine], builder.label_ids, batch_size=batch_size)
+    scores = gather_shards(scores.cpu(), len(rows), world)
+    features = gather_shards(pooled_features(model, builder.encode_all(mine), builder.tokenizer.pad_token_id,
+                                             pooling, e_w, batch_size), len(rows), world)
+    model.train(was_training)
     plain = classification_report(gold, scores.argmax(dim=1).tolist(), builder.labels)
     if tau:
-        scores = adjust_scores(scores, prior_log, tau)
-    features = pooled_features(model, builder.encode_all(rows), builder.tokenizer.pad_token_id, pooling, e_w,
-                               batch_size)
-    model.train(was_training)
+        scores = adjust_scores(scores, prior_log.cpu(), tau)
     report = classification_report(gold, scores.argmax(dim=1).tolist(), builder.labels)
     report["logit_adjust_tau"] = tau
     report["unadjusted"] = {"accuracy": plain["accuracy"], "macro_f1": plain["macro_f1"]}

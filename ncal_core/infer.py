@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from ncal_core.cli import DTYPES, flag, parse_config
+from ncal_core.cli import flag, parse_config
 from ncal_core.data import Example, check_labels, load_examples
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.generate import greedy_generate
-from ncal_core.longtail import log_prior
 from ncal_core.metrics import classification_report, format_report
-from ncal_core.predictor import Predictor, load_predictor, open_model_folder
-from ncal_core.prompts import PromptBuilder
+from ncal_core.predictor import (Predictor, check_device, load_predictor, open_model_folder, pick_device, pick_dtype,
+                                 progress, run_tau, say_tau, training_log_prior)
 from ncal_core.scoring import ensemble_log_probs, score_labels
 
 
@@ -40,11 +40,31 @@ class InferConfig:
                                         "(default: the sorted gold labels of --prompts_file)")
     instruction: str | None = flag(None, "system turn before each prompt (default: the training run's)")
     batch_size: int = flag(16, "prompts scored per forward pass")
-    logit_adjust_tau: float = flag(0.0, "post-hoc logit adjustment: label scores - tau * log training prior (needs a "
-                                      "training output, which records the class counts)")
+    logit_adjust_tau: float | None = flag(None, "post-hoc logit adjustment: label scores - tau * log training prior "
+                                             "(needs a training output, which records the class counts; default: "
+                                             "the tau of the training run's evaluation, else 0)")
     generate: bool = flag(False, "decode greedily instead of scoring labels, and count invalid outputs")
     max_new_tokens: int = flag(16, "token limit of --generate")
-    dtype: str = flag("float32", "float32, bfloat16 or float16")
+    dtype: str = flag("auto", "auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16")
+    device: str | None = flag(None, "where the model runs: cpu, cuda, cuda:1, ... (default: cuda when there is a "
+                                    "GPU, else cpu)")
+
+    def check(self) -> None:
+        """Refuse missing, contradictory or out-of-range flags with one line naming the flag."""
+        if not self.model_path:
+            raise NCALError("--model_path is required")
+        if sum([self.prompt is not None, self.prompts_file is not None, self.interactive]) != 1:
+            raise NCALError("give exactly one of --prompt, --prompts_file and --interactive")
+        if len(self.model_path) > 1 and (self.interactive or self.generate):
+            raise NCALError("--model_path: several models score --prompt or --prompts_file as an ensemble; "
+                            "--interactive and --generate take one model")
+        if self.batch_size < 1:
+            raise NCALError(f"--batch_size: must be >= 1, not {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise NCALError(f"--max_new_tokens: must be >= 1, not {self.max_new_tokens}")
+        if self.logit_adjust_tau is not None and self.generate:
+            raise NCALError("--logit_adjust_tau: adjusts label scores, which --generate does not compute")
+        check_device(self.device, self.dtype)
 
 
 def _labels(cfg: InferConfig, recorded: list[str] | None, rows: list[Example]) -> list[str]:
@@ -67,20 +87,11 @@ def _rows(cfg: InferConfig) -> list[Example]:
     return []
 
 
-def _builder(cfg: InferConfig, predictor: Predictor, labels: list[str]) -> PromptBuilder:
-    return PromptBuilder(predictor.tokenizer, labels, instruction=cfg.instruction or predictor.instruction,
-                         cutoff_len=predictor.cutoff_len)
-
-
-def _offset(cfg: InferConfig, path: str, run: dict, labels: list[str]) -> torch.Tensor:
-    """-tau * log training prior [K] of `labels` from the class counts a run recorded; zeros without
-    --logit_adjust_tau."""
-    if not cfg.logit_adjust_tau:
+def _offset(tau: float, path: str, run: dict, labels: list[str]) -> torch.Tensor:
+    """-tau * log training prior [K] of `labels` from the class counts a run recorded; zeros for tau 0."""
+    if not tau:
         return torch.zeros(len(labels))
-    counts = dict(zip(run.get("labels") or [], run.get("label_counts") or []))
-    if any(label not in counts for label in labels):
-        raise NCALError(f"--logit_adjust_tau: {path} records no training class counts for these labels")
-    return -cfg.logit_adjust_tau * log_prior([counts[label] for label in labels])
+    return -tau * training_log_prior(path, run, labels)
 
 
 def _check_ensemble(paths: list[str], runs: list[dict], labels: list[str]) -> None:
@@ -96,12 +107,12 @@ def _check_ensemble(paths: list[str], runs: list[dict], labels: list[str]) -> No
 def _scorer(cfg: InferConfig, predictor: Predictor, labels: list[str],
             offset: torch.Tensor) -> Callable[[list[Example]], torch.Tensor]:
     """rows -> log-softmax over the labels [N, K] of one model's (adjusted) label scores."""
-    builder = _builder(cfg, predictor, labels)
+    builder = predictor.prompt_builder(labels, cfg.instruction)
 
     def score(rows: list[Example]) -> torch.Tensor:
         scores = score_labels(predictor.model, [builder.prompt_ids(row) for row in rows], builder.label_ids,
                               batch_size=cfg.batch_size)
-        return torch.log_softmax(scores + offset, dim=1)
+        return torch.log_softmax(scores + offset.to(scores.device), dim=1)
 
     return score
 
@@ -109,19 +120,7 @@ def _scorer(cfg: InferConfig, predictor: Predictor, labels: list[str],
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, load the model(s), predict and report."""
     cfg = parse_config(InferConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.infer")
-    if not cfg.model_path:
-        raise NCALError("--model_path is required")
-    if sum([cfg.prompt is not None, cfg.prompts_file is not None, cfg.interactive]) != 1:
-        raise NCALError("give exactly one of --prompt, --prompts_file and --interactive")
-    if len(cfg.model_path) > 1 and (cfg.interactive or cfg.generate):
-        raise NCALError("--model_path: several models score --prompt or --prompts_file as an ensemble; "
-                        "--interactive and --generate take one model")
-    if cfg.batch_size < 1:
-        raise NCALError(f"--batch_size: must be >= 1, not {cfg.batch_size}")
-    if cfg.logit_adjust_tau and cfg.generate:
-        raise NCALError("--logit_adjust_tau: adjusts label scores, which --generate does not compute")
-    if cfg.dtype not in DTYPES:
-        raise NCALError(f"--dtype: must be float32, bfloat16 or float16, not {cfg.dtype!r}")
+    cfg.check()
     rows = _rows(cfg)
     if cfg.metrics_file and (cfg.interactive or any(row.label is None for row in rows)):
         raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
@@ -132,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     if gold_rows:
         check_labels(gold_rows, labels, cfg.prompts_file or "--prompt")
     _check_ensemble(cfg.model_path, runs, labels)
-    offsets = [_offset(cfg, path, run, labels) for path, run in zip(cfg.model_path, runs)]
-    predictor = load_predictor(cfg.model_path[0], cfg.base_model_path, dtype=DTYPES[cfg.dtype])
+    # --generate computes no label scores to adjust
+    taus = [0.0 if cfg.generate else run_tau(run, cfg.logit_adjust_tau) for run in runs]
+    offsets = [_offset(tau, path, run, labels) for tau, path, run in zip(taus, cfg.model_path, runs)]
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    predictor = load_predictor(cfg.model_path[0], cfg.base_model_path, dtype=dtype, device=device)
+    if not cfg.generate:  # said once the model is read: a model that cannot be read gets its error line alone
+        say_tau(taus, given=cfg.logit_adjust_tau is not None)
 
     if cfg.interactive:
         score = _scorer(cfg, predictor, labels, offsets[0])
@@ -141,16 +146,17 @@ def main(argv: list[str] | None = None) -> int:
             if line.strip():
                 example = Example(id="stdin", messages=[{"role": "user", "content": line.strip()}], label=None,
                                   where="stdin")
-                probs = score([example])[0].exp()
+                probs = score([example])[0].exp().cpu()
                 best = int(probs.argmax())
                 print(f"{labels[best]}\t{probs[best]:.4f}", flush=True)
         return 0
 
     if cfg.generate:
-        builder = _builder(cfg, predictor, labels)
-        texts = [predictor.tokenizer.decode(greedy_generate(predictor.model, builder.prompt_ids(row), builder.eos_id,
-                                                            cfg.max_new_tokens), skip_special_tokens=True).strip()
-                 for row in rows]
+        builder = predictor.prompt_builder(labels, cfg.instruction)
+        texts = [predictor.tokenizer.decode(greedy_generate(predictor.model, builder.prompt_ids(row),
+                                                            predictor.eos_ids, cfg.max_new_tokens),
+                                            skip_special_tokens=True).strip()
+                 for row in tqdm(rows, desc="generating", unit="row", dynamic_ncols=True)]
         predictions = texts
         invalid = sum(text not in labels for text in texts)
         print(f"generated {len(texts)} outputs, {invalid} not a valid label")
@@ -161,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, (path, offset) in enumerate(zip(cfg.model_path, offsets)):
             if i:
                 predictor = None  # freed before the next model is read
-                predictor = load_predictor(path, cfg.base_model_path, dtype=DTYPES[cfg.dtype])
-            log_probs.append(_scorer(cfg, predictor, labels, offset)(rows))
-        probs = ensemble_log_probs(log_probs).exp()
+                predictor = load_predictor(path, cfg.base_model_path, dtype=dtype, device=device)
+            with progress(predictor.model, -(-len(rows) // cfg.batch_size), f"scoring with {path}"):
+                log_probs.append(_scorer(cfg, predictor, labels, offset)(rows))
+        probs = ensemble_log_probs(log_probs).exp().cpu()  # one copy to the host, then plain lists
         predictions = [labels[i] for i in probs.argmax(dim=1).tolist()]
         outputs = [{"id": row.id, "prediction": pred,
                     "scores": {label: float(p) for label, p in zip(labels, row_probs.tolist())}, "label": row.label}
@@ -183,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         report = classification_report([labels.index(r.label) for r in rows], pred_index, labels)
         if cfg.generate:
             report["invalid_outputs"] = invalid
+        else:
+            report["logit_adjust_tau"] = taus[0] if len(taus) == 1 else taus
         print(format_report(report))
         if cfg.metrics_file:
             Path(cfg.metrics_file).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -268,10 +268,34 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_head
-        )  # [B, nh, T, D]
+        y = sdpa(q, k, v, mask)  # [B, nh, T, D]
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """SDPA of q [B, nh, T, D] over k/v [B, nkv, T, D], nh a multiple of nkv; mask [B, 1, T, T] bool or None
+    (= causal) -> [B, nh, T, D].
+
+    Why grouped k/v go in as they are only sometimes: with enable_gqa, CUDA's memory-efficient kernel is out
+    (it takes no grouped heads), and flash takes no attn_mask and no fp32. A masked call (scoring, left
+    padding) or an fp32 one (fp32 training) would then be left to the math kernel, which materialises the
+    [B, nh, T, T] scores in fp32: ~15 GB per tensor for Qwen2.5-7B at batch 32, T 2048. So enable_gqa is
+    kept for what flash runs (no mask, fp16/bf16) and k/v are repeated to all heads otherwise, which the
+    memory-efficient kernel takes, masked or fp32, at the price of [B, nh, T, D] copies of k and v. (CPU's
+    flash kernel takes every one of these calls, grouped or not.)
+    """
+    groups = q.shape[1] // k.shape[1]
+    grouped = groups > 1 and mask is None and q.dtype in (torch.float16, torch.bfloat16)
+    if groups > 1 and not grouped:
+        k, v = repeat_heads(k, groups), repeat_heads(v, groups)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=grouped)
+
+
+def repeat_heads(x: Tensor, groups: int) -> Tensor:
+    """[B, nkv, T, D] -> [B, nkv * groups, T, D], each head repeated `groups` times in a row (query head h
+    reads kv head h // groups, as enable_gqa and transformers' repeat_kv)."""
+    B, n, T, D = x.shape
+    return x[:, :, None].expand(B, n, groups, T, D).reshape(B, n * groups, T, D)
 
 
 class MLP(nn.Module):
@@ -361,8 +385,12 @@ class QwenModel(nn.Module):
     def rope(
         self, position_ids: Tensor | None, T: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[Tensor, Tensor]:
-        """cos, sin [B or 1, T, D] for the positions, from a table cached per device and dtype, grown on demand."""
-        needed = T if position_ids is None else int(position_ids.max()) + 1
+        """cos, sin [B or 1, T, D] for the positions, from a table cached per device and dtype, grown on demand.
+
+        The table covers max(T, max_position_embeddings) positions, so the positions are not read on the host
+        (a device sync per forward): position_ids must stay below that, as packed and padded rows do.
+        """
+        needed = T
         cached = self._rope_cache.get((device, dtype))
         if cached is None or cached[0].shape[0] < needed:
             cached = rope_table(self.config, max(needed, self.config.max_position_embeddings), device, dtype)

@@ -7,6 +7,9 @@ PyTorch here or through the fused Triton kernels in `ncal_kernels`, which import
 
 from __future__ import annotations
 
+import warnings
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 
@@ -14,6 +17,38 @@ from ncal_core.errors import NCALError
 
 POOLINGS = ("last", "mean")
 BACKENDS = ("auto", "triton", "torch")
+
+
+def _triton_missing() -> str | None:
+    """Why the Triton kernels cannot run here, or None when they can be imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"the triton package cannot be imported ({err}; pip install triton)"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'triton' or 'torch': the TC path of a run on `device`, chosen once before training starts.
+
+    auto takes Triton on CUDA GPUs of compute capability 8.0 or newer (the kernels' tile shapes and bf16 need
+    Ampere), else PyTorch, with one warning on a GPU; an explicit triton that cannot run is an error.
+    """
+    if backend not in BACKENDS:
+        raise NCALError(f"--tc_backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return "torch"
+    missing = _triton_missing()
+    if backend == "triton":
+        if missing:
+            raise NCALError(f"--tc_backend triton: {missing}")
+        return "triton"
+    major, minor = torch.cuda.get_device_capability(device)
+    why = missing or (f"the GPU is sm_{major}{minor}, the Triton kernels need sm_80 or newer" if major < 8 else None)
+    if why:
+        warnings.warn(f"--tc_backend auto: {why}; the TC loss runs in PyTorch", stacklevel=2)
+        return "torch"
+    return "triton"
 
 
 def _use_triton(backend: str, tensor: Tensor) -> bool:
@@ -111,8 +146,9 @@ def pool_features(
 def _gram_torch(z: Tensor, class_ids: Tensor, mu: float, class_diff: bool) -> Tensor:
     """Plain-PyTorch ETF Gram loss: scalar fp32 (fp64 for fp64 z)."""
     z = z.to(_compute_dtype(z))
-    # G in fp32 even when the training step runs under bf16/fp16 autocast.
-    with torch.autocast(z.device.type, enabled=False):
+    # G in fp32 even when the training step runs under bf16/fp16 autocast (of a device type that has one).
+    kind = z.device.type
+    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext():
         gram = z @ z.T
     pairs = torch.ones_like(gram, dtype=torch.bool).triu(1)
     if class_diff:

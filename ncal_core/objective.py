@@ -32,6 +32,17 @@ def pool_mask(batch: Batch, pooling: str) -> Tensor:
     return positions.unsqueeze(0) < batch.prompt_lens.unsqueeze(1)
 
 
+def compile_layers(model: QwenModel, backend: str | object = "inductor") -> None:
+    """torch.compile each decoder layer once for every batch shape: sizes are dynamic from the first call.
+
+    Padding-free batches change the token count and the attention blocks' widths at every step; compiled with
+    static sizes, each new layout is a new graph (minutes each with inductor, then dynamo's recompile limit
+    and a silent fall-back to eager).
+    """
+    for layer in model.layers:
+        layer.compile(backend=backend, dynamic=True)
+
+
 class ObjectiveOutput(NamedTuple):
     """What one micro-batch gives the loop, in the batch's row order."""
 

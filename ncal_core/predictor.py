@@ -8,16 +8,22 @@ Hugging Face checkpoint (base, merged or fully fine-tuned).
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from ncal_core.cli import DTYPES
 from ncal_core.errors import NCALError
+from ncal_core.longtail import log_prior
 from ncal_core.lora import load_adapter
 from ncal_core.model import QwenModel, load_model
-from ncal_core.prompts import load_tokenizer
+from ncal_core.prompts import PromptBuilder, load_tokenizer
 from ncal_core.run_files import RUN_FILE
 
 
@@ -31,7 +37,16 @@ class Predictor:
     label_counts: list[int] | None  # training rows per class, for logit adjustment
     instruction: str | None
     cutoff_len: int
+    truncation: str
     pooling: str
+    e_w: float
+    eos_ids: list[int]  # where --generate stops: the tokenizer's eos and generation_config.json's eos_token_id
+
+    def prompt_builder(self, labels: list[str], instruction: str | None = None) -> PromptBuilder:
+        """Prompts built as the training run built them; a given `instruction` replaces the run's."""
+        instruction = self.instruction if instruction is None else instruction
+        return PromptBuilder(self.tokenizer, labels, instruction=instruction, cutoff_len=self.cutoff_len,
+                             truncation=self.truncation)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -69,6 +84,76 @@ def open_model_folder(model_path: str | Path, base_model_path: str | Path | None
                     "(adapter_config.json)")
 
 
+def check_device(device: str | None, dtype: str) -> None:
+    """--device and --dtype name a device of this machine and a dtype, or are unset / auto."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise NCALError(f"--dtype: must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise NCALError(f"--device: not a device name: {device!r} (cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise NCALError(f"--device: {device}: this machine has no CUDA GPU")
+
+
+def pick_device(device: str | None) -> torch.device:
+    """--device as given; unset, the GPU when there is one."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """--dtype as given; auto: bfloat16 on a GPU, float32 (the scores of a CPU run as they always were) on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def run_tau(run: dict[str, Any], tau: float | None) -> float:
+    """--logit_adjust_tau as given; unset, the tau the run's own evaluation used (0 for a model of no run of ours)."""
+    return tau if tau is not None else run.get("config", {}).get("logit_adjust_tau", 0.0)
+
+
+def training_log_prior(path: str | Path, run: dict[str, Any], labels: list[str]) -> torch.Tensor:
+    """log training prior [K] of `labels`, from the class counts a run recorded."""
+    counts = dict(zip(run.get("labels") or [], run.get("label_counts") or []))
+    if any(label not in counts for label in labels):
+        raise NCALError(f"--logit_adjust_tau: {path} records no training class counts for these labels")
+    return log_prior([counts[label] for label in labels])
+
+
+def say_tau(taus: list[float], given: bool) -> None:
+    """Which tau(s) adjust the label scores, on stderr (stdout holds the predictions)."""
+    source = "--logit_adjust_tau" if given else "the training run's, else 0"
+    print(f"logit_adjust_tau {', '.join(map(str, taus))} ({source})", file=sys.stderr)
+
+
+@contextmanager
+def progress(model: torch.nn.Module, total: int | None, desc: str) -> Iterator[None]:
+    """A progress bar ticking once per forward pass of `model` (one per batch), on stderr."""
+    with tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True) as bar:
+        def tick(*_: Any) -> None:  # returns None: a forward hook's return value would replace the output
+            bar.update()
+
+        hook = model.register_forward_hook(tick)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+
+def _generation_eos(folder: ModelFolder, eos_id: int) -> list[int]:
+    """The tokenizer's eos and the eos_token_id (an id or a list) of the model's generation_config.json."""
+    path = next((p / "generation_config.json" for p in (folder.path, folder.base)
+                 if p is not None and (p / "generation_config.json").is_file()), None)
+    extra = _read_json(path).get("eos_token_id") if path else None
+    extra = [] if extra is None else extra if isinstance(extra, list) else [extra]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in extra):
+        raise NCALError(f"{path}: eos_token_id: must be a token id or a list of them, not {extra!r}")
+    return list(dict.fromkeys([eos_id, *extra]))
+
+
 def load_predictor(model_path: str | Path, base_model_path: str | Path | None = None,
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Predictor:
     """Resolve `model_path` (and the base it needs) into a Predictor in eval mode."""
@@ -81,7 +166,8 @@ def load_predictor(model_path: str | Path, base_model_path: str | Path | None = 
         model = load_model(path, dtype=dtype, device=device)
     tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else folder.base or path
     model.eval()
-    return Predictor(model=model, tokenizer=load_tokenizer(tokenizer_dir), labels=run.get("labels"),
-                     label_counts=run.get("label_counts"),
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return Predictor(model=model, tokenizer=tokenizer, labels=run.get("labels"), label_counts=run.get("label_counts"),
                      instruction=config.get("instruction"), cutoff_len=config.get("cutoff_len", 2048),
-                     pooling=config.get("pooling", "last"))
+                     truncation=config.get("truncation", "left"), pooling=config.get("pooling", "last"),
+                     e_w=config.get("e_w", 1.0), eos_ids=_generation_eos(folder, tokenizer.eos_token_id))

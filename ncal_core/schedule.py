@@ -29,3 +29,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: in
         return max(0.0, 1.0 - progress)
 
     return LambdaLR(optimizer, factor)
+
+
+def set_peak_lr(scheduler: LambdaLR, lr: float) -> None:
+    """Give a restored schedule another peak learning rate, from the step it is at (a resumed run's new --learning_rate)."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)

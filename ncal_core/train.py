@@ -14,36 +14,36 @@ import os
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 from tqdm.auto import tqdm
 
-from ncal_core.batching import ATTENTION_BLOCKS, MEGABATCH_BATCHES, LengthGroupedBatches, collate
+from ncal_core.batching import MEGABATCH_BATCHES, LengthGroupedBatches
 from ncal_core.checkpoint import (prune_checkpoints, read_optimizer_state, read_rng,
                                   read_state, resolve_checkpoint, save_checkpoint)
 from ncal_core.cli import DTYPES, parse_config
 from ncal_core.data import check_labels, dev_split, label_set, load_examples
 from ncal_core.datasets import resolve_dataset
-from ncal_core.distributed import gather_features
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluate import evaluate, write_report
-from ncal_core.longtail import (class_counts, first_label_tokens, log_prior, logit_adjusted_loss, row_weights,
-                                simplex_etf, etf_target_loss)
+from ncal_core.longtail import class_counts, first_label_tokens, log_prior, row_weights, simplex_etf
 from ncal_core.lora import inject_lora, load_adapter, save_adapter
 from ncal_core.model import load_model, save_model
-from ncal_core.ncal import etf_gram_loss
-from ncal_core.objective import TrainingObjective
+from ncal_core.ncal import resolve_backend
+from ncal_core.objective import TrainingObjective, compile_layers
 from ncal_core.prompts import PromptBuilder, load_tokenizer
+from ncal_core.resume import check_resume, rank_rng, resume_settings, rng_state, set_rng_state
 from ncal_core.run_files import RUN_FILE, prepare_output_dir, save_run_output, truncate_log
-from ncal_core.schedule import make_optimizer, make_scheduler
+from ncal_core.schedule import make_optimizer, make_scheduler, set_peak_lr
 from ncal_core.tiny import tiny_checkpoint
 from ncal_core.train_config import BUILTIN_TINY, TrainConfig, uses_lora, uses_tc
+from ncal_core.train_step import StepParts, StepRecord, host_values, train_step
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -58,9 +58,22 @@ def _eval_path(cfg: TrainConfig) -> Path | None:
     return resolve_dataset(cfg.dataset_path, "test")
 
 
+def _learning_rate(cfg: TrainConfig) -> float:
+    """--learning_rate, or its default for the kind of training."""
+    return cfg.learning_rate or (2e-4 if uses_lora(cfg.use_lora, cfg.model_name_or_path) else 1e-3)
+
+
+def _meant_a_real_model(cfg: TrainConfig) -> bool:
+    """Flags that make sense for a pretrained checkpoint, given without --model_name_or_path."""
+    return bool(cfg.use_lora or cfg.bf16 or cfg.fp16 or "tmwpl" not in cfg.dataset_path.lower())
+
+
 def _base_model(cfg: TrainConfig, texts: list[str]) -> Path:
     """The base checkpoint folder: the user's, or the built-in tiny one (built on first use)."""
     if cfg.model_name_or_path == BUILTIN_TINY:
+        if _meant_a_real_model(cfg):
+            print("note: training the built-in tiny model from scratch (no --model_name_or_path given); pass "
+                  "--model_name_or_path DIR to fine-tune a Qwen checkpoint", flush=True)
         return tiny_checkpoint(texts, seed=cfg.seed, vocab_size=cfg.tiny_vocab_size,
                                hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_num_layers,
                                tied=cfg.tiny_tied_embeddings)
@@ -72,18 +85,28 @@ def _base_model(cfg: TrainConfig, texts: list[str]) -> Path:
     return path
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return state
+def _read_resume(cfg: TrainConfig, resume: Path, world: int, lr: float, main_proc: bool) -> tuple[dict[str, Any], dict]:
+    """A checkpoint's trainer state and RNG states, refused in one line when this run cannot continue it."""
+    state = read_state(resume)
+    # a Hugging Face Trainer checkpoint (the reference code's) has a trainer_state.json of another shape
+    for key, kind in (("step", int), ("epoch", int), ("micro_batch", int), ("scheduler", dict)):
+        if not isinstance(state.get(key), kind):
+            raise NCALError(f"{resume / 'trainer_state.json'}: not a checkpoint of ncal_core.train "
+                            f"(no {kind.__name__} {key!r})")
+    rng = read_rng(resume)
+    for line in check_resume(cfg, world, lr, state, rng, resume):
+        if main_proc:
+            print(line, flush=True)
+    return state, rng
 
 
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch"])
-    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's accelerate state: mixed precision, and the process group's timeout (--ddp_timeout)."""
+    # launched as several processes (accelerate launch --multi_gpu, torchrun) on a machine without CUDA:
+    # without cpu=True accelerate starts every process as a lone rank 0, all writing the same folder
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no", cpu=multi_cpu,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,13 +121,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.check()
     if cfg.fp16 and not torch.cuda.is_available():
         raise NCALError("--fp16: float16 mixed precision needs a CUDA GPU; use --bf16 true on CPU")
-    # launched as several processes (accelerate launch --multi_gpu, torchrun) on a machine without CUDA:
-    # without cpu=True accelerate starts every process as a lone rank 0, all writing the same folder
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no", cpu=multi_cpu)
+    accelerator = make_accelerator(cfg)
     main_proc, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     output_dir = Path(cfg.output_dir)
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir) if cfg.resume_from_checkpoint else None
+    if resume:  # checked before anything is loaded: a resume that cannot continue the run is refused at once
+        saved_state, rng = _read_resume(cfg, resume, world, _learning_rate(cfg), main_proc)
     if main_proc:
         prepare_output_dir(output_dir, cfg, resuming=resume is not None)
     accelerator.wait_for_everyone()
@@ -124,7 +146,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # model
     use_lora = uses_lora(cfg.use_lora, cfg.model_name_or_path)
-    lr = cfg.learning_rate or (2e-4 if use_lora else 1e-3)
+    lr = _learning_rate(cfg)
     # the label names go into the tiny tokenizer's corpus too, so each becomes a token or two
     with accelerator.main_process_first():  # the tiny model is built once, by the main process
         base = _base_model(cfg, [m["content"] for row in train_rows for m in row.messages]
@@ -143,12 +165,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             inject_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.torch_compile:
-        for layer in model.layers:
-            layer.compile()
+        compile_layers(model)
     use_tc = uses_tc(cfg.use_etf_loss, cfg.lambda_lc)
     first_tokens = torch.tensor(first_label_tokens(builder.label_ids, labels), device=accelerator.device) \
         if cfg.la_loss_tau > 0 else None
-    objective = TrainingObjective(model, use_tc=use_tc, pooling=cfg.pooling, e_w=cfg.e_w, tc_backend=cfg.tc_backend,
+    tc_backend = resolve_backend(cfg.tc_backend, accelerator.device)
+    objective = TrainingObjective(model, use_tc=use_tc, pooling=cfg.pooling, e_w=cfg.e_w, tc_backend=tc_backend,
                                   padding_free=cfg.padding_free, first_tokens=first_tokens)
     etf_targets = simplex_etf(len(labels), model.config.hidden_size, cfg.seed).to(accelerator.device) \
         if use_tc and cfg.tc_variant == "etf_target" else None
@@ -175,32 +197,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batch": 0, "best_macro_f1": None, "best_checkpoint": None,
                              "log_lines": 0}
     if resume:
-        state = read_state(resume)
-        # a Hugging Face Trainer checkpoint (the reference code's) has a trainer_state.json of another shape
-        for key, kind in (("step", int), ("epoch", int), ("micro_batch", int), ("scheduler", dict)):
-            if not isinstance(state.get(key), kind):
-                raise NCALError(f"{resume / 'trainer_state.json'}: not a checkpoint of ncal_core.train "
-                                f"(no {kind.__name__} {key!r})")
+        state = saved_state
         try:
             optimizer.load_state_dict(read_optimizer_state(resume))
         except ValueError as err:
             raise NCALError(f"{resume / 'optimizer.pt'}: does not fit the model being trained ({err})") from None
         scheduler.load_state_dict(state["scheduler"])
-        rng = read_rng(resume)
-        _set_rng_state({k.removesuffix(f".rank{rank}"): v for k, v in rng.items() if k.endswith(f".rank{rank}")}
-                       or rng)
+        set_peak_lr(scheduler, lr)  # a changed --learning_rate is honoured
+        if accelerator.scaler is not None and "scaler" in state:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        set_rng_state(rank_rng(rng, rank, world))
         if main_proc and resume.parent.resolve() == output_dir.resolve() and "log_lines" in state:
             # what the interrupted run logged after this checkpoint is logged again by this run
             truncate_log(output_dir / "metrics.jsonl", state["log_lines"])
     else:
         torch.manual_seed(cfg.seed + rank)
-    run_info = {"labels": labels, "label_counts": counts, "base_model": str(base), "use_lora": use_lora,
+    state["run"] = resume_settings(cfg, world, lr)
+    run_info = {"labels": labels, "label_counts": counts, "base_model": str(base.resolve()), "use_lora": use_lora,
                 "learning_rate": lr, "config": asdict(cfg)}
 
     def save_weights(folder: Path) -> None:
         inner = accelerator.unwrap_model(objective).model
         if use_lora:
-            save_adapter(inner, folder, base_model_name_or_path=str(base), r=cfg.lora_r, alpha=cfg.lora_alpha,
+            save_adapter(inner, folder, base_model_name_or_path=str(base.resolve()), r=cfg.lora_r, alpha=cfg.lora_alpha,
                          dropout=cfg.lora_dropout, target_modules=cfg.target_modules)
         else:
             save_model(inner, folder)
@@ -208,7 +227,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         (folder / RUN_FILE).write_text(json.dumps(run_info, indent=2, ensure_ascii=False), encoding="utf-8")
 
     def checkpoint() -> Path | None:
-        rng = _rng_state()
+        if accelerator.scaler is not None:  # a resumed fp16 run continues at the loss scale it had reached
+            state["scaler"] = accelerator.scaler.state_dict()
+        rng = rng_state()
         if world > 1:  # each rank draws dropout from its own stream (seed + rank): the main process saves all
             for r, theirs in enumerate(gather_object([rng])):
                 rng.update({f"{name}.rank{r}": value for name, value in theirs.items()})
@@ -231,7 +252,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     def run_eval(tag: str) -> tuple[dict[str, Any], torch.Tensor]:
         report, features = evaluate(accelerator.unwrap_model(objective).model, builder, eval_rows,
                                     pooling=cfg.pooling, e_w=cfg.e_w, batch_size=cfg.per_device_eval_batch_size,
-                                    prior_log=prior_log, tau=cfg.logit_adjust_tau)
+                                    prior_log=prior_log, tau=cfg.logit_adjust_tau, rank=rank, world=world)
         log({"step": state["step"], "epoch": state["epoch"], "eval": tag,
              "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"]})
         return report, features
@@ -241,8 +262,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accum = cfg.gradient_accumulation_steps
     objective.train()
     bar = tqdm(total=total_steps, initial=state["step"], disable=not main_proc, dynamic_ncols=True)
-    # summed over the steps since the last log line: LM loss, target tokens, TC loss, micro-batches, rows
-    sums = torch.zeros(5, device=accelerator.device)
+    parts = StepParts(accelerator, objective, optimizer, scheduler, encoded, tokenizer.pad_token_id, cfg, K,
+                      prior_log, etf_targets, accelerator.device, tc_backend, world, rank)
+    sums = StepRecord.zero(accelerator.device)  # since the last log line
     clock = time.perf_counter()
 
     # Ctrl-C (SIGINT) or a scheduler's SIGTERM asks the loop to stop after the current step, where weights,
@@ -279,44 +301,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             batches = list(sampler)[: steps_per_epoch * accum]
             while state["micro_batch"] < len(batches) and state["step"] < total_steps:
                 group = batches[state["micro_batch"]: state["micro_batch"] + accum]
-                n_tokens = sum(len(encoded[i].input_ids) - encoded[i].prompt_len for rows in group for i in rows)
-                for k, rows in enumerate(group):
-                    mine = rows[rank * cfg.per_device_train_batch_size:(rank + 1) * cfg.per_device_train_batch_size]
-                    batch = collate([encoded[i] for i in mine], tokenizer.pad_token_id,
-                                    ATTENTION_BLOCKS if cfg.padding_free else 1).to(accelerator.device)
-                    sync = k == len(group) - 1
-                    with (nullcontext() if sync else accelerator.no_sync(objective)), accelerator.autocast():
-                        lm_sum, z, first_scores, class_ids = objective(batch)
-                        # DDP averages gradients over ranks: scale so the step's gradient is that of
-                        # the mean over every target token of the global accumulated batch
-                        loss = lm_sum * (world / n_tokens)
-                        tc = torch.zeros((), device=accelerator.device)
-                        if z is not None:
-                            z_all, y_all = gather_features(z, class_ids)
-                            tc = etf_target_loss(z_all, y_all, etf_targets) if etf_targets is not None else \
-                                etf_gram_loss(z_all, y_all, K, e_w=cfg.e_w, class_diff=cfg.class_diff,
-                                              backend=cfg.tc_backend, async_checks=True)
-                            loss = loss + cfg.lambda_lc * tc / accum
-                        if first_scores is not None:
-                            loss = loss + logit_adjusted_loss(first_scores, class_ids, prior_log,
-                                                              cfg.la_loss_tau) / accum
-                    accelerator.backward(loss)
-                    sums += torch.stack([lm_sum.detach().float(), torch.tensor(float(len(batch.target))),
-                                         tc.detach().float() / world, torch.tensor(1.0 / world),
-                                         torch.tensor(float(len(mine)))]).to(sums.device)
-                if cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                sums = train_step(parts, group, sums)
                 state["step"] += 1
                 state["micro_batch"] += accum
                 state["scheduler"] = scheduler.state_dict()
                 bar.update(1)
                 log_step = state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps
                 if log_step:
-                    lm_sum_all, tokens, tc_all, micro, rows_seen = accelerator.reduce(sums, "sum").tolist()
-                    lm_mean, tc_mean = lm_sum_all / tokens, tc_all / micro
+                    lm_sum_all, tokens, tc_all, micro, rows_seen = host_values(
+                        accelerator.reduce(sums.packed(), "sum"))
+                    lm_mean, tc_mean = lm_sum_all / tokens, tc_all / (micro / world)
                     total = lm_mean + (cfg.lambda_lc * tc_mean if use_tc else 0.0)
                     record = {"step": state["step"],
                               "epoch": round(state["epoch"] + state["micro_batch"] / len(batches), 4),
@@ -326,7 +320,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{total:.4f}", lm=f"{lm_mean:.4f}", tc=f"{tc_mean:.4f}",
                                     lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
                     log(record)
-                    sums.zero_()
+                    sums = StepRecord.zero(accelerator.device)
                     clock = time.perf_counter()
                     if not math.isfinite(total):
                         folder = checkpoint()

@@ -60,7 +60,8 @@ class TrainConfig:
     e_w: float = flag(1.0, "norm bound of the features in the TC loss")
     class_diff: bool = flag(True, "TC over pairs of different classes only (else all pairs)")
     pooling: str = flag("mean", "TC feature: last (last prompt token), seq_last (last real token) or mean (prompt mean)")
-    tc_backend: str = flag("auto", "TC loss implementation: auto (Triton on CUDA, PyTorch otherwise), triton or torch")
+    tc_backend: str = flag("auto", "TC loss implementation: auto (Triton on CUDA GPUs of sm_80 or newer with triton "
+                                   "installed, else PyTorch with one warning on a GPU), triton or torch")
     tc_variant: str = flag("pairs", "pairs: the paper's batch Gram loss; etf_target: dot regression of every row to "
                                   "fixed simplex-ETF class directions (every class in play at every step)")
     # long-tail baselines
@@ -93,6 +94,8 @@ class TrainConfig:
     fp16: bool = flag(False, "float16 autocast with a gradient scaler (GPU only)")
     gradient_checkpointing: bool = flag(False, "recompute each decoder layer in the backward pass to save memory")
     torch_compile: bool = flag(False, "compile the decoder layers with torch.compile")
+    ddp_timeout: int = flag(1800, "seconds a process waits for the others (NCCL/gloo timeout) before failing; rank 0 "
+                                  "writes checkpoints alone, so a large full fine-tune may need more")
     # output
     logging_steps: int = flag(10, "optimizer steps between log lines")
     eval_strategy: str = flag("epoch", "when to evaluate on --eval_dataset_path besides the end: epoch or no")
@@ -131,6 +134,13 @@ class TrainConfig:
             bad("torch_dtype", f"must be float32, bfloat16 or float16, not {self.torch_dtype!r}")
         if self.bf16 and self.fp16:
             bad("fp16", "--bf16 and --fp16 are exclusive")
+        if not uses_lora(self.use_lora, self.model_name_or_path) and self.torch_dtype != "float32":
+            # AdamW on half-precision weights loses small updates, and the fp16 scaler refuses fp16 gradients
+            bad("torch_dtype", f"{self.torch_dtype} weights cannot be fully fine-tuned (no fp32 master copy); use "
+                               "--torch_dtype float32 with --bf16 true (or --fp16 true on a GPU) for mixed precision, "
+                               "or --use_lora true")
+        if self.ddp_timeout < 1:
+            bad("ddp_timeout", f"must be >= 1 second, not {self.ddp_timeout}")
         if self.lambda_lc < 0:
             bad("lambda_lc", f"must be >= 0, not {self.lambda_lc}")
         if self.e_w <= 0:

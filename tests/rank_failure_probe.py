@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 
 import ncal_core.train as train
+import ncal_core.train_step as train_step
 from ncal_core.errors import NCALError, run_cli
 
 FAIL_RANK = int(os.environ.get("NCAL_FAIL_RANK", "1"))
 FAIL_AT = int(os.environ.get("NCAL_FAIL_AT", "3"))
 KIND = os.environ.get("NCAL_FAIL_KIND", "crash")
-_collate = train.collate
+_collate = train_step.collate
 _calls = 0
 
 
@@ -29,7 +30,7 @@ def failing_collate(*args, **kwargs):
     return _collate(*args, **kwargs)
 
 
-train.collate = failing_collate
+train_step.collate = failing_collate
 
 if __name__ == "__main__":
     run_cli(train.main)

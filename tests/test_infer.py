@@ -15,8 +15,10 @@ from reference_scoring import chat_prompt_ids, reference_probabilities
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import AutoModelForCausalLM
 
+from ncal_core.data import Example, load_examples
 from ncal_core.errors import NCALError
-from ncal_core.infer import main
+from ncal_core.generate import greedy_generate
+from ncal_core.infer import InferConfig, _offset, _scorer, main
 from ncal_core.predictor import load_predictor
 from ncal_core.prompts import load_tokenizer
 from ncal_core.run_files import RUN_FILE
@@ -201,4 +203,49 @@ def test_bad_invocations_are_one_line_errors(base, argv, fragment, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     with pytest.raises(NCALError) as err:
         main([a.replace("MODEL", str(base)) for a in argv])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_label_scores_on_the_models_device_get_the_prior_offset_moved_there(base, rows_file, tmp_path,
+                                                                             monkeypatch):
+    folder = _recorded(base, tmp_path / "run", LABELS, [50, 30, 5][: len(LABELS)])
+    run = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    predictor = load_predictor(folder)
+    # label scores on another device than the CPU offset (meta: shapes only); adding a CPU [K] tensor raises
+    monkeypatch.setattr("ncal_core.infer.score_labels", lambda model, prompts, label_ids, batch_size:
+                        torch.zeros(len(prompts), len(label_ids), device="meta"))
+    rows = load_examples(rows_file[0], require_labels=False)
+    scorer = _scorer(InferConfig(batch_size=4), predictor, LABELS, _offset(1.5, str(folder), run, LABELS))
+    scores = scorer(rows)
+    assert scores.device.type == "meta" and scores.shape == (len(rows), len(LABELS))
+
+
+@pytest.mark.parametrize("as_list", [True, False])
+def test_generate_stops_at_any_eos_of_generation_config(base, tmp_path, as_list):
+    predictor = load_predictor(base)
+    builder = predictor.prompt_builder(LABELS)
+    example = Example(id="p", messages=[{"role": "user", "content": TEXTS[0]}], label=None, where="--prompt")
+    first = greedy_generate(predictor.model, builder.prompt_ids(example), predictor.eos_ids, 5)
+    assert len(first) > 1
+    folder = shutil.copytree(base, tmp_path / "model")
+    # the second generated token ends generation: the output is the first token alone
+    eos = [predictor.tokenizer.eos_token_id, first[1]] if as_list else first[1]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}), encoding="utf-8")
+    out = tmp_path / "g.jsonl"
+    assert main(["--model_path", str(folder), "--prompt", TEXTS[0], "--labels", ",".join(LABELS), "--generate",
+                 "true", "--max_new_tokens", "5", "--output_file", str(out)]) == 0
+    expected = predictor.tokenizer.decode(first[:1], skip_special_tokens=True).strip()
+    assert _read_jsonl(out)[0]["prediction"] == expected
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--dtype", "int8"], "--dtype: must be auto, float32"),
+    (["--device", "gpu0"], "--device: not a device name"),
+    (["--batch_size", "0"], "--batch_size: must be >= 1"),
+    (["--max_new_tokens", "0"], "--max_new_tokens: must be >= 1"),
+    (["--generate", "true", "--logit_adjust_tau", "1"], "--logit_adjust_tau: adjusts label scores"),
+])
+def test_infer_config_check_names_the_flag(base, argv, fragment):
+    with pytest.raises(NCALError) as err:
+        main(["--model_path", str(base), "--prompt", "x", "--labels", "a,b", *argv])
     assert fragment in str(err.value) and "\n" not in str(err.value)

@@ -18,11 +18,13 @@ import pytest
 import torch
 from random_checkpoints import make_hf_checkpoint, our_logits, rel_err
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM
 
 from ncal_core.batching import ragged_layout
 from ncal_core.errors import NCALError
-from ncal_core.model import ModelConfig, QwenModel, build_mask, init_weights, load_model, save_model
+from ncal_core.model import ModelConfig, QwenModel, build_mask, init_weights, load_model, save_model, sdpa
+from ncal_core.scoring import score_labels
 
 FP32_TOL = 1e-4
 BF16_TOL = 1e-2
@@ -212,6 +214,91 @@ def test_block_mask_scores_continuations_like_separate_runs(checkpoints: dict[st
     assert rel_err(hidden[:P], alone_first[:P]) < SELF_TOL
     assert rel_err(hidden[P : P + A], alone_first[P:]) < SELF_TOL
     assert rel_err(hidden[P + A :], alone_second[P:]) < SELF_TOL
+
+
+def sdpa_inputs(style: str) -> dict:
+    """The model's keyword inputs of each way training and scoring call it, for a [3, 10] batch."""
+    lens = [10, 7, 4]
+    right = (torch.arange(10)[None, :] < torch.tensor(lens)[:, None]).long()
+    left = right.flip(-1)
+    return {
+        "causal": {},
+        "right_padded": {"attention_mask": right},
+        "left_padded": {"attention_mask": left, "position_ids": (left.cumsum(-1) - 1).clamp(min=0)},
+        "ragged": {"ragged": ragged_layout(lens, 10, max_blocks=2, block_cost=0)},
+    }[style]
+
+
+def forward_backward(model: QwenModel, style: str) -> None:
+    """One training-style step (style: a key of sdpa_inputs) or one scoring pass (style "scoring")."""
+    if style == "scoring":  # the block attn_mask + position_ids of score_labels, under no_grad
+        score_labels(model, [[5, 6, 7, 8], [9, 10]], [[11, 2], [12, 13, 2], [14, 15, 16, 2]], batch_size=2)
+        return
+    model.train()
+    model.lm_head(model(random_ids(B=3, T=10), **sdpa_inputs(style))).float().logsumexp(-1).mean().backward()
+
+
+def cuda_fused_kernels(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, enable_gqa: bool) -> set:
+    """The fused CUDA kernels torch 2.13 would take this SDPA call to (aten/.../cuda/sdp_utils.cpp, sm80+):
+    flash takes grouped heads but no attn_mask and fp16/bf16 only; memory-efficient takes masks and fp32 but
+    no enable_gqa. An empty set means the math kernel, with its [B, heads, T, T] fp32 scores."""
+    kernels = set()
+    if attn_mask is None and q.dtype in (torch.float16, torch.bfloat16):
+        kernels.add("flash")
+    if not enable_gqa and k.shape[1] == q.shape[1]:
+        kernels.add("efficient")
+    return kernels
+
+
+STYLES = ["causal", "right_padded", "left_padded", "ragged", "scoring"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("style", STYLES)
+def test_grouped_attention_runs_without_the_math_kernel(
+    checkpoints: dict[str, Path], style: str, dtype: torch.dtype, device: str
+) -> None:
+    # sdpa_kernel raises "No available kernel" when neither fused kernel may take a call. On CPU flash takes
+    # every call (grouped or not, masked or not, fp32 or bf16), so there this only guards CPU; on CUDA it is
+    # the real check.
+    model = load_model(checkpoints["qwen2_gqa_untied"], dtype=dtype, device=device)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        forward_backward(model, style)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("style", STYLES)
+def test_grouped_attention_calls_suit_cudas_fused_kernels(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, style: str, dtype: torch.dtype
+) -> None:
+    # The CUDA rules checked on CPU: every SDPA call the model makes must be one a fused kernel takes, and
+    # calls flash takes keep k/v grouped (no [B, heads, T, D] copies).
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        calls.append((cuda_fused_kernels(q, k, attn_mask, enable_gqa), k.shape[1] < q.shape[1]))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    forward_backward(load_model(checkpoints["qwen2_gqa_untied"], dtype=dtype), style)
+    assert calls and all(kernels for kernels, _ in calls), calls
+    assert all(grouped == ("flash" in kernels) for kernels, grouped in calls), calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_repeated_heads_equal_enable_gqa(dtype: torch.dtype, masked: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 9, 16, generator=g).to(dtype) for n in (6, 2, 2))
+    mask = (torch.rand(2, 1, 9, 9, generator=g) < 0.7) | torch.eye(9, dtype=torch.bool) if masked else None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked,
+                                                           enable_gqa=True)
+    tol = SELF_TOL if dtype == torch.float32 else BF16_TOL
+    assert rel_err(sdpa(q, k, v, mask), ref) < tol
 
 
 @pytest.mark.parametrize("freeze_embeddings", [False, True])

@@ -263,3 +263,46 @@ def test_cpu_auto_backend_does_not_import_triton_and_forced_triton_needs_the_int
     )
     assert out.returncode == 0, out.stderr
     assert "needs TRITON_INTERPRET=1" in out.stdout
+
+
+@pytest.fixture
+def on_a_gpu(monkeypatch):
+    """Pretend a CUDA GPU of a given compute capability is there (returns a setter)."""
+    from ncal_core import ncal
+
+    def gpu(capability: tuple[int, int], missing: str | None = None) -> torch.device:
+        monkeypatch.setattr(ncal.torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(ncal, "_triton_missing", lambda: missing)
+        return torch.device("cuda", 0)
+    return gpu
+
+
+def test_auto_backend_takes_triton_on_an_ampere_or_newer_gpu_and_pytorch_on_cpu(on_a_gpu):
+    from ncal_core.ncal import resolve_backend
+    assert resolve_backend("auto", on_a_gpu((9, 0))) == "triton"
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", on_a_gpu((9, 0))) == "torch"
+
+
+@pytest.mark.parametrize("capability, missing, why", [
+    ((9, 0), "the triton package cannot be imported (No module named 'triton')", "cannot be imported"),
+    ((7, 5), None, "the GPU is sm_75, the Triton kernels need sm_80 or newer"),
+])
+def test_auto_backend_falls_back_to_pytorch_with_one_warning(on_a_gpu, capability, missing, why):
+    from ncal_core.ncal import resolve_backend
+    with pytest.warns(UserWarning, match=why) as caught:
+        assert resolve_backend("auto", on_a_gpu(capability, missing)) == "torch"
+    assert len(caught) == 1
+
+
+def test_triton_backend_without_triton_is_a_one_line_error(on_a_gpu):
+    from ncal_core.ncal import resolve_backend
+    with pytest.raises(NCALError, match=r"^--tc_backend triton: the triton package cannot be imported"):
+        resolve_backend("triton", on_a_gpu((9, 0), "the triton package cannot be imported (No module named 'triton')"))
+
+
+def test_a_missing_triton_is_reported_not_raised(monkeypatch):
+    import sys
+    from ncal_core.ncal import _triton_missing
+    monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees where it is not installed
+    assert "the triton package cannot be imported" in _triton_missing()

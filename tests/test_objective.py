@@ -134,3 +134,29 @@ def test_packed_head_gives_the_plain_heads_loss_and_gradients(model):
     assert torch.allclose(packed_loss, plain_loss, atol=ATOL_FP32)
     for name in plain:
         assert torch.allclose(packed[name], plain[name], atol=ATOL_FP32), name
+
+
+@pytest.mark.slow
+def test_compiled_layers_make_few_graphs_over_changing_padding_free_layouts(tmp_path):
+    """Ten micro-batches of different token counts, block counts and widths: graphs bounded, not one per layout."""
+    from torch._dynamo.testing import CompileCounter
+
+    from ncal_core.batching import ATTENTION_BLOCKS
+    from ncal_core.objective import compile_layers
+
+    torch._dynamo.reset()
+    model = load_model(make_hf_checkpoint(tmp_path, vocab_size=97))
+    counter = CompileCounter()
+    compile_layers(model, backend=counter)
+    objective = TrainingObjective(model, use_tc=True, pooling="mean", tc_backend="torch")
+    block_counts = set()
+    for step in range(10):
+        lens = [5 + (step * 37 + i * 53) % 160 for i in range(6 + step % 3)]
+        rows = [EncodedRow([3 + (i * 7 + j) % 40 for j in range(n)] + [50, 1], n, i % 3, str(i))
+                for i, n in enumerate(lens)]
+        batch = collate(rows, 0, ATTENTION_BLOCKS)
+        block_counts.add(len(batch.ragged.blocks))
+        objective(batch).lm_sum.backward()
+    # sizes are dynamic from the first call: what is left is one graph per number of attention blocks (a Python
+    # loop in the layer, at most ATTENTION_BLOCKS) and one re-trace; static sizes add one per new layout
+    assert len(block_counts) > 1 and counter.frame_count <= len(block_counts) + 1, (counter.frame_count, block_counts)

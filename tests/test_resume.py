@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
 from training_runs import (REPO, TINY, command, command_env, eval_report, final_weights, logged_steps, max_abs_diff,
                            metrics, run, tmwpl_rows, write_jsonl)
@@ -213,3 +214,70 @@ def test_overwrite_output_dir_deletes_only_the_runs_own_checkpoints(setup, tmp_p
     assert (tmp_path / "sibling.txt").read_text() == "mine"
     assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
     assert (out / "model.safetensors").is_file() and len(metrics(out)) == 3
+
+
+def test_resume_with_another_lora_rank_is_refused_naming_the_flag_and_both_values(setup, killed, tmp_path):
+    run_dir = copy_run(killed["lora"], tmp_path / "run")
+    proc = run("ncal_core.train", [*setup["flags"]["lora"], "--output_dir", run_dir, "--lora_r", "4",
+                                   "--resume_from_checkpoint", "latest"], setup["env"])
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --lora_r: the checkpoint") and "with 8, this run asks for 4" in last, last
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_with_another_global_batch_is_refused(setup, killed, tmp_path):
+    run_dir = copy_run(killed["full"], tmp_path / "run")
+    proc = run("ncal_core.train", [*setup["flags"]["full"], "--output_dir", run_dir,
+                                   "--gradient_accumulation_steps", "2", "--resume_from_checkpoint", "latest"],
+               setup["env"])
+    assert proc.returncode == 2, proc.stderr
+    assert "error: --per_device_train_batch_size (x processes x gradient_accumulation_steps): " \
+           "the checkpoint" in proc.stderr and "with 4, this run asks for 8" in proc.stderr, proc.stderr
+
+
+def test_resume_with_another_learning_rate_says_so_and_uses_it(setup, killed, tmp_path):
+    run_dir = copy_run(killed["full"], tmp_path / "run")
+    proc = train(setup, "full", run_dir, "--learning_rate", "5e-4", "--resume_from_checkpoint", "latest")
+    assert "resuming with --learning_rate 0.0005 (the checkpoint's run had 0.001)" in proc.stdout, proc.stdout
+    # linear decay to 0 at the last step: the step before it runs at 1/(steps - warm-up) of the new peak
+    last_two = [r["lr"] for r in metrics(run_dir) if "lr" in r][-2:]
+    assert last_two[1] == 0.0 and last_two[0] == pytest.approx(5e-4 / (STEPS - 2))
+
+
+def _state(world: int | None) -> dict:
+    return {"step": 2, "run": {"world_size": world}} if world else {"step": 2}
+
+
+@pytest.mark.parametrize("saved, rng_keys", [
+    (2, ["torch.rank0", "torch.rank1"]),   # recorded by the checkpoint
+    (None, ["torch.rank0", "torch.rank1"]),  # older checkpoints: told by their per-rank RNG keys
+])
+def test_resume_on_another_number_of_processes_is_refused_naming_both(saved, rng_keys):
+    from ncal_core.errors import NCALError
+    from ncal_core.resume import check_resume
+    from ncal_core.train_config import TrainConfig
+    rng = {key: torch.zeros(4, dtype=torch.uint8) for key in rng_keys}
+    with pytest.raises(NCALError, match=r"saved by 2 process\(es\), resumed with 1; resume with 2"):
+        check_resume(TrainConfig(), 1, 1e-3, _state(saved), rng, Path("ckpt"))
+
+
+def test_each_rank_takes_back_its_own_rng_and_a_lone_process_the_plain_keys():
+    from ncal_core.resume import rank_rng
+    saved = {f"{name}.rank{r}": torch.full((2,), 10 * r + i, dtype=torch.uint8)
+             for r in range(2) for i, name in enumerate(["torch", "cuda0"])}
+    assert {k: v.tolist() for k, v in rank_rng(saved, 1, 2).items()} == {"torch": [10, 10], "cuda0": [11, 11]}
+    with pytest.raises(AssertionError):
+        rank_rng(saved, 2, 3)  # world sizes are checked first: a missing rank is a bug, not a user error
+    plain = {"torch": torch.zeros(2, dtype=torch.uint8), "cuda0": torch.ones(2, dtype=torch.uint8)}
+    assert rank_rng(plain, 0, 1).keys() == plain.keys()
+
+
+def test_gpu_rng_states_are_restored_in_device_order(monkeypatch):
+    from ncal_core import resume
+    given = []
+    monkeypatch.setattr(resume.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(resume.torch.cuda, "set_rng_state_all", given.extend)
+    state = {"torch": torch.get_rng_state(), **{f"cuda{i}": torch.full((1,), i, dtype=torch.uint8) for i in range(12)}}
+    resume.set_rng_state(state)
+    assert [int(t) for t in given] == list(range(12))  # cuda10 and cuda11 come after cuda9, not after cuda1

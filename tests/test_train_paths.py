@@ -57,3 +57,39 @@ def test_padding_free_trains_to_the_losses_of_one_padded_batch(tmp_path):
     common = ["--la_loss_tau", "1", "--tc_backend", "torch"]
     _assert_same(_losses(tmp_path, "padded", [*common, "--padding_free", "false"]),
                  _losses(tmp_path, "free", [*common, "--padding_free", "true"]))
+
+
+@pytest.mark.slow
+def test_an_adapter_records_its_base_as_an_absolute_path(tmp_path):
+    """Trained from a relative --model_name_or_path, the adapter still finds its base when read from elsewhere."""
+    from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
+    make_checkpoint_with_tokenizer(tmp_path / "models" / "base", hidden_size=32, intermediate_size=64, layers=1,
+                                   heads=2, kv_heads=1)
+    env = {**os.environ, "NCAL_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "ncal_core.train", "--dataset_path", str(_rows(tmp_path / "rows.jsonl")),
+                    "--model_name_or_path", "models/base", "--output_dir", "run", "--eval_dataset_path", "none",
+                    "--save_strategy", "no", "--max_steps", "1", "--per_device_train_batch_size", "12"],
+                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    recorded = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((tmp_path / "models" / "base").resolve())
+    assert json.loads((tmp_path / "run" / "ncal_run.json").read_text())["base_model"] == recorded
+
+
+def _tiny_run(tmp_path: Path, rows_name: str, *flags: str) -> str:
+    """stdout of a one-step run of the built-in tiny model on rows saved as `rows_name`."""
+    env = {**os.environ, "NCAL_CACHE_DIR": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "ncal_core.train", "--dataset_path",
+                           str(_rows(tmp_path / rows_name)), "--output_dir", str(tmp_path / "out"),
+                           "--overwrite_output_dir", "true", "--eval_dataset_path", "none", "--save_strategy", "no",
+                           "--max_steps", "1", "--per_device_train_batch_size", "12", "--tiny_hidden_size", "32",
+                           "--tiny_num_layers", "1", "--tiny_vocab_size", "300", *flags],
+                          check=True, env=env, capture_output=True, text=True).stdout
+
+
+@pytest.mark.slow
+def test_forgetting_the_model_flag_says_that_the_built_in_tiny_model_is_trained(tmp_path):
+    note = "note: training the built-in tiny model from scratch (no --model_name_or_path given)"
+    assert note in _tiny_run(tmp_path, "tmwpl_rows.jsonl", "--bf16", "true")       # flags of a real model
+    assert note in _tiny_run(tmp_path, "my_rows.jsonl")                            # data that is not TMWPL
+    assert note not in _tiny_run(tmp_path, "tmwpl_rows.jsonl")                     # the main job's own setting

@@ -1,0 +1,150 @@
+"""bench/gpu_check.py without a GPU: it runs nothing and writes nothing; its record, MFU and parsing functions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_cuda_it_says_so_in_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "record.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(BENCH), "--out", str(out), "--workdir", str(tmp_path / "work")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines() == ["gpu_check: no CUDA GPU here; nothing was run and nothing written."]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_steps_are_refused(gpu_check):
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--steps", str(gpu_check.WARMUP_STEPS)])
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
+                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 PCIe", None),
+                                        ("NVIDIA GeForce RTX 4090", None)])
+def test_bf16_peak_by_device_name(gpu_check, name, peak):
+    assert gpu_check.peak_bf16_tflops(name) == peak
+
+
+def test_mfu_is_model_flops_over_the_peak(gpu_check):
+    assert gpu_check.mfu(494.5e12, 989.0) == pytest.approx(0.5)
+    assert gpu_check.mfu(31.2e12, 312.0) == pytest.approx(0.1)
+    assert gpu_check.mfu(1e12, None) is None
+
+
+def _record(gpu_check, **fns):
+    record = gpu_check.new_record({"device": "test", "torch": "t", "triton": "tr", "cuda": "c"})
+    for name, fn in fns.items():
+        gpu_check.add_part(record, name, gpu_check.run_part(fn))
+    return record
+
+
+def _boom():
+    return 1 / 0
+
+
+def test_a_raising_part_is_recorded_with_its_traceback_and_the_others_still_run(gpu_check):
+    record = _record(gpu_check, first=lambda: {"x": 1}, broken=_boom, last=lambda: {"y": 2})
+    parts = record["parts"]
+    assert [parts[n]["status"] for n in ("first", "broken", "last")] == ["passed", "failed", "passed"]
+    assert "ZeroDivisionError" in parts["broken"]["error"] and "_boom" in parts["broken"]["error"]
+    assert parts["last"]["result"] == {"y": 2} and record["passed"] is False
+
+
+def test_a_part_reporting_a_failed_check_fails_the_record(gpu_check):
+    record = _record(gpu_check, ok=lambda: {"x": 1}, check=lambda: {"passed": False, "diff": 0.5})
+    assert record["parts"]["check"]["status"] == "failed" and record["parts"]["check"]["error"] is None
+    assert record["passed"] is False
+
+
+def test_skipped_parts_do_not_fail_the_record_but_nothing_passed_is_not_a_pass(gpu_check):
+    def skip():
+        raise gpu_check.SkipPart("1 CUDA device here")
+
+    record = _record(gpu_check, ok=lambda: {"passed": True}, skipped=skip)
+    assert record["passed"] is True and record["parts"]["skipped"] == {
+        "status": "skipped", "result": None, "error": None, "reason": "1 CUDA device here",
+        "seconds": record["parts"]["skipped"]["seconds"]}
+    assert _record(gpu_check, skipped=skip)["passed"] is False
+
+
+def test_the_record_has_its_schema_and_is_written_as_json(gpu_check, tmp_path):
+    record = _record(gpu_check, ok=lambda: {"rate": 1.5})
+    path = tmp_path / "sub" / "r.json"
+    gpu_check.write_record(path, record)
+    back = json.loads(path.read_text())
+    assert {"device", "torch", "triton", "cuda", "started", "complete", "passed", "parts"} <= set(back)
+    assert set(back["parts"]["ok"]) == {"status", "result", "error", "seconds"}
+
+
+def test_pytest_counts_from_a_junit_report(gpu_check):
+    xml = ('<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="1" failures="2" skipped="3" '
+           'tests="20" time="1.0"></testsuite></testsuites>')
+    assert gpu_check.pytest_counts(xml) == {"passed": 14, "failed": 2, "errors": 1, "skipped": 3}
+
+
+def test_assets_come_from_the_flag_else_the_first_candidate_holding_them(gpu_check, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    second.mkdir()
+    (second / "tokenizer.json").write_text("{}")
+    assert gpu_check.find_asset(None, [first, second], "tokenizer.json") == second
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json in .*a$|no tokenizer.json in .*a \\("):
+        gpu_check.find_asset(first, [second], "tokenizer.json")
+
+
+def test_the_interpreter_flag_is_dropped_for_subprocesses(gpu_check, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "TRITON_INTERPRET" not in gpu_check.without_interpreter()
+
+
+def test_predicted_peak_is_memory_models_total_at_the_widest_step(gpu_check):
+    import memory_model
+
+    plan = [{"rows": 4, "tokens": 200, "targets": 8}, {"rows": 4, "tokens": 402, "targets": 12}]
+    a = gpu_check.arch()
+    assert (a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab, a.tied) == (
+        896, 24, 14, 2, 4864, 151936, True)
+    got = gpu_check.predicted_peak(plan, a, checkpointing=True)
+    assert got["predicted_at"] == {"batch": 4, "seq": 101}
+    assert got["predicted_bytes"] == memory_model.memory(a, 4, 101, 8, 3)["total_label_only_checkpointed"]
+
+
+def test_throughput_counts_flops_at_the_qwen_shape_and_leaves_bench_train_as_it_was(gpu_check, tmp_path):
+    import bench_train
+
+    before = dict(bench_train.MODEL)
+    steps = 2 * gpu_check.WARMUP_STEPS
+    plan = [{"rows": 2, "tokens": 100, "sq_tokens": 5000, "targets": 4, "width": 50, "padded": 100,
+             "padded_sq": 5000}] * steps
+    lines = [{"step": i + 1, "loss": 2.0 - i / steps, "samples_per_s": 4.0} for i in range(steps)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    a = gpu_check.arch()
+    got = gpu_check.throughput(plan, tmp_path / "metrics.jsonl", a, 989.0)
+    assert bench_train.MODEL == before
+    H, L, I, r, D = 896, 24, 4864, 8, 64
+    qkv = H * 14 * D + 2 * H * 2 * D
+    lora = r * (H + 14 * D) + 2 * r * (H + 2 * D) + r * (14 * D + H)
+    per_token = L * (4 * (qkv + 14 * D * H + 3 * H * I) + 6 * lora) - 2 * qkv
+    flops = per_token * 100 + 12 * L * 14 * D * 5000 + 4 * H * 151936 * 4  # one step, 0.5 s
+    assert got["samples_per_s"] == pytest.approx(4.0) and got["real_tokens_per_s"] == pytest.approx(200.0)
+    assert got["mfu"] == pytest.approx(flops / 0.5 / 989e12)
+    assert got["losses_finite"] and math.isclose(got["first_loss"], 2.0)
