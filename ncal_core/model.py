@@ -272,20 +272,24 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
+def keeps_grouped_heads(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether SDPA with grouped k/v (enable_gqa) still reaches a fused kernel on this device.
+
+    On CUDA, with enable_gqa, the memory-efficient kernel is out (it takes no grouped heads) and flash takes no
+    attn_mask and no fp32: a masked call (scoring, left padding) or an fp32 one (fp32 training) would be left to
+    the math kernel, which materialises the [B, nh, T, T] scores in fp32 (~15 GB per tensor for Qwen2.5-7B at
+    batch 32, T 2048). CPU's flash kernel takes every call, grouped or not, so the CPU keeps k/v grouped (and
+    its numbers as they were).
+    """
+    return device_type == "cpu" or (not masked and dtype in (torch.float16, torch.bfloat16))
+
+
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """SDPA of q [B, nh, T, D] over k/v [B, nkv, T, D], nh a multiple of nkv; mask [B, 1, T, T] bool or None
-    (= causal) -> [B, nh, T, D].
-
-    Why grouped k/v go in as they are only sometimes: with enable_gqa, CUDA's memory-efficient kernel is out
-    (it takes no grouped heads), and flash takes no attn_mask and no fp32. A masked call (scoring, left
-    padding) or an fp32 one (fp32 training) would then be left to the math kernel, which materialises the
-    [B, nh, T, T] scores in fp32: ~15 GB per tensor for Qwen2.5-7B at batch 32, T 2048. So enable_gqa is
-    kept for what flash runs (no mask, fp16/bf16) and k/v are repeated to all heads otherwise, which the
-    memory-efficient kernel takes, masked or fp32, at the price of [B, nh, T, D] copies of k and v. (CPU's
-    flash kernel takes every one of these calls, grouped or not.)
-    """
+    (= causal) -> [B, nh, T, D]. Where grouped k/v would leave only the math kernel, they are repeated to all
+    heads ([B, nh, T, D] copies), which the memory-efficient kernel takes, masked or fp32."""
     groups = q.shape[1] // k.shape[1]
-    grouped = groups > 1 and mask is None and q.dtype in (torch.float16, torch.bfloat16)
+    grouped = groups > 1 and keeps_grouped_heads(q.device.type, q.dtype, mask is not None)
     if groups > 1 and not grouped:
         k, v = repeat_heads(k, groups), repeat_heads(v, groups)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=grouped)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM
 
+from ncal_core import model as model_module
 from ncal_core.batching import ragged_layout
 from ncal_core.errors import NCALError
 from ncal_core.model import ModelConfig, QwenModel, build_mask, init_weights, load_model, save_model, sdpa
@@ -284,6 +285,9 @@ def test_grouped_attention_calls_suit_cudas_fused_kernels(
                     enable_gqa=enable_gqa)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    # the model runs on the CPU, choosing its calls as it would on CUDA
+    cuda_rule = model_module.keeps_grouped_heads
+    monkeypatch.setattr(model_module, "keeps_grouped_heads", lambda device, *rest: cuda_rule("cuda", *rest))
     forward_backward(load_model(checkpoints["qwen2_gqa_untied"], dtype=dtype), style)
     assert calls and all(kernels for kernels, _ in calls), calls
     assert all(grouped == ("flash" in kernels) for kernels, grouped in calls), calls
