@@ -74,6 +74,12 @@ def _font_for(chars: frozenset[str]) -> str | None:
     return None
 
 
+@functools.cache
+def _say_once(message: str) -> None:
+    """Print a message the first time only (every picture of a report would repeat it)."""
+    print(message)
+
+
 @contextmanager
 def _text_setting(names: Sequence[str], prefix: str, noun: str) -> Iterator[tuple[list[str], str]]:
     """Matplotlib settings under which `names` render; yields the names to draw and a caption for them.
@@ -91,9 +97,9 @@ def _text_setting(names: Sequence[str], prefix: str, noun: str) -> Iterator[tupl
         if extra is None:
             shown = [f"{prefix}{i}" for i in range(len(names))]
             caption = f"{noun} ({prefix}i = the i-th; no installed font draws the names)"
-            print(f"plots: no installed font draws {''.join(sorted(missing))}, so the figure shows "
-                  + ", ".join(f"{alias} = {name}" for alias, name in zip(shown, names))
-                  + f" (the Debian package {CJK_FONT_PACKAGE} brings such a font)")
+            _say_once(f"plots: no installed font draws {''.join(sorted(missing))}, so the figures show "
+                      + ", ".join(f"{alias} = {name}" for alias, name in zip(shown, names))
+                      + f" (the Debian package {CJK_FONT_PACKAGE} brings such a font)")
         else:
             settings = {"font.family": [font_manager.FontProperties(fname=default_path).get_name(), extra]}
     with matplotlib.rc_context(settings):

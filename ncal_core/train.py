@@ -40,6 +40,7 @@ from ncal_core.objective import TrainingObjective, compile_layers
 from ncal_core.prompts import PromptBuilder, load_tokenizer
 from ncal_core.resume import check_resume, rank_rng, resume_settings, rng_state, set_rng_state
 from ncal_core.run_files import RUN_FILE, prepare_output_dir, save_run_output, truncate_log
+from ncal_core.run_summary import outputs_summary, plan_summary
 from ncal_core.schedule import make_optimizer, make_scheduler, set_peak_lr
 from ncal_core.tiny import tiny_checkpoint
 from ncal_core.train_config import BUILTIN_TINY, TrainConfig, uses_lora, uses_tc
@@ -257,6 +258,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
              "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"]})
         return report, features
 
+    if main_proc:
+        print(plan_summary(train_path=train_path, labels=labels, counts=counts,
+                           dev_rows=len(dev_rows) if cfg.dev_per_class else 0, eval_path=eval_path,
+                           eval_rows=len(eval_rows), model_name=cfg.model_name_or_path, model=model,
+                           use_lora=use_lora, total_steps=total_steps, per_device=cfg.per_device_train_batch_size,
+                           world=world, accumulation=cfg.gradient_accumulation_steps, output_dir=output_dir),
+              flush=True)
+
     # the loop
     K = len(labels)
     accum = cfg.gradient_accumulation_steps
@@ -359,6 +368,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             (output_dir / "dev_ids.json").write_text(json.dumps([r.id for r in dev_rows], ensure_ascii=False))
         if eval_rows:
             write_report(output_dir, report, features, eval_gold, labels)
+    if main_proc:
+        print(outputs_summary(output_dir), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return report

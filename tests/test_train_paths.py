@@ -93,3 +93,15 @@ def test_forgetting_the_model_flag_says_that_the_built_in_tiny_model_is_trained(
     assert note in _tiny_run(tmp_path, "tmwpl_rows.jsonl", "--bf16", "true")       # flags of a real model
     assert note in _tiny_run(tmp_path, "my_rows.jsonl")                            # data that is not TMWPL
     assert note not in _tiny_run(tmp_path, "tmwpl_rows.jsonl")                     # the main job's own setting
+
+
+@pytest.mark.slow
+def test_a_run_says_what_it_will_do_and_what_it_wrote(tmp_path):
+    out = _tiny_run(tmp_path, "tmwpl_rows.jsonl").splitlines()
+    assert any(line.startswith("data:       48 training rows of ") and line.endswith("3 classes: A 16, B 16, C 16")
+               for line in out), out
+    assert "evaluation: skipped (no evaluation file; pass --eval_dataset_path to score one)" in out
+    assert any(line.startswith("model:      tiny (full fine-tuning), ") and " trainable of " in line for line in out)
+    assert "plan:       1 optimizer steps of 12 rows (12 per process x 1 process(es) x 1 accumulation)" in out
+    wrote = [line for line in out if line.startswith(f"wrote {tmp_path / 'out'}: ")]
+    assert len(wrote) == 1 and "model.safetensors" in wrote[0] and "metrics.jsonl" in wrote[0], out
