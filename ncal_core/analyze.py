@@ -13,6 +13,7 @@ from ncal_core.evaluate import evaluate, write_report
 from ncal_core.plots import training_curves
 from ncal_core.predictor import (check_device, load_predictor, open_model_folder, pick_device, pick_dtype, progress,
                                  run_tau, say_tau, training_log_prior)
+from ncal_core.run_summary import outputs_summary
 
 
 @dataclass
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if curves.is_file():
         training_curves(curves, output_dir / "training_curves.png")
     print(json.dumps(report["neural_collapse"], indent=2))
+    print(outputs_summary(output_dir))
     return 0
 
 

@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(cfg.output_file, "w", encoding="utf-8") as handle:
             for line in outputs:
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        print(f"wrote {len(outputs)} predictions to {cfg.output_file}", file=sys.stderr)
     elif cfg.prompt is not None:
         best = outputs[0]
         print(f"{best['prediction']}\t{best['scores'][best['prediction']]:.4f}" if not cfg.generate
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(report))
         if cfg.metrics_file:
             Path(cfg.metrics_file).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+            print(f"wrote the report to {cfg.metrics_file}", file=sys.stderr)
     return 0
 
 

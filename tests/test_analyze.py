@@ -35,7 +35,7 @@ def test_train_infer_and_analyze_give_one_macro_f1_with_the_runs_tau(long_tailed
     # the adjustment changes the predictions, so scoring without it could not give the same figure
     assert run_report["macro_f1"] != run_report["unadjusted"]["macro_f1"]
     assert infer.main(["--model_path", str(root / "out"), "--prompts_file", str(root / "test.jsonl"),
-                       "--metrics_file", str(root / "infer.json")]) == 0
+                       "--metrics_file", str(root / "infer.json"), "--output_file", str(root / "preds.jsonl")]) == 0
     assert analyze.main(["--model_path", str(root / "out"), "--prompts_file", str(root / "test.jsonl"),
                          "--output_dir", str(root / "analysis")]) == 0
     infer_report = json.loads((root / "infer.json").read_text(encoding="utf-8"))
@@ -44,7 +44,12 @@ def test_train_infer_and_analyze_give_one_macro_f1_with_the_runs_tau(long_tailed
         assert report["macro_f1"] == pytest.approx(run_report["macro_f1"])
         assert report["accuracy"] == pytest.approx(run_report["accuracy"])
         assert report["logit_adjust_tau"] == 1.5
-    assert "logit_adjust_tau 1.5 (the training run's" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "logit_adjust_tau 1.5 (the training run's" in said.err
+    assert f"wrote the report to {root / 'infer.json'}" in said.err
+    assert f"wrote 30 predictions to {root / 'preds.jsonl'}" in said.err
+    assert any(line.startswith(f"wrote {root / 'analysis'}: ") and "eval.json" in line and "sphere.png" in line
+               for line in said.out.splitlines()), said.out
 
 
 def test_a_tau_given_overrides_the_runs(long_tailed_run):
