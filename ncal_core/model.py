@@ -394,10 +394,9 @@ class QwenModel(nn.Module):
         The table covers max(T, max_position_embeddings) positions, so the positions are not read on the host
         (a device sync per forward): position_ids must stay below that, as packed and padded rows do.
         """
-        needed = T
         cached = self._rope_cache.get((device, dtype))
-        if cached is None or cached[0].shape[0] < needed:
-            cached = rope_table(self.config, max(needed, self.config.max_position_embeddings), device, dtype)
+        if cached is None or cached[0].shape[0] < T:
+            cached = rope_table(self.config, max(T, self.config.max_position_embeddings), device, dtype)
             self._rope_cache[(device, dtype)] = cached
         cos, sin = cached
         if position_ids is None:

@@ -32,7 +32,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: in
 
 
 def set_peak_lr(scheduler: LambdaLR, lr: float) -> None:
-    """Give a restored schedule another peak learning rate, from the step it is at (a resumed run's new --learning_rate)."""
+    """Give a restored schedule another peak learning rate from the step it is at (a resumed run's new
+    --learning_rate)."""
     scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
     for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"] = lr

@@ -72,9 +72,6 @@ def _meant_a_real_model(cfg: TrainConfig) -> bool:
 def _base_model(cfg: TrainConfig, texts: list[str]) -> Path:
     """The base checkpoint folder: the user's, or the built-in tiny one (built on first use)."""
     if cfg.model_name_or_path == BUILTIN_TINY:
-        if _meant_a_real_model(cfg):
-            print("note: training the built-in tiny model from scratch (no --model_name_or_path given); pass "
-                  "--model_name_or_path DIR to fine-tune a Qwen checkpoint", flush=True)
         return tiny_checkpoint(texts, seed=cfg.seed, vocab_size=cfg.tiny_vocab_size,
                                hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_num_layers,
                                tied=cfg.tiny_tied_embeddings)
@@ -86,7 +83,8 @@ def _base_model(cfg: TrainConfig, texts: list[str]) -> Path:
     return path
 
 
-def _read_resume(cfg: TrainConfig, resume: Path, world: int, lr: float, main_proc: bool) -> tuple[dict[str, Any], dict]:
+def _read_resume(cfg: TrainConfig, resume: Path, world: int, lr: float,
+                 main_proc: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A checkpoint's trainer state and RNG states, refused in one line when this run cannot continue it."""
     state = read_state(resume)
     # a Hugging Face Trainer checkpoint (the reference code's) has a trainer_state.json of another shape
@@ -149,9 +147,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     use_lora = uses_lora(cfg.use_lora, cfg.model_name_or_path)
     lr = _learning_rate(cfg)
     # the label names go into the tiny tokenizer's corpus too, so each becomes a token or two
+    if main_proc and cfg.model_name_or_path == BUILTIN_TINY and _meant_a_real_model(cfg):
+        print("note: training the built-in tiny model from scratch (no --model_name_or_path given); pass "
+              "--model_name_or_path DIR to fine-tune a Qwen checkpoint", flush=True)
     with accelerator.main_process_first():  # the tiny model is built once, by the main process
+        # absolute, so that adapters and the run record name it from any folder
         base = _base_model(cfg, [m["content"] for row in train_rows for m in row.messages]
-                           + [row.label for row in train_rows])
+                           + [row.label for row in train_rows]).resolve()
     tokenizer = load_tokenizer(base)
     builder = PromptBuilder(tokenizer, labels, instruction=cfg.instruction, cutoff_len=cfg.cutoff_len,
                             truncation=cfg.truncation)
@@ -214,13 +216,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         torch.manual_seed(cfg.seed + rank)
     state["run"] = resume_settings(cfg, world, lr)
-    run_info = {"labels": labels, "label_counts": counts, "base_model": str(base.resolve()), "use_lora": use_lora,
+    run_info = {"labels": labels, "label_counts": counts, "base_model": str(base), "use_lora": use_lora,
                 "learning_rate": lr, "config": asdict(cfg)}
 
     def save_weights(folder: Path) -> None:
         inner = accelerator.unwrap_model(objective).model
         if use_lora:
-            save_adapter(inner, folder, base_model_name_or_path=str(base.resolve()), r=cfg.lora_r, alpha=cfg.lora_alpha,
+            save_adapter(inner, folder, base_model_name_or_path=str(base), r=cfg.lora_r, alpha=cfg.lora_alpha,
                          dropout=cfg.lora_dropout, target_modules=cfg.target_modules)
         else:
             save_model(inner, folder)

@@ -44,10 +44,9 @@ class StepRecord:
 
     def packed(self) -> Tensor:
         """[5] on the device of the sums, for one reduction over ranks: LM, tokens, TC, micro-batches, rows."""
-        counts = torch.tensor([self.tokens, self.micro_batches, self.rows], dtype=torch.float32,
-                              device=self.lm_sum.device)
-        sums = torch.stack([self.lm_sum.float(), self.tc_sum.float()])
-        return torch.stack([sums[0], counts[0], sums[1], counts[1], counts[2]])
+        tokens, micro_batches, rows = torch.tensor([self.tokens, self.micro_batches, self.rows], dtype=torch.float32,
+                                                   device=self.lm_sum.device)
+        return torch.stack([self.lm_sum.float(), tokens, self.tc_sum.float(), micro_batches, rows])
 
 
 def host_values(tensor: Tensor) -> list[float]:
