@@ -167,7 +167,7 @@ def timing_report() -> list[dict[str, Any]]:
     from ncal_kernels.pool_norm import pool_norm
     from triton.testing import do_bench
 
-    from ncal_core import ncal
+    from ncal_core.loss import tc
 
     e_w, mu = 1.0, -1.0 / 7
 
@@ -176,7 +176,7 @@ def timing_report() -> list[dict[str, Any]]:
         return etf_gram(pool_norm(h, mask, pooling == "mean", e_w), y, mu, True)
 
     def eager(h, mask, y, pooling):
-        return ncal._gram_torch(ncal._pool_torch(h, mask, pooling, e_w), y, mu, True)
+        return tc._gram_torch(tc._pool_torch(h, mask, pooling, e_w), y, mu, True)
 
     impls = {"triton": fused, "eager": eager, "torch.compile": torch.compile(eager, dynamic=False)}
     src = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")
@@ -203,7 +203,7 @@ def timing_report() -> list[dict[str, Any]]:
 def interpreter_report() -> list[dict[str, Any]]:
     """Max differences of the Triton path (CPU interpreter) from the torch path on a few small batches."""
     os.environ["TRITON_INTERPRET"] = "1"
-    from ncal_core.ncal import etf_gram_loss, pool_features
+    from ncal_core.loss.tc import etf_gram_loss, pool_features
 
     cases = [
         ("last", torch.float32, 7, 9, 96, 1.0),

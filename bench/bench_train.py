@@ -64,12 +64,19 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_model  # noqa: E402
-from ncal_core.batching import ATTENTION_BLOCKS, MEGABATCH_BATCHES, LengthGroupedBatches, collate  # noqa: E402
-from ncal_core.data import label_set, load_examples  # noqa: E402
-from ncal_core.datasets import resolve_dataset  # noqa: E402
-from ncal_core.prompts import EncodedRow, PromptBuilder, load_tokenizer  # noqa: E402
+
 from ncal_core.cli import parse_config  # noqa: E402
-from ncal_core.train_config import TrainConfig  # noqa: E402
+from ncal_core.data.batching import (  # noqa: E402
+    ATTENTION_BLOCKS,
+    MEGABATCH_BATCHES,
+    LengthGroupedBatches,
+    collate,
+)
+from ncal_core.data.prompts import EncodedRow, PromptBuilder  # noqa: E402
+from ncal_core.data.registry import resolve_dataset  # noqa: E402
+from ncal_core.data.rows import label_set, load_examples  # noqa: E402
+from ncal_core.model.tokenizer import load_tokenizer  # noqa: E402
+from ncal_core.train.config import TrainConfig  # noqa: E402
 
 # Qwen's real tokenizer, never committed: ../shared/tokenizers/qwen3 (or under $NCAL_SHARED_DIR, as the tests)
 QWEN_TOKENIZER = Path(os.environ.get("NCAL_SHARED_DIR", REPO.parent / "shared")) / "tokenizers" / "qwen3"
@@ -99,7 +106,7 @@ def build_checkpoint(folder: Path, shape: str, texts: list[str]) -> Path:
     """A random Qwen2 saved by transformers with its tokenizer: the 4k BPE trained on `texts`, or Qwen's own."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from ncal_core.tiny_tokenizer import train_tokenizer
+    from ncal_core.model.tiny_tokenizer import train_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     if shape == "bpe4k":
@@ -171,7 +178,7 @@ def batch_stats(rows: list[EncodedRow], padding_free: bool = False) -> dict[str,
 
 
 def our_plan(rows: list[EncodedRow], batch: int, steps: int, grouped: bool, padding_free: bool) -> list[dict[str, int]]:
-    """The batches our loop trains on, step by step: the same sampler, seed and epoch order as ncal_core.train.
+    """The batches our loop trains on, step by step: the same sampler, seed and epoch order as ncal_core.train.loop.
 
     metrics.jsonl gives each step's time but not its tokens; if ncal_core.train changes how it samples, this follows.
     """
@@ -359,10 +366,10 @@ def run_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, wo
 def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
     """Forward + backward of TrainingObjective (label-only head; its weight pre-packed, and not) vs full [B, T, V]
     logits + masked CE, same model."""
-    from ncal_core.head import packing_available
-    from ncal_core.lora import inject_lora
-    from ncal_core.model import load_model
-    from ncal_core.objective import TrainingObjective
+    from ncal_core.loss.objective import TrainingObjective
+    from ncal_core.model.head import packing_available
+    from ncal_core.model.lora import inject_lora
+    from ncal_core.model.qwen import load_model
 
     torch.manual_seed(SEED)
     model = load_model(shape.folder)

@@ -14,7 +14,7 @@ with its traceback and the others still run; `passed` is true only when no part 
   the GPU's dense bf16 peak, peak torch.cuda.max_memory_allocated against bench/memory_model.py.
 - `train_2proc`: the same run through 2 processes (accelerate), when there are >= 2 GPUs; else skipped.
 - `eval_gpu_vs_cpu`: the trained adapter scored on `--eval_rows` TMWPL test rows on the GPU (fp32 and
-  bf16) and on the CPU (fp32) with ncal_core.evaluate.evaluate; macro-F1 within EVAL_TOLERANCE.
+  bf16) and on the CPU (fp32) with ncal_core.evaluation.evaluate.evaluate; macro-F1 within EVAL_TOLERANCE.
 
 Without CUDA it says so in one line and exits 0, having run and written nothing.
 Assets: Qwen's tokenizer folder and the TMWPL folder come from the flags, else from `.gpu_assets/` in the
@@ -201,7 +201,7 @@ def build_checkpoint(folder: Path, tokenizer_dir: Path) -> Path:
     shape is fixed to its small model) builds one; made on the GPU, where random init of 0.5B takes no time."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from ncal_core.prompts import load_tokenizer
+    from ncal_core.model.tokenizer import load_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -239,9 +239,10 @@ def step_plan(flags: list[str], global_batch: int, steps: int) -> list[dict[str,
     import bench_train
 
     from ncal_core.cli import parse_config
-    from ncal_core.data import label_set, load_examples
-    from ncal_core.prompts import PromptBuilder, load_tokenizer
-    from ncal_core.train_config import TrainConfig
+    from ncal_core.data.prompts import PromptBuilder
+    from ncal_core.data.rows import label_set, load_examples
+    from ncal_core.model.tokenizer import load_tokenizer
+    from ncal_core.train.config import TrainConfig
 
     cfg = parse_config(TrainConfig, flags, "", "python -m ncal_core.train")
     path = Path(cfg.dataset_path)
@@ -303,8 +304,8 @@ class Run:
     def train_qwen05b(self) -> dict[str, Any]:
         """In process, without then with gradient checkpointing: rates, MFU, measured vs predicted peak memory."""
         from ncal_core.cli import parse_config
-        from ncal_core.train import train
-        from ncal_core.train_config import TrainConfig
+        from ncal_core.train.config import TrainConfig
+        from ncal_core.train.loop import train
 
         runs = {}
         for checkpointing in (False, True):
@@ -339,9 +340,9 @@ class Run:
 
     def eval_gpu_vs_cpu(self) -> dict[str, Any]:
         """The adapter of train_qwen05b's first run scored on the GPU (fp32, bf16) and the CPU (fp32), same rows."""
-        from ncal_core.data import load_examples
-        from ncal_core.evaluate import evaluate
-        from ncal_core.predictor import load_predictor
+        from ncal_core.data.rows import load_examples
+        from ncal_core.evaluation.evaluate import evaluate
+        from ncal_core.evaluation.predictor import load_predictor
 
         trained = self.workdir / "train"
         if not (trained / "adapter_model.safetensors").is_file():

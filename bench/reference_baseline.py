@@ -14,7 +14,7 @@ With --longest_first the random order is kept except that the longest row moves 
 the reference meets that batch (padded to the longest row, with its full logits) at some random step of
 every epoch, and a short benchmark run would otherwise miss it and under-state its peak memory.
 
-ROWS.jsonl holds the ids ncal_core.prompts.PromptBuilder gives (one `{"input_ids", "prompt_len",
+ROWS.jsonl holds the ids ncal_core.data.prompts.PromptBuilder gives (one `{"input_ids", "prompt_len",
 "class_index"}` a line), so both sides of the benchmark see the same sequences. Written to OUT.json:
 the time at the end of every optimizer step and, per step, the rows, real tokens, squared row lengths,
 target tokens and padded width of its batch. Peak RSS is measured by the parent from outside.
@@ -33,7 +33,13 @@ STARTED = time.perf_counter()
 import torch  # noqa: E402
 from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
 from torch.utils.data import Dataset, Sampler  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 
 class EncodedRows(Dataset):

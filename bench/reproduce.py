@@ -35,14 +35,14 @@ import numpy as np
 import torch
 
 from ncal_core.cli import parse_config
-from ncal_core.data import load_examples
-from ncal_core.datasets import resolve_dataset
-from ncal_core.longtail import adjust_scores, log_prior
-from ncal_core.metrics import classification_report
-from ncal_core.predictor import load_predictor
-from ncal_core.prompts import PromptBuilder
-from ncal_core.scoring import ensemble_log_probs, score_labels
-from ncal_core.train_config import TrainConfig, uses_lora, uses_tc
+from ncal_core.data.prompts import PromptBuilder
+from ncal_core.data.registry import resolve_dataset
+from ncal_core.data.rows import load_examples
+from ncal_core.evaluation.metrics import classification_report
+from ncal_core.evaluation.predictor import load_predictor
+from ncal_core.evaluation.scoring import ensemble_log_probs, score_labels
+from ncal_core.loss.longtail import adjust_scores, log_prior
+from ncal_core.train.config import TrainConfig, uses_lora, uses_tc
 
 # every run starts from these, so that a method means the same whatever ncal_core.train's defaults become
 PINNED = ["--use_etf_loss", "true", "--la_loss_tau", "0", "--resample", "none"]
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(results, out)
     (out / "results.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
     write_table(rows, out / "results.md")
-    from ncal_core.plots import comparison_plot
+    from ncal_core.evaluation.plots import comparison_plot
 
     comparison_plot(rows, out / "comparison.png")
     print((out / "results.md").read_text(encoding="utf-8"))

@@ -7,13 +7,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ncal_core.cli import flag, parse_config
-from ncal_core.data import check_labels, label_set, load_examples
+from ncal_core.data.rows import check_labels, label_set, load_examples
 from ncal_core.errors import NCALError, run_cli
-from ncal_core.evaluate import evaluate, write_report
-from ncal_core.plots import training_curves
-from ncal_core.predictor import (check_device, load_predictor, open_model_folder, pick_device, pick_dtype, progress,
-                                 run_tau, say_tau, training_log_prior)
-from ncal_core.run_summary import outputs_summary
+from ncal_core.evaluation.evaluate import evaluate, write_report
+from ncal_core.evaluation.plots import training_curves
+from ncal_core.evaluation.predictor import (
+    check_device,
+    load_predictor,
+    open_model_folder,
+    pick_device,
+    pick_dtype,
+    progress,
+    run_tau,
+    say_tau,
+    training_log_prior,
+)
+from ncal_core.train.summary import outputs_summary
 
 
 @dataclass

@@ -12,13 +12,23 @@ import torch
 from tqdm import tqdm
 
 from ncal_core.cli import flag, parse_config
-from ncal_core.data import Example, check_labels, load_examples
+from ncal_core.data.rows import Example, check_labels, load_examples
 from ncal_core.errors import NCALError, run_cli
-from ncal_core.generate import greedy_generate
-from ncal_core.metrics import classification_report, format_report
-from ncal_core.predictor import (Predictor, check_device, load_predictor, open_model_folder, pick_device, pick_dtype,
-                                 progress, run_tau, say_tau, training_log_prior)
-from ncal_core.scoring import ensemble_log_probs, score_labels
+from ncal_core.evaluation.generate import greedy_generate
+from ncal_core.evaluation.metrics import classification_report, format_report
+from ncal_core.evaluation.predictor import (
+    Predictor,
+    check_device,
+    load_predictor,
+    open_model_folder,
+    pick_device,
+    pick_dtype,
+    progress,
+    run_tau,
+    say_tau,
+    training_log_prior,
+)
+from ncal_core.evaluation.scoring import ensemble_log_probs, score_labels
 
 
 @dataclass

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from random_checkpoints import make_hf_checkpoint
 
-from ncal_core.prompts import load_tokenizer
-from ncal_core.tiny_tokenizer import train_tokenizer
+from ncal_core.model.tiny_tokenizer import train_tokenizer
+from ncal_core.model.tokenizer import load_tokenizer
 
 TEXTS = ["三角形的内角和是多少度？", "小明有5个苹果，吃了2个，还剩几个？", "读作：三千八百四十八",
          "把一个长方形分成两个正方形", "判断对错：钝角三角形", "比较大小：0.5和二分之一"] * 20

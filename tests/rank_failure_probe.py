@@ -2,15 +2,15 @@
 
 NCAL_FAIL_RANK (default 1) is the rank that fails, NCAL_FAIL_AT (default 3) the micro-batch it fails on, and
 NCAL_FAIL_KIND `crash` (a RuntimeError, as a bug would raise) or `user` (an NCALError, as bad input would).
-Every flag is passed on to ncal_core.train.
+Every flag is passed on to ncal_core.train.loop.
 """
 
 from __future__ import annotations
 
 import os
 
-import ncal_core.train as train
-import ncal_core.train_step as train_step
+import ncal_core.train.loop as train
+import ncal_core.train.step as train_step
 from ncal_core.errors import NCALError, run_cli
 
 FAIL_RANK = int(os.environ.get("NCAL_FAIL_RANK", "1"))

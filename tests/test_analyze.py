@@ -7,8 +7,9 @@ import json
 import pytest
 from training_runs import LABELS, TINY, eval_report, tmwpl_rows, write_jsonl
 
-from ncal_core import analyze, infer, train
+from ncal_core import analyze, infer
 from ncal_core.errors import NCALError
+from ncal_core.train import loop as train
 
 
 @pytest.fixture(scope="module")

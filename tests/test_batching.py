@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ncal_core.batching import Batch, LengthGroupedBatches, block_bounds, collate
-from ncal_core.prompts import EncodedRow
+from ncal_core.data.batching import Batch, LengthGroupedBatches, block_bounds, collate
+from ncal_core.data.prompts import EncodedRow
 
 PAD = 0
 

@@ -8,9 +8,16 @@ import pickle
 import pytest
 import torch
 
-from ncal_core.checkpoint import (list_checkpoints, prune_checkpoints, read_optimizer_state, read_rng,
-                                  read_state, resolve_checkpoint, save_checkpoint)
 from ncal_core.errors import NCALError
+from ncal_core.train.checkpoint import (
+    list_checkpoints,
+    prune_checkpoints,
+    read_optimizer_state,
+    read_rng,
+    read_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 
 def _save(tmp_path, step):

@@ -9,7 +9,7 @@ import pytest
 from ncal_core.cli import parse_bool, parse_config
 from ncal_core.errors import NCALError
 from ncal_core.infer import InferConfig
-from ncal_core.train_config import TrainConfig
+from ncal_core.train.config import TrainConfig
 
 
 def parse(argv):

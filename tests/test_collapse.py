@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ncal_core.collapse import class_geometry, neural_collapse
 from ncal_core.errors import NCALError
+from ncal_core.evaluation.collapse import class_geometry, neural_collapse
 
 K, H, PER_CLASS = 7, 32, 20
 

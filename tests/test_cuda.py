@@ -21,7 +21,16 @@ import torch
 os.environ.pop("TRITON_INTERPRET", None)
 
 from test_kernels import CASES, TOLERANCES, Case, _batch, _close  # noqa: E402
-from training_runs import TINY, command_env, final_weights, max_abs_diff, metrics, run, tmwpl_rows, write_jsonl  # noqa: E402
+from training_runs import (  # noqa: E402
+    TINY,
+    command_env,
+    final_weights,
+    max_abs_diff,
+    metrics,
+    run,
+    tmwpl_rows,
+    write_jsonl,
+)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 LOSS_RTOL = 1e-4
@@ -30,7 +39,7 @@ WEIGHT_ATOL = 1e-4
 
 def _outputs(case: Case, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z, loss, grad_hidden) of one backend on the case's batch, on the GPU."""
-    from ncal_core.ncal import etf_gram_loss, pool_features
+    from ncal_core.loss.tc import etf_gram_loss, pool_features
 
     hidden, mask, class_ids = (t.cuda() for t in _batch(case))
     x = hidden.requires_grad_()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ncal_core.head import LabelHead, packing_available
+from ncal_core.model.head import LabelHead, packing_available
 
 REL_TOL = 1e-5
 needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN packed linear")

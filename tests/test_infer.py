@@ -15,13 +15,13 @@ from reference_scoring import chat_prompt_ids, reference_probabilities
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import AutoModelForCausalLM
 
-from ncal_core.data import Example, load_examples
+from ncal_core.data.rows import Example, load_examples
 from ncal_core.errors import NCALError
-from ncal_core.generate import greedy_generate
+from ncal_core.evaluation.generate import greedy_generate
+from ncal_core.evaluation.predictor import load_predictor
 from ncal_core.infer import InferConfig, _offset, _scorer, main
-from ncal_core.predictor import load_predictor
-from ncal_core.prompts import load_tokenizer
-from ncal_core.run_files import RUN_FILE
+from ncal_core.model.tokenizer import load_tokenizer
+from ncal_core.run_record import RUN_FILE
 
 # fp32: probabilities of the same model computed two ways differ by accumulation order only
 ATOL_FP32 = 1e-4

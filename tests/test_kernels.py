@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import pytest
 import torch
 
-# The reference is backend="torch" on the same inputs (checked by gradcheck in test_ncal.py).
+# The reference is backend="torch" on the same inputs (checked by gradcheck in test_tc.py).
 # (atol, rtol) per hidden dtype and output; atol is relative to the largest |reference| entry,
 # because e_w = 40 puts the loss near 1e6 and the gradients near 1e2.
 TOLERANCES = {
@@ -102,7 +102,7 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: tuple[float, f
 
 def _run_case(case: Case) -> list[str]:
     """Failures of the Triton path against the torch path on one case (empty when it matches)."""
-    from ncal_core.ncal import etf_gram_loss, pool_features
+    from ncal_core.loss.tc import etf_gram_loss, pool_features
 
     hidden, mask, class_ids = _batch(case)
     out = {}
@@ -136,7 +136,7 @@ def _run_case(case: Case) -> list[str]:
 
 def _run_gram_only(class_diff: bool) -> list[str]:
     """B = 512 (8 x 8 tiles of 64) on the Gram loss alone, fp32 z [512, 64]."""
-    from ncal_core.ncal import etf_gram_loss
+    from ncal_core.loss.tc import etf_gram_loss
 
     g = torch.Generator().manual_seed(512)
     z = torch.nn.functional.normalize(torch.randn(512, 64, generator=g), dim=1)

@@ -8,10 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ncal_core.batching import LengthGroupedBatches
+from ncal_core.data.batching import LengthGroupedBatches
 from ncal_core.errors import NCALError
-from ncal_core.longtail import (adjust_scores, class_counts, etf_target_loss, first_label_tokens, log_prior,
-                                logit_adjusted_loss, row_weights, simplex_etf)
+from ncal_core.loss.longtail import (
+    adjust_scores,
+    class_counts,
+    etf_target_loss,
+    first_label_tokens,
+    log_prior,
+    logit_adjusted_loss,
+    row_weights,
+    simplex_etf,
+)
 
 
 def test_post_hoc_adjustment_subtracts_tau_log_prior():

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ncal_core.errors import NCALError
-from ncal_core.lora import (
+from ncal_core.model.lora import (
     LoRALinear,
     dropout_keep,
     inject_lora,
@@ -28,7 +28,7 @@ from ncal_core.lora import (
     merge_lora,
     save_adapter,
 )
-from ncal_core.model import load_model, save_model
+from ncal_core.model.qwen import load_model, save_model
 
 TOL = 1e-4
 MERGE_TOL = 1e-5

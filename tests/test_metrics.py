@@ -7,10 +7,15 @@ import unicodedata
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
 from ncal_core.errors import NCALError
-from ncal_core.metrics import classification_report, format_report, paired_bootstrap
+from ncal_core.evaluation.metrics import classification_report, format_report, paired_bootstrap
 
 LABELS = ["回忆", "选取策略", "识别", "表征建模", "过程实施", "推断", "分析"]
 K = len(LABELS)

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from random_checkpoints import make_hf_checkpoint
 
-from ncal_core.batching import collate
-from ncal_core.head import packing_available
-from ncal_core.model import load_model
-from ncal_core.objective import TrainingObjective
-from ncal_core.prompts import EncodedRow
+from ncal_core.data.batching import collate
+from ncal_core.data.prompts import EncodedRow
+from ncal_core.loss.objective import TrainingObjective
+from ncal_core.model.head import packing_available
+from ncal_core.model.qwen import load_model
 
 # fp32: the same sums computed over a subset of positions vs all positions with masking
 ATOL_FP32 = 1e-5
@@ -141,8 +141,8 @@ def test_compiled_layers_make_few_graphs_over_changing_padding_free_layouts(tmp_
     """Ten micro-batches of different token counts, block counts and widths: graphs bounded, not one per layout."""
     from torch._dynamo.testing import CompileCounter
 
-    from ncal_core.batching import ATTENTION_BLOCKS
-    from ncal_core.objective import compile_layers
+    from ncal_core.data.batching import ATTENTION_BLOCKS
+    from ncal_core.loss.objective import compile_layers
 
     torch._dynamo.reset()
     model = load_model(make_hf_checkpoint(tmp_path, vocab_size=97))

@@ -21,9 +21,13 @@ def test_wheel_provides_no_top_level_kernels_module(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("ncal-*.whl")
-    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tops = {name.split("/")[0] for name in names}
     assert "kernels" not in tops and "data" not in tops
     assert {"ncal_core", "ncal_kernels", "ncal_data"} <= tops
+    # every module of every subpackage ships (a subpackage left out of pyproject.toml would be missing)
+    modules = {p.relative_to(source).as_posix() for p in (source / "ncal_core").rglob("*.py")}
+    assert len(modules) > 30 and modules <= names, sorted(modules - names)
 
 
 def test_kernels_import_under_their_own_name_and_transformers_sees_no_kernels_package(tmp_path):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ncal_core import plots
 from ncal_core.errors import NCALError
-from ncal_core.metrics import classification_report
+from ncal_core.evaluation import plots
+from ncal_core.evaluation.metrics import classification_report
 
 LABELS = ["回忆", "选取策略", "识别", "表征建模", "过程实施", "推断", "分析"]
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from ncal_core.data import Example, label_set, load_examples
+from ncal_core.data.prompts import PromptBuilder
+from ncal_core.data.rows import Example, label_set, load_examples
 from ncal_core.errors import NCALError
-from ncal_core.prompts import PromptBuilder, load_tokenizer
-from ncal_core.tiny_tokenizer import train_tokenizer
+from ncal_core.model.tiny_tokenizer import train_tokenizer
+from ncal_core.model.tokenizer import load_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
 LABELS = ["回忆", "识别", "表征建模", "选取策略", "R-FR"]

@@ -9,7 +9,7 @@ import pytest
 
 from ncal_core.analyze import AnalyzeConfig
 from ncal_core.infer import InferConfig
-from ncal_core.train_config import TrainConfig
+from ncal_core.train.config import TrainConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 

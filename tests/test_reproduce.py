@@ -52,7 +52,7 @@ def test_settings_of_a_part_that_is_off_do_not_make_a_run_stale():
     from reproduce import METHODS, PINNED, stale_settings
 
     from ncal_core.cli import parse_config
-    from ncal_core.train_config import TrainConfig
+    from ncal_core.train.config import TrainConfig
 
     def recorded(method: str, *changed: str) -> dict:
         return vars(parse_config(TrainConfig, [*PINNED, *METHODS[method], *changed], "", "train"))

@@ -21,8 +21,20 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
-from training_runs import (REPO, TINY, command, command_env, eval_report, final_weights, logged_steps, max_abs_diff,
-                           metrics, run, tmwpl_rows, write_jsonl)
+from training_runs import (
+    REPO,
+    TINY,
+    command,
+    command_env,
+    eval_report,
+    final_weights,
+    logged_steps,
+    max_abs_diff,
+    metrics,
+    run,
+    tmwpl_rows,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -255,15 +267,15 @@ def _state(world: int | None) -> dict:
 ])
 def test_resume_on_another_number_of_processes_is_refused_naming_both(saved, rng_keys):
     from ncal_core.errors import NCALError
-    from ncal_core.resume import check_resume
-    from ncal_core.train_config import TrainConfig
+    from ncal_core.train.config import TrainConfig
+    from ncal_core.train.resume import check_resume
     rng = {key: torch.zeros(4, dtype=torch.uint8) for key in rng_keys}
     with pytest.raises(NCALError, match=r"saved by 2 process\(es\), resumed with 1; resume with 2"):
         check_resume(TrainConfig(), 1, 1e-3, _state(saved), rng, Path("ckpt"))
 
 
 def test_each_rank_takes_back_its_own_rng_and_a_lone_process_the_plain_keys():
-    from ncal_core.resume import rank_rng
+    from ncal_core.train.resume import rank_rng
     saved = {f"{name}.rank{r}": torch.full((2,), 10 * r + i, dtype=torch.uint8)
              for r in range(2) for i, name in enumerate(["torch", "cuda0"])}
     assert {k: v.tolist() for k, v in rank_rng(saved, 1, 2).items()} == {"torch": [10, 10], "cuda0": [11, 11]}
@@ -274,7 +286,7 @@ def test_each_rank_takes_back_its_own_rng_and_a_lone_process_the_plain_keys():
 
 
 def test_gpu_rng_states_are_restored_in_device_order(monkeypatch):
-    from ncal_core import resume
+    from ncal_core.train import resume
     given = []
     monkeypatch.setattr(resume.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(resume.torch.cuda, "set_rng_state_all", given.extend)

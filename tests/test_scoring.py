@@ -8,10 +8,11 @@ from checkpoint_with_tokenizer import LABELS, TEXTS, make_checkpoint_with_tokeni
 from reference_scoring import chat_prompt_ids, reference_probabilities, summed_logprobs
 from transformers import AutoModelForCausalLM
 
-from ncal_core.data import Example
-from ncal_core.model import load_model
-from ncal_core.prompts import PromptBuilder, load_tokenizer
-from ncal_core.scoring import score_labels
+from ncal_core.data.prompts import PromptBuilder
+from ncal_core.data.rows import Example
+from ncal_core.evaluation.scoring import score_labels
+from ncal_core.model.qwen import load_model
+from ncal_core.model.tokenizer import load_tokenizer
 
 # fp32 tolerance on summed log-probabilities and probabilities: differences are accumulation order only
 ATOL_FP32 = 1e-4

@@ -9,8 +9,8 @@ import torch
 from checkpoint_with_tokenizer import LABELS, TEXTS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ncal_core.model import load_model
-from ncal_core.tiny import build_tiny_checkpoint, tiny_checkpoint
+from ncal_core.model.qwen import load_model
+from ncal_core.model.tiny import build_tiny_checkpoint, tiny_checkpoint
 
 # fp32 logits of the same weights through two implementations
 RTOL_FP32 = 1e-4
@@ -53,8 +53,8 @@ def test_tiny_checkpoint_is_deterministic_and_cached(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flag,tied", [("true", True), ("false", False)])
 def test_train_builds_the_tiny_model_its_flags_describe(tmp_path, monkeypatch, flag, tied):
     from ncal_core.cli import parse_config
-    from ncal_core.train import _base_model
-    from ncal_core.train_config import TrainConfig
+    from ncal_core.train.config import TrainConfig
+    from ncal_core.train.loop import _base_model
 
     monkeypatch.setenv("NCAL_CACHE_DIR", str(tmp_path / "cache"))
     cfg = parse_config(TrainConfig, ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_vocab_size",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from ncal_core.tiny_tokenizer import train_tokenizer
+from ncal_core.model.tiny_tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

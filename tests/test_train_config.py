@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ncal_core.errors import NCALError
-from ncal_core.train_config import TrainConfig
+from ncal_core.train.config import TrainConfig
 
 
 @pytest.mark.parametrize("flags", [
@@ -36,5 +36,5 @@ def test_the_process_group_timeout_reaches_accelerate():
     """accelerate hands its InitProcessGroupKwargs to torch.distributed.init_process_group (NCCL's default: 600 s)."""
     from datetime import timedelta
 
-    from ncal_core.train import make_accelerator
+    from ncal_core.train.loop import make_accelerator
     assert make_accelerator(TrainConfig(ddp_timeout=5400)).init_handler.timeout == timedelta(seconds=5400)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from ncal_core.longtail import log_prior, simplex_etf
-from ncal_core.model import ModelConfig, QwenModel
-from ncal_core.objective import TrainingObjective
-from ncal_core.prompts import EncodedRow
-from ncal_core.schedule import make_scheduler
-from ncal_core.scoring import score_labels
-from ncal_core.train_config import TrainConfig
-from ncal_core.train_step import StepParts, StepRecord, train_step
+from ncal_core.data.prompts import EncodedRow
+from ncal_core.evaluation.scoring import score_labels
+from ncal_core.loss.longtail import log_prior, simplex_etf
+from ncal_core.loss.objective import TrainingObjective
+from ncal_core.model.qwen import ModelConfig, QwenModel
+from ncal_core.train.config import TrainConfig
+from ncal_core.train.schedule import make_scheduler
+from ncal_core.train.step import StepParts, StepRecord, train_step
 
 META = torch.device("meta")
 K = 3
@@ -57,7 +57,7 @@ def no_host_reads(monkeypatch):
     """A host read of a meta tensor raises anyway; this makes the message say what happened."""
     def refuse(tensor):
         raise AssertionError("a training step read a device value on the host")
-    monkeypatch.setattr("ncal_core.train_step.host_values", refuse)
+    monkeypatch.setattr("ncal_core.train.step.host_values", refuse)
 
 
 @pytest.mark.parametrize("flags", [

@@ -22,16 +22,16 @@ import runpy
 import sys
 import traceback
 
-COMMANDS = {"train", "infer"}
+COMMANDS = {"ncal_core.infer", "ncal_core.analyze"}  # run as modules; `ncal_core.train` runs its __main__
 
 
 def preload() -> None:
-    """Import what the commands import, without running either command module."""
+    """Import what the commands import, without running any command module."""
     import ncal_core
 
-    for info in pkgutil.iter_modules(ncal_core.__path__):
-        if info.name not in COMMANDS:
-            importlib.import_module(f"ncal_core.{info.name}")
+    for info in pkgutil.walk_packages(ncal_core.__path__, "ncal_core."):
+        if info.name not in COMMANDS and not info.name.endswith(".__main__"):
+            importlib.import_module(info.name)
 
 
 def child(request: dict) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Collection
 
 import torch
 
-from ncal_core.model import QwenModel
+from ncal_core.model.qwen import QwenModel
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ncal_core.errors import NCALError
-from ncal_core.train_config import TrainConfig
+from ncal_core.train.config import TrainConfig
 
 # flags a resumed run must keep; the global batch (batch x processes x accumulation) is checked as a product
 FIXED_ON_RESUME = ("model_name_or_path", "use_lora", "lora_r", "lora_alpha", "target_modules", "dataset_path",

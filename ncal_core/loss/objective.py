@@ -3,8 +3,8 @@
 Wrapping both in one module means DDP sees a single forward that uses every trainable weight.
 The LM head runs only at the positions that predict label tokens, so the [B, T, V] logits
 tensor never exists (with Qwen's 151,936-token vocabulary it dominates time and memory); on the CPU its
-weight is pre-packed (head.LabelHead).
-With padding_free the decoder skips the micro-batch's padding (model.Ragged), so a random batch
+weight is pre-packed (model.head.LabelHead).
+With padding_free the decoder skips the micro-batch's padding (layout.Ragged), so a random batch
 costs its real tokens, not its rows times its longest row.
 """
 
@@ -16,20 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncal_core.batching import Batch
-from ncal_core.head import LabelHead
-from ncal_core.model import QwenModel
-from ncal_core.ncal import pool_features
-
-POOL_MODE = {"last": "last", "seq_last": "last", "mean": "mean"}
-
-
-def pool_mask(batch: Batch, pooling: str) -> Tensor:
-    """[B, T] bool: the tokens the TC feature may be pooled from (METHOD.md §2, step 1)."""
-    positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
-    if pooling == "seq_last":
-        return batch.attention_mask.bool()
-    return positions.unsqueeze(0) < batch.prompt_lens.unsqueeze(1)
+from ncal_core.data.batching import Batch
+from ncal_core.loss.tc import POOL_MODE, pool_features, pool_mask
+from ncal_core.model.head import LabelHead
+from ncal_core.model.qwen import QwenModel
 
 
 def compile_layers(model: QwenModel, backend: str | object = "inductor") -> None:

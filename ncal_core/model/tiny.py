@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ncal_core.checkpoint import write_atomically
-from ncal_core.model import ModelConfig, QwenModel, init_weights, save_model
-from ncal_core.prompts import load_tokenizer
-from ncal_core.tiny_tokenizer import train_tokenizer
-
-
-def cache_root() -> Path:
-    """$NCAL_CACHE_DIR, else ~/.cache/ncal."""
-    return Path(os.environ.get("NCAL_CACHE_DIR", Path.home() / ".cache" / "ncal"))
+from ncal_core.durable import cache_root, write_atomically
+from ncal_core.model.qwen import ModelConfig, QwenModel, init_weights, save_model
+from ncal_core.model.tiny_tokenizer import train_tokenizer
+from ncal_core.model.tokenizer import load_tokenizer
 
 
 def tiny_config(vocab_size: int, hidden_size: int = 256, num_layers: int = 4, tied: bool = True) -> ModelConfig:

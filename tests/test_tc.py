@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from ncal_core import ncal
 from ncal_core.errors import NCALError
-from ncal_core.ncal import etf_gram_loss, pool_features, tc_loss
+from ncal_core.loss import tc
+from ncal_core.loss.tc import etf_gram_loss, pool_features, tc_loss
 
 
 def _ragged_batch(B: int, T: int, H: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +233,7 @@ def test_async_checks_off_the_cpu_do_not_wait_for_the_device(monkeypatch):
     meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     asserted = []
     monkeypatch.setattr(torch, "_assert_async", lambda ok, message: asserted.append(message))
-    monkeypatch.setattr(ncal, "_gram_torch", lambda z, *rest: z.sum())  # autocast has no meta device
+    monkeypatch.setattr(tc, "_gram_torch", lambda z, *rest: z.sum())  # autocast has no meta device
     with pytest.raises(Exception, match="meta"):  # by default the checks read the rows back
         pool_features(meta["hidden"], meta["mask"], backend="torch")
     z = pool_features(meta["hidden"], meta["mask"], backend="torch", async_checks=True)
@@ -247,7 +247,7 @@ def test_cpu_auto_backend_does_not_import_triton_and_forced_triton_needs_the_int
         """
         import sys, torch
         from ncal_core.errors import NCALError
-        from ncal_core.ncal import tc_loss
+        from ncal_core.loss.tc import tc_loss
         args = (torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long), torch.tensor([0, 1]), 2)
         tc_loss(*args)
         assert "triton" not in sys.modules, "auto on CPU imported triton"
@@ -268,17 +268,15 @@ def test_cpu_auto_backend_does_not_import_triton_and_forced_triton_needs_the_int
 @pytest.fixture
 def on_a_gpu(monkeypatch):
     """Pretend a CUDA GPU of a given compute capability is there (returns a setter)."""
-    from ncal_core import ncal
-
     def gpu(capability: tuple[int, int], missing: str | None = None) -> torch.device:
-        monkeypatch.setattr(ncal.torch.cuda, "get_device_capability", lambda device=None: capability)
-        monkeypatch.setattr(ncal, "_triton_missing", lambda: missing)
+        monkeypatch.setattr(tc.torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(tc, "_triton_missing", lambda: missing)
         return torch.device("cuda", 0)
     return gpu
 
 
 def test_auto_backend_takes_triton_on_an_ampere_or_newer_gpu_and_pytorch_on_cpu(on_a_gpu):
-    from ncal_core.ncal import resolve_backend
+    from ncal_core.loss.tc import resolve_backend
     assert resolve_backend("auto", on_a_gpu((9, 0))) == "triton"
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("torch", on_a_gpu((9, 0))) == "torch"
@@ -289,20 +287,21 @@ def test_auto_backend_takes_triton_on_an_ampere_or_newer_gpu_and_pytorch_on_cpu(
     ((7, 5), None, "the GPU is sm_75, the Triton kernels need sm_80 or newer"),
 ])
 def test_auto_backend_falls_back_to_pytorch_with_one_warning(on_a_gpu, capability, missing, why):
-    from ncal_core.ncal import resolve_backend
+    from ncal_core.loss.tc import resolve_backend
     with pytest.warns(UserWarning, match=why) as caught:
         assert resolve_backend("auto", on_a_gpu(capability, missing)) == "torch"
     assert len(caught) == 1
 
 
 def test_triton_backend_without_triton_is_a_one_line_error(on_a_gpu):
-    from ncal_core.ncal import resolve_backend
+    from ncal_core.loss.tc import resolve_backend
     with pytest.raises(NCALError, match=r"^--tc_backend triton: the triton package cannot be imported"):
         resolve_backend("triton", on_a_gpu((9, 0), "the triton package cannot be imported (No module named 'triton')"))
 
 
 def test_a_missing_triton_is_reported_not_raised(monkeypatch):
     import sys
-    from ncal_core.ncal import _triton_missing
+
+    from ncal_core.loss.tc import _triton_missing
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees where it is not installed
     assert "the triton package cannot be imported" in _triton_missing()

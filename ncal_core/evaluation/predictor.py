@@ -19,12 +19,13 @@ import torch
 from tqdm import tqdm
 
 from ncal_core.cli import DTYPES
+from ncal_core.data.prompts import PromptBuilder
 from ncal_core.errors import NCALError
-from ncal_core.longtail import log_prior
-from ncal_core.lora import load_adapter
-from ncal_core.model import QwenModel, load_model
-from ncal_core.prompts import PromptBuilder, load_tokenizer
-from ncal_core.run_files import RUN_FILE
+from ncal_core.loss.longtail import log_prior
+from ncal_core.model.lora import load_adapter
+from ncal_core.model.qwen import QwenModel, load_model
+from ncal_core.model.tokenizer import load_tokenizer
+from ncal_core.run_record import RUN_FILE
 
 
 @dataclass

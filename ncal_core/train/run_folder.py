@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from ncal_core.checkpoint import PREFIX, TMP_PREFIX
+from ncal_core.durable import TMP_PREFIX
 from ncal_core.errors import NCALError
-
-RUN_FILE = "ncal_run.json"
+from ncal_core.run_record import RUN_FILE
+from ncal_core.train.checkpoint import PREFIX
 
 
 def prepare_output_dir(output_dir: Path, cfg, *, resuming: bool) -> None:

@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM
 
-from ncal_core import model as model_module
-from ncal_core.batching import ragged_layout
+from ncal_core.data.batching import ragged_layout
 from ncal_core.errors import NCALError
-from ncal_core.model import ModelConfig, QwenModel, build_mask, init_weights, load_model, save_model, sdpa
-from ncal_core.scoring import score_labels
+from ncal_core.evaluation.scoring import score_labels
+from ncal_core.model import qwen as model_module
+from ncal_core.model.qwen import ModelConfig, QwenModel, build_mask, init_weights, load_model, save_model, sdpa
 
 FP32_TOL = 1e-4
 BF16_TOL = 1e-2

@@ -10,7 +10,6 @@ temporary folder left by a crash is ignored with a warning.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -24,52 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ncal_core.durable import fsync_dir
+from ncal_core.durable import TMP_PREFIX, write_atomically
 from ncal_core.errors import NCALError
 
 PREFIX = "checkpoint-"
-TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
 
 _WARNED: set[Path] = set()  # half-written checkpoints already reported by this process
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    fsync_dir(folder)
-
-
-def write_atomically(target: Path, fill: Callable[[Path], None], *, replace: bool = True) -> Path:
-    """Create folder `target` by letting `fill` write into a temporary sibling, then renaming it.
-
-    An existing `target` is replaced; with replace=False it is kept and the new copy dropped, for a cache
-    that several processes may fill with the same content at once (and read while another one writes).
-    """
-    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    _fsync_tree(tmp)
-    if replace and target.exists():
-        # replacing a checkpoint of the same step (a resumed run saving again): move the old one aside first
-        old = target.parent / f"{TMP_PREFIX}old-{target.name}-{os.getpid()}"
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            # there already, or written by another process meanwhile (two runs building one cached tiny model)
-            shutil.rmtree(tmp)
-    fsync_dir(target.parent)
-    return target
 
 
 def save_checkpoint(output_dir: Path, step: int, *, save_weights: Callable[[Path], None],

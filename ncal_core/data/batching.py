@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ncal_core.model import Padding, Ragged
-from ncal_core.prompts import EncodedRow
+from ncal_core.data.prompts import EncodedRow
+from ncal_core.layout import Padding, Ragged
 
 MEGABATCH_BATCHES = 50
 ATTENTION_BLOCKS = 4  # at most this many attention blocks per training micro-batch
@@ -55,7 +55,7 @@ def collate(rows: list[EncodedRow], pad_id: int, attention_blocks: int = 1, bloc
     """Pad rows on the right to the longest one.
 
     With attention_blocks > 1 the rows are sorted longest-first and cut into up to that many blocks of similar
-    length, each padded only to its own longest row when the model attends (model.Ragged); where to cut is the
+    length, each padded only to its own longest row when the model attends (layout.Ragged); where to cut is the
     cheapest split (block_bounds) of the rows' squared lengths, attention's cost, plus block_cost per block.
     """
     if attention_blocks > 1:

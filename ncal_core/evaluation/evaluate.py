@@ -10,15 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ncal_core.collapse import neural_collapse
-from ncal_core.data import Example
+from ncal_core.data.prompts import PromptBuilder
+from ncal_core.data.rows import Example
 from ncal_core.distributed import gather_shards, shard
-from ncal_core.features import pooled_features
-from ncal_core.longtail import adjust_scores
-from ncal_core.metrics import classification_report, format_report
-from ncal_core.model import QwenModel
-from ncal_core.prompts import PromptBuilder
-from ncal_core.scoring import score_labels
+from ncal_core.evaluation.collapse import neural_collapse
+from ncal_core.evaluation.features import pooled_features
+from ncal_core.evaluation.metrics import classification_report, format_report
+from ncal_core.evaluation.scoring import score_labels
+from ncal_core.loss.longtail import adjust_scores
+from ncal_core.model.qwen import QwenModel
 
 
 def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], *, pooling: str = "last",
@@ -52,7 +52,11 @@ def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], 
 def write_report(output_dir: Path, report: dict[str, Any], features: Tensor, gold: Sequence[int],
                  labels: list[str]) -> None:
     """eval.json, the tables on stdout, and sphere / F1 / training-curve pictures in output_dir."""
-    from ncal_core.plots import f1_bars, sphere_plot, training_curves  # matplotlib only when a report is made
+    from ncal_core.evaluation.plots import (  # matplotlib only when a report is made
+        f1_bars,
+        sphere_plot,
+        training_curves,
+    )
 
     (output_dir / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     print(format_report(report))

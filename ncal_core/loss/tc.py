@@ -13,9 +13,11 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
+from ncal_core.data.batching import Batch
 from ncal_core.errors import NCALError
 
 POOLINGS = ("last", "mean")
+POOL_MODE = {"last": "last", "seq_last": "last", "mean": "mean"}
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -49,6 +51,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         warnings.warn(f"--tc_backend auto: {why}; the TC loss runs in PyTorch", stacklevel=2)
         return "torch"
     return "triton"
+
+
+def pool_mask(batch: Batch, pooling: str) -> Tensor:
+    """[B, T] bool: the tokens the TC feature may be pooled from (METHOD.md §2, step 1)."""
+    positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+    if pooling == "seq_last":
+        return batch.attention_mask.bool()
+    return positions.unsqueeze(0) < batch.prompt_lens.unsqueeze(1)
 
 
 def _use_triton(backend: str, tensor: Tensor) -> bool:

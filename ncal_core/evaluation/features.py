@@ -7,11 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ncal_core.batching import LengthGroupedBatches, collate
-from ncal_core.model import QwenModel
-from ncal_core.ncal import pool_features
-from ncal_core.objective import POOL_MODE, pool_mask
-from ncal_core.prompts import EncodedRow
+from ncal_core.data.batching import LengthGroupedBatches, collate
+from ncal_core.data.prompts import EncodedRow
+from ncal_core.loss.tc import POOL_MODE, pool_features, pool_mask
+from ncal_core.model.qwen import QwenModel
 
 
 @torch.no_grad()

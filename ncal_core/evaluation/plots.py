@@ -24,9 +24,9 @@ from matplotlib.ft2font import FT2Font
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from ncal_core.collapse import class_geometry
 from ncal_core.errors import NCALError, at
-from ncal_core.metrics import display_width
+from ncal_core.evaluation.collapse import class_geometry
+from ncal_core.evaluation.metrics import display_width
 
 # Debian's smallest font with the GB2312 characters (1.6 MB download); fonts-noto-cjk works too.
 CJK_FONT_PACKAGE = "fonts-wqy-microhei"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ncal_core.model import QwenModel
+from ncal_core.model.qwen import QwenModel
 
 
 def _pack_row(prompt: list[int], label_ids: Sequence[list[int]]) -> tuple[list[int], list[int], list[int]]:

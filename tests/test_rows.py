@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ncal_core.data import Example, check_labels, label_set, load_examples
+from ncal_core.data.rows import Example, check_labels, label_set, load_examples
 from ncal_core.errors import NCALError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
@@ -278,7 +278,7 @@ def test_random_json_rows_load_or_raise_ncal_error(tmp_path, values, as_array, r
 
 
 def test_dev_split_is_balanced_disjoint_and_fixed_by_seed(tmp_path):
-    from ncal_core.data import dev_split
+    from ncal_core.data.rows import dev_split
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"id": str(i), "question": f"q{i}", "class": "ab"[i % 5 == 0]}) + "\n"

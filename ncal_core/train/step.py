@@ -15,13 +15,13 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from ncal_core.batching import ATTENTION_BLOCKS, collate
+from ncal_core.data.batching import ATTENTION_BLOCKS, collate
+from ncal_core.data.prompts import EncodedRow
 from ncal_core.distributed import gather_features
-from ncal_core.longtail import etf_target_loss, logit_adjusted_loss
-from ncal_core.ncal import etf_gram_loss
-from ncal_core.objective import TrainingObjective
-from ncal_core.prompts import EncodedRow
-from ncal_core.train_config import TrainConfig
+from ncal_core.loss.longtail import etf_target_loss, logit_adjusted_loss
+from ncal_core.loss.objective import TrainingObjective
+from ncal_core.loss.tc import etf_gram_loss
+from ncal_core.train.config import TrainConfig
 
 
 @dataclass

@@ -14,8 +14,8 @@ import os
 import signal
 import threading
 import time
-from datetime import timedelta
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +24,35 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object
 from tqdm.auto import tqdm
 
-from ncal_core.batching import MEGABATCH_BATCHES, LengthGroupedBatches
-from ncal_core.checkpoint import (prune_checkpoints, read_optimizer_state, read_rng,
-                                  read_state, resolve_checkpoint, save_checkpoint)
 from ncal_core.cli import DTYPES, parse_config
-from ncal_core.data import check_labels, dev_split, label_set, load_examples
-from ncal_core.datasets import resolve_dataset
-from ncal_core.errors import NCALError, run_cli
-from ncal_core.evaluate import evaluate, write_report
-from ncal_core.longtail import class_counts, first_label_tokens, log_prior, row_weights, simplex_etf
-from ncal_core.lora import inject_lora, load_adapter, save_adapter
-from ncal_core.model import load_model, save_model
-from ncal_core.ncal import resolve_backend
-from ncal_core.objective import TrainingObjective, compile_layers
-from ncal_core.prompts import PromptBuilder, load_tokenizer
-from ncal_core.resume import check_resume, rank_rng, resume_settings, rng_state, set_rng_state
-from ncal_core.run_files import RUN_FILE, prepare_output_dir, save_run_output, truncate_log
-from ncal_core.run_summary import outputs_summary, plan_summary
-from ncal_core.schedule import make_optimizer, make_scheduler, set_peak_lr
-from ncal_core.tiny import tiny_checkpoint
-from ncal_core.train_config import BUILTIN_TINY, TrainConfig, uses_lora, uses_tc
-from ncal_core.train_step import StepParts, StepRecord, host_values, train_step
-
+from ncal_core.data.batching import MEGABATCH_BATCHES, LengthGroupedBatches
+from ncal_core.data.prompts import PromptBuilder
+from ncal_core.data.registry import resolve_dataset
+from ncal_core.data.rows import check_labels, dev_split, label_set, load_examples
+from ncal_core.errors import NCALError
+from ncal_core.evaluation.evaluate import evaluate, write_report
+from ncal_core.loss.longtail import class_counts, first_label_tokens, log_prior, row_weights, simplex_etf
+from ncal_core.loss.objective import TrainingObjective, compile_layers
+from ncal_core.loss.tc import resolve_backend
+from ncal_core.model.lora import inject_lora, load_adapter, save_adapter
+from ncal_core.model.qwen import load_model, save_model
+from ncal_core.model.tiny import tiny_checkpoint
+from ncal_core.model.tokenizer import load_tokenizer
+from ncal_core.run_record import RUN_FILE
+from ncal_core.train.checkpoint import (
+    prune_checkpoints,
+    read_optimizer_state,
+    read_rng,
+    read_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from ncal_core.train.config import BUILTIN_TINY, TrainConfig, uses_lora, uses_tc
+from ncal_core.train.resume import check_resume, rank_rng, resume_settings, rng_state, set_rng_state
+from ncal_core.train.run_folder import prepare_output_dir, save_run_output, truncate_log
+from ncal_core.train.schedule import make_optimizer, make_scheduler, set_peak_lr
+from ncal_core.train.step import StepParts, StepRecord, host_values, train_step
+from ncal_core.train.summary import outputs_summary, plan_summary
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -376,6 +383,3 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.end_training()
     return report
 
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -1,0 +1,3 @@
+"""The record a run leaves beside its weights: labels, class counts, the base model, the flags."""
+
+RUN_FILE = "ncal_run.json"
