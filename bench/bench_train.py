@@ -65,18 +65,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_model  # noqa: E402
 
-from ncal_core.cli import parse_config  # noqa: E402
 from ncal_core.data.batching import (  # noqa: E402
     ATTENTION_BLOCKS,
-    MEGABATCH_BATCHES,
-    LengthGroupedBatches,
     collate,
 )
 from ncal_core.data.prompts import EncodedRow, PromptBuilder  # noqa: E402
 from ncal_core.data.registry import resolve_dataset  # noqa: E402
 from ncal_core.data.rows import label_set, load_examples  # noqa: E402
 from ncal_core.model.tokenizer import load_tokenizer  # noqa: E402
-from ncal_core.train.config import TrainConfig  # noqa: E402
 
 # Qwen's real tokenizer, never committed: ../shared/tokenizers/qwen3 (or under $NCAL_SHARED_DIR, as the tests)
 QWEN_TOKENIZER = Path(os.environ.get("NCAL_SHARED_DIR", REPO.parent / "shared")) / "tokenizers" / "qwen3"
@@ -177,19 +173,16 @@ def batch_stats(rows: list[EncodedRow], padding_free: bool = False) -> dict[str,
     return {**stats, "padded": sum(n), "padded_sq": sum(p.rows * p.width ** 2 for _, _, p in blocks)}
 
 
-def our_plan(rows: list[EncodedRow], batch: int, steps: int, grouped: bool, padding_free: bool) -> list[dict[str, int]]:
-    """The batches our loop trains on, step by step: the same sampler, seed and epoch order as ncal_core.train.loop.
-
-    metrics.jsonl gives each step's time but not its tokens; if ncal_core.train changes how it samples, this follows.
-    """
-    sampler = LengthGroupedBatches([len(r.input_ids) for r in rows], batch, seed=SEED, drop_last=len(rows) >= batch,
-                                   megabatch_batches=MEGABATCH_BATCHES if grouped else 1)
-    plan, epoch = [], 0
-    while len(plan) < steps:
-        sampler.set_epoch(epoch)
-        plan += [batch_stats([rows[i] for i in b], padding_free) for b in list(sampler)[: len(sampler)]]
-        epoch += 1
-    return plan[:steps]
+def logged_steps(metrics_file: Path) -> list[dict[str, Any]]:
+    """Each step's work and seconds as ncal_core.train logged them (one line a step with --logging_steps 1), in
+    batch_stats' terms."""
+    records = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines()]
+    records = [r for r in records if "samples_per_s" in r]
+    if [r["step"] for r in records] != list(range(1, len(records) + 1)):
+        raise RuntimeError(f"{metrics_file}: expected one line per step from step 1 (--logging_steps 1)")
+    return [{"step": r["step"], "loss": r["loss"], "seconds": r["seconds"], "rows": r["rows"], "tokens": r["tokens"],
+             "sq_tokens": r["sq_tokens"], "targets": r["target_tokens"], "padded": r["padded_tokens"],
+             "padded_sq": r["attended"]} for r in records]
 
 
 def flops_per_token_and_row(vocab: int) -> tuple[float, float, float]:
@@ -319,17 +312,12 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
            # uniform rows, as the baseline's sampler (and our_plan) draws them; TC on one token, as the baseline's
            "--resample", "none", "--pooling", "last", *flags]
     proc = run_measured(cmd, workdir / f"ours-{tag}", threads, timeout)
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if "samples_per_s" in r]
-    if [r["step"] for r in records] != list(range(1, steps + 1)):
+    logged = logged_steps(out_dir / "metrics.jsonl")
+    if len(logged) != steps:
         raise RuntimeError(f"{out_dir}/metrics.jsonl: expected one line per step 1..{steps}")
-    cfg = parse_config(TrainConfig, cmd[3:], "", "python -m ncal_core.train")  # the settings the run had
-    plan = our_plan(shape.rows, batch, steps, grouped=cfg.group_by_length, padding_free=cfg.padding_free)
-    steady = [{**plan[r["step"] - 1], "seconds": plan[r["step"] - 1]["rows"] / r["samples_per_s"]}
-              for r in records[warmup:]]
     return {"side": "ours", "shape": shape.name, "vocab": shape.vocab, "batch": batch, "steps": steps,
-            "warmup_steps": warmup, "flags": " ".join(flags), "max_width": max(s["width"] for s in plan),
-            **proc, **rates(steady, shape.vocab, full_head=False)}
+            "warmup_steps": warmup, "flags": " ".join(flags), "max_width": max(len(r.input_ids) for r in shape.rows),
+            **proc, **rates(logged[warmup:], shape.vocab, full_head=False)}
 
 
 def widest_batch_fits(shape: Shape, batch: int) -> bool:
@@ -379,7 +367,7 @@ def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
     rows = sorted(shape.rows[: batch * 50], key=lambda r: len(r.input_ids))
     middle = len(rows) // 2 - batch // 2
     data = collate(rows[middle: middle + batch], load_tokenizer(shape.folder).pad_token_id)
-    objective = TrainingObjective(model, use_tc=False, padding_free=False)  # the same decoder path as full_logits
+    objective = TrainingObjective(model, padding_free=False)  # the same decoder path as full_logits
     positions = torch.arange(data.input_ids.shape[1])[None, :]
     labels = data.input_ids.masked_fill((positions < data.prompt_lens[:, None]) | (data.attention_mask == 0), -100)
 

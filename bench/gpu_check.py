@@ -50,14 +50,13 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
+from ncal_core.train.log import peak_bf16_tflops  # noqa: E402
+
 ASSETS = REPO / ".gpu_assets"
 SHARED = Path(os.environ.get("NCAL_SHARED_DIR", REPO.parent / "shared"))
 TOKENIZER_DIRS = [ASSETS / "tokenizers" / "qwen3", SHARED / "tokenizers" / "qwen3"]
 DATA_DIRS = [ASSETS / "data", SHARED / "data"]
 DEFAULT_OUT = BENCH / "results" / "gpu_check.json"
-# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, by a substring of torch.cuda.get_device_name().
-# The H100 PCIe / NVL parts are slower than the SXM one (989) and are left out, so they read as unknown.
-PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H200": 989.0, "A100": 312.0}
 # bench_kernels.GPU_SHAPES has 8 (H, B, T); 3 keep the part short and torch.compile (one graph per shape and
 # pooling, dynamic=False) under dynamo's default limit of 8 recompiles, past which it silently runs eager.
 KERNEL_SHAPES = [(896, 32, 512), (896, 128, 2048), (3584, 128, 2048)]
@@ -74,11 +73,6 @@ class SkipPart(Exception):
 
 
 # ---------------------------------------------------------------- the record
-
-def peak_bf16_tflops(device_name: str) -> float | None:
-    """The GPU's dense bf16 peak from PEAK_BF16_TFLOPS, or None when the name is not in the table."""
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
-
 
 def mfu(model_flops_per_s: float, peak_tflops: float | None) -> float | None:
     """Model FLOP/s as a fraction of the peak; None without a known peak."""
@@ -234,36 +228,13 @@ def train_flags(model: Path, data: Path, out: Path, batch: int, steps: int, chec
             "--gradient_checkpointing", str(checkpointing).lower()]
 
 
-def step_plan(flags: list[str], global_batch: int, steps: int) -> list[dict[str, int]]:
-    """Each step's rows / tokens / targets, from bench_train.our_plan on the rows encoded as the run encodes them."""
-    import bench_train
-
-    from ncal_core.cli import parse_config
-    from ncal_core.data.prompts import PromptBuilder
-    from ncal_core.data.rows import label_set, load_examples
-    from ncal_core.model.tokenizer import load_tokenizer
-    from ncal_core.train.config import TrainConfig
-
-    cfg = parse_config(TrainConfig, flags, "", "python -m ncal_core.train")
-    path = Path(cfg.dataset_path)
-    examples = load_examples(path)
-    builder = PromptBuilder(load_tokenizer(cfg.model_name_or_path), cfg.label_types or label_set(examples, path),
-                            instruction=cfg.instruction, cutoff_len=cfg.cutoff_len, truncation=cfg.truncation)
-    return bench_train.our_plan(builder.encode_all(examples), global_batch, steps, grouped=cfg.group_by_length,
-                                padding_free=cfg.padding_free)
-
-
-def throughput(plan: list[dict[str, int]], metrics_file: Path, a, peak_tflops: float | None) -> dict[str, Any]:
+def throughput(steps: list[dict[str, Any]], a, peak_tflops: float | None) -> dict[str, Any]:
     """bench_train.rates over the logged steps after WARMUP_STEPS (model FLOPs at arch a's shape), plus MFU."""
     import bench_train
 
-    records = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines()]
-    records = [r for r in records if "samples_per_s" in r]
-    steady = [{**plan[r["step"] - 1], "seconds": plan[r["step"] - 1]["rows"] / r["samples_per_s"]}
-              for r in records[WARMUP_STEPS:]]
     with mock.patch.dict(bench_train.MODEL, model_knobs(a)):
-        result = bench_train.rates(steady, a.vocab, full_head=False)
-    losses = [r["loss"] for r in records]
+        result = bench_train.rates(steps[WARMUP_STEPS:], a.vocab, full_head=False)
+    losses = [s["loss"] for s in steps]
     return {**result, "mfu": mfu(result["model_gflops_per_s"] * 1e9, peak_tflops), "first_loss": losses[0],
             "last_loss": losses[-1], "losses_finite": all(map(math.isfinite, losses))}
 
@@ -303,6 +274,8 @@ class Run:
 
     def train_qwen05b(self) -> dict[str, Any]:
         """In process, without then with gradient checkpointing: rates, MFU, measured vs predicted peak memory."""
+        import bench_train
+
         from ncal_core.cli import parse_config
         from ncal_core.train.config import TrainConfig
         from ncal_core.train.loop import train
@@ -311,14 +284,14 @@ class Run:
         for checkpointing in (False, True):
             tag = "train-ckpt" if checkpointing else "train"
             flags = self.flags(tag, checkpointing)
-            plan = step_plan(flags, self.args.batch, self.args.steps)
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             train(parse_config(TrainConfig, flags, "", "python -m ncal_core.train"))
             peak = torch.cuda.max_memory_allocated()
-            prediction = predicted_peak(plan, arch(), checkpointing)
-            runs[tag] = {**throughput(plan, self.workdir / tag / "metrics.jsonl", arch(), self.peak_tflops),
+            steps = bench_train.logged_steps(self.workdir / tag / "metrics.jsonl")
+            prediction = predicted_peak(steps, arch(), checkpointing)
+            runs[tag] = {**throughput(steps, arch(), self.peak_tflops),
                          "peak_allocated_bytes": peak, **prediction,
                          "measured_over_predicted": peak / prediction["predicted_bytes"]}
         return {"passed": all(r["losses_finite"] for r in runs.values()), "batch": self.args.batch,
@@ -326,6 +299,8 @@ class Run:
 
     def train_2proc(self) -> dict[str, Any]:
         """The no-checkpointing run through 2 processes (accelerate, one GPU each); rates over the global batch."""
+        import bench_train
+
         if torch.cuda.device_count() < 2:
             raise SkipPart(f"{torch.cuda.device_count()} CUDA device here; the 2-process run needs 2")
         flags = self.flags("train-2proc", False)
@@ -334,8 +309,8 @@ class Run:
                               capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
         if proc.returncode:
             raise RuntimeError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-        plan = step_plan(flags, 2 * self.args.batch, self.args.steps)
-        result = throughput(plan, self.workdir / "train-2proc" / "metrics.jsonl", arch(), self.peak_tflops)
+        result = throughput(bench_train.logged_steps(self.workdir / "train-2proc" / "metrics.jsonl"), arch(),
+                            self.peak_tflops)
         return {"passed": result["losses_finite"], "processes": 2, "global_batch": 2 * self.args.batch, **result}
 
     def eval_gpu_vs_cpu(self) -> dict[str, Any]:
@@ -352,7 +327,7 @@ class Run:
         for device, dtype in (("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)):
             predictor = load_predictor(trained, dtype=dtype, device=device)
             builder = predictor.prompt_builder(predictor.labels)
-            report, _ = evaluate(predictor.model, builder, rows, pooling=predictor.pooling, e_w=predictor.e_w,
+            report, _ = evaluate(predictor.model, builder, rows, tc=predictor.tc,
                                  batch_size=16)
             scored[f"{device} {str(dtype).removeprefix('torch.')}"] = {
                 "macro_f1": report["macro_f1"], "accuracy": report["accuracy"], "confusion": report["confusion"]}

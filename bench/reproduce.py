@@ -38,10 +38,11 @@ from ncal_core.cli import parse_config
 from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.registry import resolve_dataset
 from ncal_core.data.rows import load_examples
-from ncal_core.evaluation.metrics import classification_report
+from ncal_core.evaluation.metrics import classification_report, paired_bootstrap
 from ncal_core.evaluation.predictor import load_predictor
 from ncal_core.evaluation.scoring import ensemble_log_probs, score_labels
-from ncal_core.loss.longtail import adjust_scores, log_prior
+from ncal_core.loss.logit_adjustment import adjust_scores, log_prior
+from ncal_core.run_record import RunRecord
 from ncal_core.train.config import TrainConfig, uses_lora, uses_tc
 
 # every run starts from these, so that a method means the same whatever ncal_core.train's defaults become
@@ -94,7 +95,7 @@ TAIL = 3  # report per-class F1 of the three smallest training classes
 # settings that do not change the trained weights (where files go, speed paths, evaluation-time options)
 NOT_TRAINING = {"output_dir", "overwrite_output_dir", "eval_dataset_path", "eval_strategy", "save_strategy",
                 "save_steps", "save_total_limit", "logging_steps", "resume_from_checkpoint", "logit_adjust_tau",
-                "per_device_eval_batch_size", "padding_free", "length_chunks", "tc_backend", "torch_compile"}
+                "per_device_eval_batch_size", "padding_free", "tc_backend", "torch_compile"}
 
 
 # settings of a part of training that is off: they change nothing (TC with its weight at 0, LoRA in full fine-tuning)
@@ -139,11 +140,9 @@ def _run(method: str, seed: int, out: Path, common: list[str]) -> Path:
     run_dir = out / "runs" / f"{method}-s{seed}"
     flags = ["--output_dir", str(run_dir), "--seed", str(seed), "--overwrite_output_dir", "true",
              "--eval_dataset_path", "none", "--save_strategy", "no", *PINNED, *common, *METHODS[method]]
-    record = run_dir / "ncal_run.json"
-    # a finished run's record holds its "config"; a run stopped part-way left only the flags it started with
-    finished = json.loads(record.read_text()) if record.is_file() else {}
-    if "config" in finished and (run_dir / "tokenizer_config.json").is_file():
-        stale = stale_settings(finished["config"], flags)
+    record = RunRecord.read(run_dir) if run_dir.is_dir() else None
+    if record and record.labels and (run_dir / "tokenizer_config.json").is_file():  # a finished run
+        stale = stale_settings(record.config, flags)
         if not stale:
             return run_dir
         print(f"{run_dir}: trained with other settings, training again: "
@@ -163,8 +162,7 @@ def _scores(run_dir: Path, dev_rows, test_rows) -> dict:
         return json.loads(cache.read_text())
     predictor = load_predictor(run_dir)
     builder = PromptBuilder(predictor.tokenizer, predictor.labels, cutoff_len=predictor.cutoff_len)
-    result = {"labels": predictor.labels,
-              "label_counts": json.loads((run_dir / "ncal_run.json").read_text())["label_counts"]}
+    result = {"labels": predictor.labels, "label_counts": RunRecord.read(run_dir).label_counts}
     for name, rows in (("dev", dev_rows), ("test", test_rows)):
         scores = score_labels(predictor.model, [builder.prompt_ids(r) for r in rows], builder.label_ids, 32)
         result[name] = {"scores": scores.tolist(), "gold": [predictor.labels.index(r.label) for r in rows]}
@@ -176,21 +174,11 @@ def _predict(split: dict, prior: torch.Tensor, tau: float) -> list[int]:
     return adjust_scores(torch.tensor(split["scores"]), prior, tau).argmax(1).tolist()
 
 
-def _bootstrap_delta(gold: list[int], preds_a: list[list[int]], preds_b: list[list[int]], labels: list[str],
-                     n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+def _bootstrap_delta(gold: list[int], preds_a: list[list[int]], preds_b: list[list[int]], labels: list[str]
+                     ) -> tuple[float, float, float]:
     """Mean over seeds of macro-F1(b) - macro-F1(a), and its 95% interval resampling test rows jointly."""
-    gold_a = np.asarray(gold)
-    rng = np.random.default_rng(seed)
-
-    def delta(idx: np.ndarray) -> float:
-        return float(np.mean([classification_report(gold_a[idx].tolist(), np.asarray(b)[idx].tolist(), labels)
-                              ["macro_f1"] - classification_report(gold_a[idx].tolist(),
-                                                                   np.asarray(a)[idx].tolist(), labels)["macro_f1"]
-                              for a, b in zip(preds_a, preds_b)]))
-
-    point = delta(np.arange(len(gold)))
-    samples = [delta(rng.integers(0, len(gold), len(gold))) for _ in range(n_boot)]
-    return point, float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+    out = paired_bootstrap(gold, preds_a, preds_b, len(labels), n_boot=1000)
+    return out["delta"], out["low"], out["high"]
 
 
 def _choose_tau(dev: dict, prior: torch.Tensor, adjusted: bool, labels: list[str]) -> tuple[float, float]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ncal_core.cli import flag, parse_config
@@ -22,6 +22,7 @@ from ncal_core.evaluation.predictor import (
     say_tau,
     training_log_prior,
 )
+from ncal_core.loss.tc import TCConfig
 from ncal_core.train.summary import outputs_summary
 
 
@@ -48,8 +49,8 @@ class AnalyzeConfig:
         for name in ("model_path", "prompts_file", "output_dir"):
             if not getattr(self, name):
                 raise NCALError(f"--{name} is required")
-        if self.pooling not in (None, "last", "seq_last", "mean"):
-            raise NCALError(f"--pooling: must be last, seq_last or mean, not {self.pooling!r}")
+        if self.pooling is not None:
+            TCConfig(pooling=self.pooling).check()
         if self.batch_size < 1:
             raise NCALError(f"--batch_size: must be >= 1, not {self.batch_size}")
         check_device(self.device, self.dtype)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.check()
     run = open_model_folder(cfg.model_path, cfg.base_model_path).run
     rows = load_examples(cfg.prompts_file)
-    labels = cfg.labels or run.get("labels") or label_set(rows, cfg.prompts_file)
+    labels = cfg.labels or (run and run.labels) or label_set(rows, cfg.prompts_file)
     check_labels(rows, labels, cfg.prompts_file)
     tau = run_tau(run, cfg.logit_adjust_tau)
     prior = training_log_prior(cfg.model_path, run, labels) if tau else None
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     builder = predictor.prompt_builder(labels, cfg.instruction)
     # evaluate runs one forward pass per batch to score the labels, then one per batch to pool the features
     with progress(predictor.model, 2 * -(-len(rows) // cfg.batch_size), "scoring and pooling"):
-        report, features = evaluate(predictor.model, builder, rows, pooling=cfg.pooling or predictor.pooling,
-                                    e_w=predictor.e_w, batch_size=cfg.batch_size, prior_log=prior, tau=tau)
+        tc = replace(predictor.tc, pooling=cfg.pooling) if cfg.pooling else predictor.tc
+        report, features = evaluate(predictor.model, builder, rows, tc=tc, batch_size=cfg.batch_size, prior_log=prior,
+                                    tau=tau)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_report(output_dir, report, features, [labels.index(r.label) for r in rows], labels)

@@ -1,12 +1,21 @@
-"""Writes that survive a crash (fsync, atomic folder renames), and the cache root they fill."""
+"""Writes that survive a crash, and the cache root they fill.
+
+Every write here goes to a temporary sibling first, is fsynced, and is renamed into place, so a reader
+sees the old content or the new, never half of one: a file (`atomic_file`, `write_text`), a folder
+(`write_atomically`), or files added to a folder that holds others (`add_files`).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
+CACHE_DIR_ENV = "NCAL_CACHE_DIR"
 TMP_PREFIX = ".tmp-checkpoint-"  # half-written folders: ignored, and swept by a run starting over
 
 
@@ -21,15 +30,52 @@ def fsync_dir(folder: Path) -> None:
 
 
 def cache_root() -> Path:
-    """$NCAL_CACHE_DIR, else ~/.cache/ncal."""
-    return Path(os.environ.get("NCAL_CACHE_DIR", Path.home() / ".cache" / "ncal"))
+    """$NCAL_CACHE_DIR (when set and not empty), else ~/.cache/ncal: built tiny models and downloaded data."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "ncal").expanduser()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def _fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+            _fsync_file(path)
+    fsync_dir(folder)
+
+
+@contextmanager
+def atomic_file(dest: Path) -> Iterator[BinaryIO]:
+    """A binary file to write `dest` through: renamed over dest when the block ends, dropped if it raises."""
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(dest.parent)
+
+
+def write_text(dest: Path, text: str) -> None:
+    """Replace file `dest` by `text` (UTF-8) atomically."""
+    with atomic_file(dest) as out:
+        out.write(text.encode("utf-8"))
+
+
+def add_files(folder: Path, fill: Callable[[Path], None]) -> None:
+    """Let `fill` write files into a temporary folder inside `folder`, then rename each into `folder`."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=folder))
+    fill(tmp)
+    for path in sorted(tmp.iterdir()):
+        _fsync_file(path)
+        os.replace(path, folder / path.name)
+    tmp.rmdir()
     fsync_dir(folder)
 
 

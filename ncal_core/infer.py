@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ncal_core.cli import flag, parse_config
-from ncal_core.data.rows import Example, check_labels, load_examples
+from ncal_core.data.rows import Example, check_labels, label_set, load_examples
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.generate import greedy_generate
 from ncal_core.evaluation.metrics import classification_report, format_report
@@ -29,6 +29,7 @@ from ncal_core.evaluation.predictor import (
     training_log_prior,
 )
 from ncal_core.evaluation.scoring import ensemble_log_probs, score_labels
+from ncal_core.run_record import RunRecord
 
 
 @dataclass
@@ -77,17 +78,6 @@ class InferConfig:
         check_device(self.device, self.dtype)
 
 
-def _labels(cfg: InferConfig, recorded: list[str] | None, rows: list[Example]) -> list[str]:
-    labels = cfg.labels or recorded
-    if labels is None:
-        gold = sorted({row.label for row in rows if row.label is not None})
-        if len(gold) < 2:
-            raise NCALError("--labels: the model folder records no label set and the rows carry fewer than "
-                            "2 gold labels; pass --labels A,B,...")
-        labels = gold
-    return labels
-
-
 def _rows(cfg: InferConfig) -> list[Example]:
     if cfg.prompts_file:
         return load_examples(cfg.prompts_file, require_labels=False)
@@ -97,7 +87,7 @@ def _rows(cfg: InferConfig) -> list[Example]:
     return []
 
 
-def _offset(tau: float, path: str, run: dict, labels: list[str]) -> torch.Tensor:
+def _offset(tau: float, path: str, run: RunRecord | None, labels: list[str]) -> torch.Tensor:
     """-tau * log training prior [K] of `labels` from the class counts a run recorded; zeros for tau 0."""
     if not tau:
         return torch.zeros(len(labels))
@@ -109,8 +99,8 @@ def _check_ensemble(paths: list[str], runs: list[dict], labels: list[str]) -> No
     if len(paths) == 1:
         return
     for path, run in zip(paths, runs):
-        if run.get("labels") and set(run["labels"]) != set(labels):
-            raise NCALError(f"--model_path {path}: trained on the labels {','.join(run['labels'])}, not "
+        if run and run.labels and set(run.labels) != set(labels):
+            raise NCALError(f"--model_path {path}: trained on the labels {','.join(run.labels)}, not "
                             f"{','.join(labels)}; the models of an ensemble score one label set")
 
 
@@ -136,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
     # every model's folder and records are checked before the first is read
     runs = [open_model_folder(path, cfg.base_model_path).run for path in cfg.model_path]
-    labels = _labels(cfg, runs[0].get("labels"), rows)
+    # a plain checkpoint or a foreign adapter records none: the sorted gold labels of the rows
+    labels = cfg.labels or (runs[0] and runs[0].labels) or label_set(rows, f"{cfg.prompts_file or '--prompt'} "
+                                                                           "(the model records no labels: --labels)")
     gold_rows = [row for row in rows if row.label is not None]
     if gold_rows:
         check_labels(gold_rows, labels, cfg.prompts_file or "--prompt")

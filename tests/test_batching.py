@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ncal_core.data.batching import Batch, LengthGroupedBatches, block_bounds, collate
+from ncal_core.data.batching import Batch, LengthGroupedBatches, block_bounds, collate, row_weights
 from ncal_core.data.prompts import EncodedRow
+from ncal_core.data.rows import class_counts
 
 PAD = 0
 
@@ -168,3 +169,24 @@ def test_evaluation_order_is_sorted_by_length_without_shuffling():
     lengths = [3, 9, 1, 9, 5, 2, 7]
     batches = epoch(LengthGroupedBatches(lengths, 3, shuffle=False), 5)
     assert batches == [[1, 3, 6], [4, 0, 5], [2]]
+
+
+def test_balanced_resampling_draws_classes_about_equally():
+    class_ids = [0] * 900 + [1] * 90 + [2] * 10
+    sampler = LengthGroupedBatches([10] * 1000, 50, seed=1, weights=row_weights(class_ids, 3, "balanced"))
+    drawn = [class_ids[i] for i in itertools.chain.from_iterable(sampler)]
+    shares = torch.tensor(class_counts(drawn, 3), dtype=torch.float) / len(drawn)
+    assert torch.allclose(shares, torch.full((3,), 1 / 3), atol=0.05)
+    sqrt_w = row_weights(class_ids, 3, "sqrt")
+    assert sqrt_w[0] == pytest.approx(1 / 30) and sqrt_w[-1] == pytest.approx(1 / 10 ** 0.5)
+    assert row_weights(class_ids, 3, "none") is None
+
+
+def test_resampling_can_wait_for_the_last_epochs():
+    class_ids = [0] * 95 + [1] * 5
+    sampler = LengthGroupedBatches([10] * 100, 10, seed=0, weights=row_weights(class_ids, 2, "balanced"),
+                                   weighted_from_epoch=2)
+    sampler.set_epoch(1)
+    assert sorted(itertools.chain.from_iterable(sampler)) == list(range(100))  # a plain permutation
+    sampler.set_epoch(2)
+    assert sum(class_ids[i] for i in itertools.chain.from_iterable(sampler)) > 25

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from ncal_core.errors import NCALError
 from ncal_core.evaluation.collapse import class_geometry, neural_collapse
 
 K, H, PER_CLASS = 7, 32, 20
@@ -132,5 +131,5 @@ def test_coinciding_class_means_give_infinite_nc1() -> None:
     (torch.ones(2, 4), torch.tensor([0, 0]), 1, "at least 2 classes"),
 ])
 def test_neural_collapse_rejects_bad_input(feats: torch.Tensor, ids: torch.Tensor, k: int, message: str) -> None:
-    with pytest.raises(NCALError, match=message):
+    with pytest.raises(ValueError, match=message):
         neural_collapse(feats, ids, k)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from training_runs import free_port
 
 ROWS = 7  # odd: the ranks' shards differ in size

@@ -133,12 +133,11 @@ def test_throughput_counts_flops_at_the_qwen_shape_and_leaves_bench_train_as_it_
 
     before = dict(bench_train.MODEL)
     steps = 2 * gpu_check.WARMUP_STEPS
-    plan = [{"rows": 2, "tokens": 100, "sq_tokens": 5000, "targets": 4, "width": 50, "padded": 100,
-             "padded_sq": 5000}] * steps
-    lines = [{"step": i + 1, "loss": 2.0 - i / steps, "samples_per_s": 4.0} for i in range(steps)]
+    lines = [{"step": i + 1, "loss": 2.0 - i / steps, "samples_per_s": 4.0, "seconds": 0.5, "rows": 2, "tokens": 100,
+              "sq_tokens": 5000, "target_tokens": 4, "padded_tokens": 100, "attended": 5000} for i in range(steps)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     a = gpu_check.arch()
-    got = gpu_check.throughput(plan, tmp_path / "metrics.jsonl", a, 989.0)
+    got = gpu_check.throughput(bench_train.logged_steps(tmp_path / "metrics.jsonl"), a, 989.0)
     assert bench_train.MODEL == before
     H, L, I, r, D = 896, 24, 4864, 8, 64
     qkv = H * 14 * D + 2 * H * 2 * D

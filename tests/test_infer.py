@@ -21,7 +21,7 @@ from ncal_core.evaluation.generate import greedy_generate
 from ncal_core.evaluation.predictor import load_predictor
 from ncal_core.infer import InferConfig, _offset, _scorer, main
 from ncal_core.model.tokenizer import load_tokenizer
-from ncal_core.run_record import RUN_FILE
+from ncal_core.run_record import RunRecord
 
 # fp32: probabilities of the same model computed two ways differ by accumulation order only
 ATOL_FP32 = 1e-4
@@ -87,8 +87,7 @@ def test_several_models_score_as_the_mean_of_their_label_log_probabilities(base,
 def _recorded(folder, target, labels, counts):
     """A copy of `folder` with the label set and class counts a training run records."""
     shutil.copytree(folder, target)
-    (target / RUN_FILE).write_text(json.dumps({"labels": labels, "label_counts": counts}, ensure_ascii=False),
-                                   encoding="utf-8")
+    RunRecord(config={}, labels=labels, label_counts=counts).write(target)
     return target
 
 
@@ -209,7 +208,7 @@ def test_bad_invocations_are_one_line_errors(base, argv, fragment, tmp_path, mon
 def test_label_scores_on_the_models_device_get_the_prior_offset_moved_there(base, rows_file, tmp_path,
                                                                              monkeypatch):
     folder = _recorded(base, tmp_path / "run", LABELS, [50, 30, 5][: len(LABELS)])
-    run = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    run = RunRecord.read(folder)
     predictor = load_predictor(folder)
     # label scores on another device than the CPU offset (meta: shapes only); adding a CPU [K] tensor raises
     monkeypatch.setattr("ncal_core.infer.score_labels", lambda model, prompts, label_ids, batch_size:

@@ -19,16 +19,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ncal_core.errors import NCALError
-from ncal_core.model.lora import (
-    LoRALinear,
-    dropout_keep,
-    inject_lora,
-    load_adapter,
-    lora_state_dict,
-    merge_lora,
-    save_adapter,
-)
-from ncal_core.model.qwen import load_model, save_model
+from ncal_core.model.lora import LoRALinear, dropout_keep, inject_lora, load_adapter, lora_state_dict, save_adapter
+from ncal_core.model.qwen import load_model
 
 TOL = 1e-4
 MERGE_TOL = 1e-5
@@ -134,22 +126,6 @@ def test_merge_matches_unmerged_forward_and_unmerge_restores(bases: dict[str, Pa
     for name, param in model.named_parameters():
         if name in weights:
             torch.testing.assert_close(param, weights[name], rtol=0, atol=1e-6, msg=name)
-
-
-def test_merged_checkpoint_is_plain_and_transformers_reproduces_lora_logits(
-    bases: dict[str, Path], tmp_path: Path
-) -> None:
-    model = load_model(bases["qwen2"])
-    inject_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["k_proj", "gate_proj"])
-    randomise_lora_b(model)
-    with_lora = our_logits(model, IDS)
-    merge_lora(model)
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    assert isinstance(model.layers[1].mlp.gate_proj, nn.Linear)
-    save_model(model, tmp_path)
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
-    with torch.no_grad():
-        assert rel_err(reference(input_ids=IDS).logits, with_lora) < MERGE_TOL
 
 
 def test_injected_layers_follow_the_model_mode(bases: dict[str, Path]) -> None:
@@ -292,7 +268,7 @@ def test_adapter_with_missing_or_unexpected_factor_names_the_key(bases: dict[str
 
 def test_inject_refuses_bad_rank_and_unmatched_targets(bases: dict[str, Path]) -> None:
     model = load_model(bases["qwen2"])
-    with pytest.raises(NCALError, match="r: must be an integer >= 1"):
+    with pytest.raises(ValueError, match="r: must be an integer >= 1"):
         inject_lora(model, r=0, alpha=1, dropout=0.0, target_modules=["q_proj"])
     with pytest.raises(NCALError, match="target_modules.*match no linear layer"):
         inject_lora(model, r=2, alpha=1, dropout=0.0, target_modules=["qproj"])

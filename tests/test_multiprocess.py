@@ -20,8 +20,20 @@ from pathlib import Path
 
 import pytest
 from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
-from training_runs import (REPO, TINY, command_env, eval_report, final_weights, free_port, logged_steps,
-                           max_abs_diff, metrics, run, tmwpl_rows, write_jsonl)
+from training_runs import (
+    REPO,
+    TINY,
+    command_env,
+    eval_report,
+    final_weights,
+    free_port,
+    logged_steps,
+    max_abs_diff,
+    metrics,
+    run,
+    tmwpl_rows,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 

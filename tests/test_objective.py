@@ -11,6 +11,7 @@ from random_checkpoints import make_hf_checkpoint
 from ncal_core.data.batching import collate
 from ncal_core.data.prompts import EncodedRow
 from ncal_core.loss.objective import TrainingObjective
+from ncal_core.loss.tc import TCConfig
 from ncal_core.model.head import packing_available
 from ncal_core.model.qwen import load_model
 
@@ -36,7 +37,7 @@ def _batch():
 def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model, padding_free):
     rows, batch = _batch()
     firsts = torch.tensor([3, 60, 11])
-    objective = TrainingObjective(model, use_tc=False, padding_free=padding_free, first_tokens=firsts)
+    objective = TrainingObjective(model, padding_free=padding_free, first_tokens=firsts)
     model.zero_grad()
     lm_sum, z, first_scores, class_ids = objective(batch)
     lm_sum.backward()
@@ -54,7 +55,7 @@ def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model, pad
     full.backward()
     expected_first = logits[torch.arange(len(rows)), batch.prompt_lens - 1][:, firsts]
     assert torch.allclose(first_scores, expected_first, atol=ATOL_FP32)
-    assert TrainingObjective(model, use_tc=False, padding_free=padding_free)(batch).first_scores is None
+    assert TrainingObjective(model, padding_free=padding_free)(batch).first_scores is None
     assert len(batch.target) == sum(len(r.input_ids) - r.prompt_len for r in rows)
     assert class_ids.tolist() == [r.label_index for r in rows]
     assert torch.allclose(lm_sum, full, atol=ATOL_FP32)
@@ -66,7 +67,7 @@ def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model, pad
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_tc_feature_is_pooled_where_method_md_says(model, pooling, padding_free):
     rows, batch = _batch()
-    objective = TrainingObjective(model, use_tc=True, pooling=pooling, e_w=1e6,  # no clamp: raw features
+    objective = TrainingObjective(model, tc=TCConfig(pooling=pooling, e_w=1e6),  # no clamp: raw features
                                   padding_free=padding_free)
     with torch.no_grad():
         z = objective(batch).z
@@ -82,8 +83,8 @@ def test_tc_feature_is_pooled_where_method_md_says(model, pooling, padding_free)
 def test_padding_free_gives_the_padded_batchs_loss_features_and_gradients(model, pooling, blocks):
     rows, batch = _batch()
     firsts = torch.tensor([3, 60, 11])
-    padded = TrainingObjective(model, use_tc=True, pooling=pooling, padding_free=False, first_tokens=firsts)
-    ragged = TrainingObjective(model, use_tc=True, pooling=pooling, padding_free=True, first_tokens=firsts)
+    padded = TrainingObjective(model, tc=TCConfig(pooling=pooling), padding_free=False, first_tokens=firsts)
+    ragged = TrainingObjective(model, tc=TCConfig(pooling=pooling), padding_free=True, first_tokens=firsts)
 
     def run(objective, batch):
         model.zero_grad()
@@ -116,7 +117,7 @@ def _rows_of(batch, rows):
 
 def test_packed_head_gives_the_plain_heads_loss_and_gradients(model):
     rows, batch = _batch()
-    objective = TrainingObjective(model, use_tc=False, first_tokens=torch.tensor([3, 60, 11]))
+    objective = TrainingObjective(model, first_tokens=torch.tensor([3, 60, 11]))
 
     def run(pack: bool):
         objective.head.pack = pack
@@ -148,7 +149,7 @@ def test_compiled_layers_make_few_graphs_over_changing_padding_free_layouts(tmp_
     model = load_model(make_hf_checkpoint(tmp_path, vocab_size=97))
     counter = CompileCounter()
     compile_layers(model, backend=counter)
-    objective = TrainingObjective(model, use_tc=True, pooling="mean", tc_backend="torch")
+    objective = TrainingObjective(model, tc=TCConfig(pooling="mean", backend="torch"))
     block_counts = set()
     for step in range(10):
         lens = [5 + (step * 37 + i * 53) % 160 for i in range(6 + step % 3)]

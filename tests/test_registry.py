@@ -14,14 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ncal_core.data.registry import (
-    CACHE_DIR_ENV,
-    DATA_DIR_ENV,
-    DATA_URL_ENV,
-    default_search_dirs,
-    registry,
-    resolve_dataset,
-)
+from ncal_core.data.registry import DATA_DIR_ENV, DATA_URL_ENV, default_search_dirs, registry, resolve_dataset
+from ncal_core.durable import CACHE_DIR_ENV
 from ncal_core.errors import NCALError
 
 README = Path(__file__).resolve().parents[1] / "data" / "README.md"

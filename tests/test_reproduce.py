@@ -34,7 +34,7 @@ def test_quick_reproduce_writes_the_table_json_and_plot(tmp_path, tmwpl_dir):
     record.write_text(json.dumps(recorded))
     assert "sft-s0: trained with other settings, training again: la_loss_tau 1.0 -> 0.0" in reproduce()
     assert json.loads(record.read_text())["config"]["la_loss_tau"] == 0.0
-    record.write_text(json.dumps(recorded["config"]))  # as a run stopped part-way leaves it: its flags only
+    record.write_text(json.dumps({"config": recorded["config"]}))  # as a run stopped part-way leaves it: flags only
     reproduce()
     assert json.loads(record.read_text())["config"]["seed"] == 0  # trained again to the end
     rows = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))

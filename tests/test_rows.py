@@ -274,7 +274,7 @@ def test_random_json_rows_load_or_raise_ncal_error(tmp_path, values, as_array, r
     except NCALError as err:
         assert str(err).startswith(str(path)) and "\n" not in str(err)
     else:
-        assert all(example.messages and example.messages[-1]["role"] == "user" for example in examples)
+        assert examples and all(example.messages and example.messages[-1]["role"] == "user" for example in examples)
 
 
 def test_dev_split_is_balanced_disjoint_and_fixed_by_seed(tmp_path):

@@ -10,9 +10,26 @@ import textwrap
 import pytest
 import torch
 
+from ncal_core.data.batching import collate
+from ncal_core.data.prompts import EncodedRow
 from ncal_core.errors import NCALError
 from ncal_core.loss import tc
-from ncal_core.loss.tc import etf_gram_loss, pool_features, tc_loss
+from ncal_core.loss.tc import (
+    TCConfig,
+    etf_gram_loss,
+    etf_target_loss,
+    pool_features,
+    pool_mask,
+    simplex_etf,
+    tc_batch_loss,
+    tc_features,
+)
+
+
+def tc_loss(hidden, mask, class_ids, num_classes, pooling="last", e_w=1.0, class_diff=True, backend="auto"):
+    """The TC loss of hidden [B, T, H] pooled over mask [B, T]: the two steps composed, as the loop composes them."""
+    return etf_gram_loss(pool_features(hidden, mask, pooling, e_w, backend), class_ids, num_classes, e_w,
+                         class_diff, backend)
 
 
 def _ragged_batch(B: int, T: int, H: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +109,38 @@ def test_gram_stays_fp32_under_bf16_autocast():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_tc_loss_is_pool_features_then_etf_gram_loss():
-    hidden, mask = _ragged_batch(5, 6, 8)
-    y = torch.tensor([0, 1, 2, 0, 1])
-    z = pool_features(hidden, mask, "mean", e_w=0.7, backend="torch")
-    expected = etf_gram_loss(z, y, 3, e_w=0.7, class_diff=False, backend="torch")
-    got = tc_loss(hidden, mask, y, 3, pooling="mean", e_w=0.7, class_diff=False, backend="torch")
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+@pytest.mark.parametrize("pooling", ["last", "seq_last", "mean"])
+def test_tc_features_pool_where_the_config_says_and_the_batch_loss_follows_the_variant(pooling):
+    rows = [EncodedRow([5, 6, 7, 8, 2], 3, 0, "a"), EncodedRow([5, 9, 8, 2], 2, 1, "b"), EncodedRow([4, 8, 2], 1, 2, "c")]
+    batch = collate(rows, pad_id=0)
+    hidden = torch.randn(3, batch.input_ids.shape[1], 8, dtype=torch.float64)
+    config = TCConfig(pooling=pooling, e_w=0.7, class_diff=False, backend="torch")
+    z = tc_features(hidden, batch, config)
+    mask = pool_mask(batch, pooling)
+    # last prompt token / last real token / mean over the prompt
+    assert mask.sum(1).tolist() == ([3, 2, 1] if pooling == "mean" else [3, 2, 1] if pooling == "last" else [5, 4, 3])
+    expected = pool_features(hidden, mask, "mean" if pooling == "mean" else "last", e_w=0.7, backend="torch")
+    torch.testing.assert_close(z, expected, rtol=0, atol=0)
+    y = batch.class_ids
+    torch.testing.assert_close(tc_batch_loss(z, y, 3, config),
+                               etf_gram_loss(z, y, 3, e_w=0.7, class_diff=False, backend="torch"), rtol=0, atol=0)
+    targets = simplex_etf(3, 8).double()
+    torch.testing.assert_close(tc_batch_loss(z, y, 3, TCConfig(variant="etf_target"), targets),
+                               etf_target_loss(z, y, targets), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pooling": "max"}, "--pooling: must be last, seq_last or mean, not 'max'"),
+    ({"variant": "pair"}, "--tc_variant: must be pairs or etf_target, not 'pair'"),
+    ({"backend": "cuda"}, "--tc_backend: must be auto, triton or torch, not 'cuda'"),
+    ({"e_w": 0.0}, "--e_w: must be > 0, not 0.0"),
+    ({"weight": -1.0}, "--lambda_lc: must be >= 0, not -1.0"),
+])
+def test_a_bad_setting_is_refused_naming_its_flag(change, message):
+    TCConfig().check()
+    with pytest.raises(NCALError) as err:
+        TCConfig(**change).check()
+    assert str(err.value) == message
 
 
 # --- gradients ------------------------------------------------------------------------------
@@ -180,7 +222,7 @@ def test_no_masked_pair_gives_exactly_zero_loss_and_gradient(class_ids, pooling)
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
 
 
-# --- user mistakes --------------------------------------------------------------------------
+# --- broken internal contracts: ValueError with its traceback, not a user error ---------------
 
 
 def _good() -> dict:
@@ -196,7 +238,7 @@ def _good() -> dict:
     "change, message",
     [
         ({"num_classes": 1}, "num_classes must be at least 2"),
-        ({"pooling": "max"}, "pooling must be one of last, mean"),
+        ({"pooling": "seq_last"}, "pooling must be last or mean"),
         ({"e_w": 0.0}, "e_w must be > 0"),
         ({"e_w": -1.0}, "e_w must be > 0"),
         ({"backend": "cuda"}, "backend must be one of"),
@@ -219,11 +261,11 @@ def _good() -> dict:
         ),
     ],
 )
-def test_bad_inputs_raise_one_line_ncal_error(change, message):
+def test_bad_inputs_raise_value_error(change, message):
     args = {**_good(), "backend": "torch", **change}
-    with pytest.raises(NCALError) as err:
+    with pytest.raises(ValueError) as err:
         tc_loss(**args)
-    assert message in str(err.value) and "\n" not in str(err.value)
+    assert message in str(err.value) and not isinstance(err.value, NCALError)
 
 
 def test_async_checks_off_the_cpu_do_not_wait_for_the_device(monkeypatch):
@@ -246,14 +288,13 @@ def test_cpu_auto_backend_does_not_import_triton_and_forced_triton_needs_the_int
     script = textwrap.dedent(
         """
         import sys, torch
-        from ncal_core.errors import NCALError
-        from ncal_core.loss.tc import tc_loss
-        args = (torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long), torch.tensor([0, 1]), 2)
-        tc_loss(*args)
+        from ncal_core.loss.tc import pool_features
+        args = (torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long))
+        pool_features(*args)
         assert "triton" not in sys.modules, "auto on CPU imported triton"
         try:
-            tc_loss(*args, backend="triton")
-        except NCALError as err:
+            pool_features(*args, backend="triton")
+        except RuntimeError as err:
             print(err)
         """
     )
@@ -305,3 +346,20 @@ def test_a_missing_triton_is_reported_not_raised(monkeypatch):
     from ncal_core.loss.tc import _triton_missing
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees where it is not installed
     assert "the triton package cannot be imported" in _triton_missing()
+
+
+@pytest.mark.parametrize("K,H", [(2, 8), (7, 64), (8, 8)])
+def test_simplex_etf_has_unit_norms_and_equal_angles(K, H):
+    etf = simplex_etf(K, H)
+    gram = etf @ etf.T
+    assert torch.allclose(gram.diagonal(), torch.ones(K), atol=1e-5)
+    off = gram[~torch.eye(K, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, -1 / (K - 1)), atol=1e-5)
+
+
+def test_etf_target_loss_is_zero_on_target_and_matches_autograd_formula():
+    targets = simplex_etf(3, 16)
+    y = torch.tensor([0, 1, 2, 1])
+    assert etf_target_loss(targets[y] * 3.0, y, targets).item() == pytest.approx(0.0, abs=1e-7)
+    z = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: etf_target_loss(t, y, targets.double()), (z,))

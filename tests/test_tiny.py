@@ -54,7 +54,7 @@ def test_tiny_checkpoint_is_deterministic_and_cached(tmp_path, monkeypatch):
 def test_train_builds_the_tiny_model_its_flags_describe(tmp_path, monkeypatch, flag, tied):
     from ncal_core.cli import parse_config
     from ncal_core.train.config import TrainConfig
-    from ncal_core.train.loop import _base_model
+    from ncal_core.train.setup import _base_model
 
     monkeypatch.setenv("NCAL_CACHE_DIR", str(tmp_path / "cache"))
     cfg = parse_config(TrainConfig, ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_vocab_size",

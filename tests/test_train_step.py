@@ -10,14 +10,17 @@ The loop reads the device once per log step, through `train_step.host_values`; t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from accelerate import Accelerator
 
 from ncal_core.data.prompts import EncodedRow
 from ncal_core.evaluation.scoring import score_labels
-from ncal_core.loss.longtail import log_prior, simplex_etf
+from ncal_core.loss.logit_adjustment import log_prior
 from ncal_core.loss.objective import TrainingObjective
+from ncal_core.loss.tc import simplex_etf
 from ncal_core.model.qwen import ModelConfig, QwenModel
 from ncal_core.train.config import TrainConfig
 from ncal_core.train.schedule import make_scheduler
@@ -43,13 +46,13 @@ def _rows(n: int) -> list[EncodedRow]:
 
 def _parts(cfg: TrainConfig, model: QwenModel, rows: list[EncodedRow]) -> StepParts:
     first_tokens = torch.tensor([60, 61, 62], device=META) if cfg.la_loss_tau > 0 else None
-    objective = TrainingObjective(model, use_tc=True, pooling=cfg.pooling, tc_backend="torch",
-                                  padding_free=cfg.padding_free, first_tokens=first_tokens)
+    tc = replace(cfg.tc, backend="torch")
+    objective = TrainingObjective(model, tc=tc, padding_free=cfg.padding_free, first_tokens=first_tokens)
     # the loop's fused AdamW has kernels for real devices only; the single-tensor one runs the same update on any
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=False)
     etf = simplex_etf(K, 32, 0).to(META) if cfg.tc_variant == "etf_target" else None
     return StepParts(Accelerator(cpu=True), objective, optimizer, make_scheduler(optimizer, "linear", 1, 4), rows,
-                     0, cfg, K, log_prior([4, 2, 1]).to(META), etf, META)
+                     0, cfg, K, log_prior([4, 2, 1]).to(META), etf, META, tc)
 
 
 @pytest.fixture(autouse=True)
@@ -73,8 +76,9 @@ def test_a_training_step_keeps_every_tensor_on_the_device(flags):
     record = train_step(parts, [[7, 6, 5, 4], [3, 2, 1, 0]], record)
     assert record.lm_sum.device == META and record.tc_sum.device == META
     assert (record.micro_batches, record.rows) == (4, 16)
-    assert record.tokens == 2 * sum(len(r.input_ids) - r.prompt_len for r in _rows(8))
-    assert record.packed().device == META and record.packed().shape == (5,)
+    assert record.targets == 2 * sum(len(r.input_ids) - r.prompt_len for r in _rows(8))
+    assert record.tokens == 2 * sum(len(r.input_ids) for r in _rows(8)) and record.rows == 16
+    assert record.packed().device == META and record.packed().shape == (2 + len(StepRecord.SUMMED),)
     assert all(p.device == META for p in model.parameters())
     state = parts.optimizer.state[next(p for p in model.parameters() if p.requires_grad)]
     assert state["exp_avg"].device == META  # the update ran, on the device

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ncal_core.train.log import TIMED
+
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["回忆", "识别", "推断"]
 WORDS = ["三角形", "苹果", "长方形", "正方形", "小明", "比较", "大小", "读作", "判断", "对错", "分数", "钝角"]
@@ -76,12 +78,9 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 def metrics(output_dir: Path) -> list[dict]:
-    """metrics.jsonl without the wall-clock field (throughput differs from run to run)."""
+    """metrics.jsonl without the wall-clock fields (throughput differs from run to run)."""
     lines = (output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines]
-    for record in records:
-        record.pop("samples_per_s", None)
-    return records
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMED} for line in lines]
 
 
 def logged_steps(output_dir: Path) -> int:

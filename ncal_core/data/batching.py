@@ -1,4 +1,5 @@
-"""Encoded rows -> right-padded batches (with the layout that lets the model skip their padding), and samplers."""
+"""Encoded rows -> right-padded batches (with the layout that lets the model skip their padding), and samplers
+(with the re-sampling weights of the long-tail remedies)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import torch
 from torch import Tensor
 
 from ncal_core.data.prompts import EncodedRow
+from ncal_core.data.rows import class_counts
 from ncal_core.layout import Padding, Ragged
 
 MEGABATCH_BATCHES = 50
+RESAMPLING = ("none", "balanced", "sqrt")
 ATTENTION_BLOCKS = 4  # at most this many attention blocks per training micro-batch
 # What one more attention block costs, in units of one row's attention over one squared token: a block is cut
 # off only where the padding it saves costs more. (Measured on the built-in tiny model on CPU.)
@@ -200,3 +203,14 @@ class LengthGroupedBatches:
         if self.drop_last:
             batches = [batch for batch in batches if len(batch) == self.batch_size]
         return iter(batches)
+
+
+def row_weights(class_ids: Sequence[int], num_classes: int, mode: str) -> list[float] | None:
+    """Sampling weight per row: balanced = 1/n_c (every class equally often), sqrt = 1/sqrt(n_c); none -> None."""
+    if mode not in RESAMPLING:
+        raise ValueError(f"resampling must be one of {', '.join(RESAMPLING)}, not {mode!r}")  # TrainConfig.check'd
+    if mode == "none":
+        return None
+    counts = class_counts(class_ids, num_classes)
+    power = 1.0 if mode == "balanced" else 0.5
+    return [1.0 / counts[c] ** power for c in class_ids]

@@ -7,16 +7,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from ncal_core.durable import fsync_dir
+from ncal_core.durable import atomic_file, cache_root
 from ncal_core.errors import NCALError, at
 
 DATA_DIR_ENV = "NCAL_DATA_DIR"
-CACHE_DIR_ENV = "NCAL_CACHE_DIR"
 DATA_URL_ENV = "NCAL_DATA_URL"
 _CHUNK = 1 << 20
 
@@ -40,40 +38,34 @@ def default_search_dirs() -> list[Path]:
 
 
 def cache_dir() -> Path:
-    """Where downloaded files go: ($NCAL_CACHE_DIR or ~/.cache/ncal)/data."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "ncal").expanduser() / "data"
+    """Where downloaded files go: the cache root's data/."""
+    return cache_root() / "data"
+
+
+def _fetch(url: str, out, name: str) -> str:
+    """Stream url into the open file `out`; returns its sha256."""
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            for chunk in iter(lambda: response.read(_CHUNK), b""):
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as err:
+        raise NCALError(f"{url}: download failed ({getattr(err, 'reason', err)}); "
+                        f"put {name} in ${DATA_DIR_ENV} instead") from None
+    return digest.hexdigest()
 
 
 def download(url: str, dest: Path, sha256: str) -> Path:
-    """Fetch url to dest atomically (temporary file, fsync, rename), keeping it only if its sha256 matches."""
+    """Fetch url to dest atomically, keeping it only if its sha256 matches."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    except OSError as err:
+        with atomic_file(dest) as out:
+            actual = _fetch(url, out, dest.name)
+            if actual != sha256:  # raised inside: the download is dropped, not renamed into place
+                raise NCALError(f"{url}: sha256 mismatch for {dest.name}: expected {sha256}, got {actual}")
+    except OSError as err:  # the cache folder (network errors are NCALErrors by now)
         raise NCALError(f"{at(dest.parent)}: cannot write the download there: {err.strerror}") from None
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    for chunk in iter(lambda: response.read(_CHUNK), b""):
-                        digest.update(chunk)
-                        out.write(chunk)
-            except OSError as err:
-                raise NCALError(
-                    f"{url}: download failed ({getattr(err, 'reason', err)}); "
-                    f"put {dest.name} in ${DATA_DIR_ENV} instead"
-                ) from None
-            out.flush()
-            os.fsync(out.fileno())
-        actual = digest.hexdigest()
-        if actual != sha256:
-            raise NCALError(f"{url}: sha256 mismatch for {dest.name}: expected {sha256}, got {actual}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
     return dest
 
 

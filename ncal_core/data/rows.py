@@ -288,3 +288,11 @@ def dev_split(examples: list[Example], per_class: int, seed: int, source: str | 
             raise NCALError(f"{source}: --dev_per_class {per_class}: class {label!r} has only {len(rows)} rows")
         held.update(rng.sample(rows, per_class))
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def class_counts(class_ids: Iterable[int], num_classes: int) -> list[int]:
+    """Rows per class."""
+    counts = [0] * num_classes
+    for c in class_ids:
+        counts[c] += 1
+    return counts

@@ -7,8 +7,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ncal_core.errors import NCALError
-
 
 class ClassGeometry(NamedTuple):
     """Unit features and their class means, in float64, over the classes that have features."""
@@ -28,16 +26,16 @@ def class_geometry(features: Tensor, class_ids: Tensor, num_classes: int) -> Cla
     test sets are) the two coincide.
     """
     if features.dim() != 2 or class_ids.shape != features.shape[:1]:
-        raise NCALError(f"need features [N, H] and class ids [N], got {tuple(features.shape)} "
+        raise ValueError(f"need features [N, H] and class ids [N], got {tuple(features.shape)} "
                         f"and {tuple(class_ids.shape)}")
     if num_classes < 2:
-        raise NCALError(f"neural collapse needs at least 2 classes, got num_classes={num_classes}")
+        raise ValueError(f"neural collapse needs at least 2 classes, got num_classes={num_classes}")
     ids = class_ids.detach().to("cpu", torch.int64)
     if ids.numel() and (ids.min() < 0 or ids.max() >= num_classes):
-        raise NCALError(f"class ids must lie in 0..{num_classes - 1}")
+        raise ValueError(f"class ids must lie in 0..{num_classes - 1}")
     present, rows = torch.unique(ids, return_inverse=True)
     if present.numel() < 2:
-        raise NCALError(f"neural collapse needs features of at least 2 classes, got {present.numel()}")
+        raise ValueError(f"neural collapse needs features of at least 2 classes, got {present.numel()}")
     x = features.detach().to("cpu", torch.float64)
     x = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     counts = torch.bincount(rows, minlength=present.numel()).to(torch.float64)

@@ -17,14 +17,15 @@ from ncal_core.evaluation.collapse import neural_collapse
 from ncal_core.evaluation.features import pooled_features
 from ncal_core.evaluation.metrics import classification_report, format_report
 from ncal_core.evaluation.scoring import score_labels
-from ncal_core.loss.longtail import adjust_scores
+from ncal_core.loss.logit_adjustment import adjust_scores
+from ncal_core.loss.tc import TCConfig
 from ncal_core.model.qwen import QwenModel
 
 
-def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], *, pooling: str = "last",
-             e_w: float = 1.0, batch_size: int = 32, prior_log: Tensor | None = None,
+def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], *, tc: TCConfig,
+             batch_size: int = 32, prior_log: Tensor | None = None,
              tau: float = 0.0, rank: int = 0, world: int = 1) -> tuple[dict[str, Any], Tensor]:
-    """Constrained label scoring of labelled rows -> (classification report with NC figures, features [N, H]).
+    """Constrained label scoring of labelled rows -> (classification report with NC figures, TC features [N, H]).
 
     With `tau`, the label scores are logit-adjusted (minus tau * the training log prior) before the argmax.
     Under several processes (a process group of `world` ranks) each rank scores its shard of the rows and
@@ -33,11 +34,12 @@ def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], 
     was_training = model.training
     model.eval()
     gold = [builder.labels.index(row.label) for row in rows]
-    mine = [rows[i] for i in shard(len(rows), rank, world)]
-    scores = score_labels(model, [builder.prompt_ids(row) for row in mine], builder.label_ids, batch_size=batch_size)
+    mine = builder.encode_all([rows[i] for i in shard(len(rows), rank, world)])  # tokenized once, in one batch
+    scores = score_labels(model, [row.input_ids[:row.prompt_len] for row in mine], builder.label_ids,
+                          batch_size=batch_size)
     scores = gather_shards(scores.cpu(), len(rows), world)
-    features = gather_shards(pooled_features(model, builder.encode_all(mine), builder.tokenizer.pad_token_id,
-                                             pooling, e_w, batch_size), len(rows), world)
+    features = gather_shards(pooled_features(model, mine, builder.tokenizer.pad_token_id, tc, batch_size),
+                             len(rows), world)
     model.train(was_training)
     plain = classification_report(gold, scores.argmax(dim=1).tolist(), builder.labels)
     if tau:

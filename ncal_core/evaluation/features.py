@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from ncal_core.data.batching import LengthGroupedBatches, collate
 from ncal_core.data.prompts import EncodedRow
-from ncal_core.loss.tc import POOL_MODE, pool_features, pool_mask
+from ncal_core.loss.tc import TCConfig, tc_features
 from ncal_core.model.qwen import QwenModel
 
 
 @torch.no_grad()
-def pooled_features(model: QwenModel, rows: Sequence[EncodedRow], pad_id: int, pooling: str = "last",
-                    e_w: float = 1.0, batch_size: int = 32) -> Tensor:
+def pooled_features(model: QwenModel, rows: Sequence[EncodedRow], pad_id: int, tc: TCConfig,
+                    batch_size: int = 32) -> Tensor:
     """Features [N, H] (fp32, norm-clamped to e_w) of encoded rows, in the rows' order.
 
     Rows carry their gold label when it is known, which only `seq_last` reads.
@@ -26,6 +27,6 @@ def pooled_features(model: QwenModel, rows: Sequence[EncodedRow], pad_id: int, p
     for index in order:
         batch = collate([rows[i] for i in index], pad_id).to(device)
         hidden = model(batch.input_ids)  # right padding: the causal mask alone, as in training
-        z = pool_features(hidden, pool_mask(batch, pooling), POOL_MODE[pooling], e_w=e_w, backend="torch")
+        z = tc_features(hidden, batch, replace(tc, backend="torch"))  # no gradient here: no fused kernel needed
         out[torch.tensor(index)] = z.float().cpu()
     return out

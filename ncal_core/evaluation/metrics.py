@@ -7,8 +7,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ncal_core.errors import NCALError
-
 # Rows per bootstrap chunk: bounds the [chunk, N] index array to a few tens of MB.
 _BOOT_CELLS = 4_000_000
 
@@ -17,18 +15,18 @@ def _check(gold: Sequence[int], preds: Sequence[Sequence[int]], num_classes: int
            allow_no_class: bool = False) -> list[np.ndarray]:
     """Gold and predictions as int64 arrays `[N]`, after checking lengths and class ids (-1 allowed if asked)."""
     if num_classes < 1:
-        raise NCALError(f"need at least one class, got num_classes={num_classes}")
+        raise ValueError(f"need at least one class, got num_classes={num_classes}")
     arrays = [np.asarray(gold, dtype=np.int64).reshape(-1)]
     arrays += [np.asarray(p, dtype=np.int64).reshape(-1) for p in preds]
     if arrays[0].size == 0:
-        raise NCALError("no rows to score")
+        raise ValueError("no rows to score")
     for name, arr in zip(["gold"] + ["predictions"] * len(preds), arrays):
         if arr.shape != arrays[0].shape:
-            raise NCALError(f"{name} has {arr.size} rows but gold has {arrays[0].size}")
+            raise ValueError(f"{name} has {arr.size} rows but gold has {arrays[0].size}")
         lowest = -1 if allow_no_class and name == "predictions" else 0
         bad = arr[(arr < lowest) | (arr >= num_classes)]
         if bad.size:
-            raise NCALError(f"{name} holds class id {int(bad[0])}, outside 0..{num_classes - 1}")
+            raise ValueError(f"{name} holds class id {int(bad[0])}, outside 0..{num_classes - 1}")
     return arrays
 
 
@@ -66,7 +64,7 @@ def classification_report(gold: Sequence[int], pred: Sequence[int], labels: list
     gold class and counts against no class's precision; the confusion matrix leaves it out.
     """
     if len(set(labels)) != len(labels):
-        raise NCALError(f"class labels repeat: {labels}")
+        raise ValueError(f"class labels repeat: {labels}")
     gold_arr, pred_arr = _check(gold, [pred], len(labels), allow_no_class=True)
     valid = pred_arr >= 0
     confusion = _confusion(gold_arr[valid], pred_arr[valid], len(labels))
@@ -117,15 +115,23 @@ def format_report(report: dict) -> str:
     ])
 
 
-def paired_bootstrap(gold: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int], num_classes: int,
+def paired_bootstrap(gold: Sequence[int], pred_a: Sequence, pred_b: Sequence, num_classes: int,
                      n_boot: int = 2000, seed: int = 0) -> dict:
-    """Macro-F1(b) - macro-F1(a) on the rows `[N]`, with a 95% percentile interval over joint row resamples."""
+    """Macro-F1(b) - macro-F1(a) on the rows `[N]`, with a 95% percentile interval over joint row resamples.
+
+    pred_a, pred_b: [N] predictions, or [S, N] of S seeds each: then the difference is the mean over seeds of
+    seed s's b minus seed s's a, every resample shared by all of them.
+    """
     if n_boot < 1:
-        raise NCALError(f"n_boot must be at least 1, got {n_boot}")
-    gold_arr, a_arr, b_arr = _check(gold, [pred_a, pred_b], num_classes)
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    seeds_a, seeds_b = np.atleast_2d(np.asarray(pred_a)), np.atleast_2d(np.asarray(pred_b))
+    if seeds_a.shape != seeds_b.shape:
+        raise ValueError(f"pred_a and pred_b differ in shape: {seeds_a.shape} and {seeds_b.shape}")
+    checked = [_check(gold, [a, b], num_classes) for a, b in zip(seeds_a, seeds_b)]
+    gold_arr = checked[0][0]
     k2 = num_classes**2
-    # One resample of row indices serves both systems, so their shared difficulty cancels out.
-    cells_a, cells_b = gold_arr * num_classes + a_arr, gold_arr * num_classes + b_arr
+    # One resample of row indices serves both systems (and every seed), so their shared difficulty cancels out.
+    cells = [(gold_arr * num_classes + a, gold_arr * num_classes + b) for _, a, b in checked]
     rng = np.random.default_rng(seed)
     n = gold_arr.size
     deltas = []
@@ -134,9 +140,13 @@ def paired_bootstrap(gold: Sequence[int], pred_a: Sequence[int], pred_b: Sequenc
         m = min(chunk, n_boot - start)
         idx = rng.integers(0, n, size=(m, n))
         offset = (np.arange(m) * k2)[:, None]
-        conf_a, conf_b = (np.bincount((cells[idx] + offset).ravel(), minlength=m * k2).reshape(m, num_classes, -1)
-                          for cells in (cells_a, cells_b))
-        deltas.append(_macro_f1(conf_b) - _macro_f1(conf_a))
+        per_seed = []
+        for cells_a, cells_b in cells:
+            conf_a, conf_b = (np.bincount((c[idx] + offset).ravel(), minlength=m * k2).reshape(m, num_classes, -1)
+                              for c in (cells_a, cells_b))
+            per_seed.append(_macro_f1(conf_b) - _macro_f1(conf_a))
+        deltas.append(np.mean(per_seed, axis=0))
     low, high = np.percentile(np.concatenate(deltas), [2.5, 97.5])
-    point = _macro_f1(_confusion(gold_arr, b_arr, num_classes)) - _macro_f1(_confusion(gold_arr, a_arr, num_classes))
+    point = np.mean([_macro_f1(_confusion(gold_arr, b, num_classes)) - _macro_f1(_confusion(gold_arr, a, num_classes))
+                     for _, a, b in checked])
     return {"delta": float(point), "low": float(low), "high": float(high)}

@@ -154,7 +154,7 @@ def sphere_plot(features: Tensor, class_ids: Tensor, labels: list[str], path: st
     only when the class has collapsed to one direction.
     """
     if features.dim() != 2 or features.shape[1] < 3:
-        raise NCALError(f"sphere_plot needs features [N, H] with H >= 3, got {tuple(features.shape)}")
+        raise ValueError(f"sphere_plot needs features [N, H] with H >= 3, got {tuple(features.shape)}")
     geo = class_geometry(features, class_ids, len(labels))
     centred = geo.features - geo.centre
     points = centred @ _sphere_basis(geo.means - geo.centre, centred).T
@@ -260,9 +260,9 @@ def comparison_plot(rows: list[dict], path: str | Path) -> None:
     for i, row in enumerate(rows):
         missing = [k for k in keys if k not in row]
         if missing:
-            raise NCALError(f"comparison row {i} lacks {', '.join(missing)}")
+            raise ValueError(f"comparison row {i} lacks {', '.join(missing)}")
     if not rows:
-        raise NCALError("comparison_plot needs at least one row")
+        raise ValueError("comparison_plot needs at least one row")
     with _text_setting([row["method"] for row in rows], "M", "method") as (names, caption):
         # one line a method, top to bottom in table order, so that tens of methods stay readable
         fig = Figure(figsize=(9.0, max(4.2, 0.42 * len(rows) + 1.6)))

@@ -21,11 +21,12 @@ from tqdm import tqdm
 from ncal_core.cli import DTYPES
 from ncal_core.data.prompts import PromptBuilder
 from ncal_core.errors import NCALError
-from ncal_core.loss.longtail import log_prior
+from ncal_core.loss.logit_adjustment import log_prior
+from ncal_core.loss.tc import TCConfig
 from ncal_core.model.lora import load_adapter
 from ncal_core.model.qwen import QwenModel, load_model
 from ncal_core.model.tokenizer import load_tokenizer
-from ncal_core.run_record import RUN_FILE
+from ncal_core.run_record import RunRecord
 
 
 @dataclass
@@ -35,12 +36,10 @@ class Predictor:
     model: QwenModel
     tokenizer: Any
     labels: list[str] | None      # None: the caller must supply them (a plain checkpoint or foreign adapter)
-    label_counts: list[int] | None  # training rows per class, for logit adjustment
     instruction: str | None
     cutoff_len: int
     truncation: str
-    pooling: str
-    e_w: float
+    tc: TCConfig                  # the run's TC feature settings (the defaults for a model of no run of ours)
     eos_ids: list[int]  # where --generate stops: the tokenizer's eos and generation_config.json's eos_token_id
 
     def prompt_builder(self, labels: list[str], instruction: str | None = None) -> PromptBuilder:
@@ -62,7 +61,7 @@ class ModelFolder:
     """A model folder checked before any weight is read."""
 
     path: Path
-    run: dict[str, Any]  # what its training run recorded (labels, label_counts, config); {} for a foreign model
+    run: RunRecord | None  # what its training run recorded; None for a model of no run of ours
     base: Path | None    # the base checkpoint under an adapter; None for a full checkpoint
 
 
@@ -71,9 +70,9 @@ def open_model_folder(model_path: str | Path, base_model_path: str | Path | None
     path = Path(model_path)
     if not path.is_dir():
         raise NCALError(f"--model_path {model_path}: not a folder")
-    run = _read_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else {}
+    run = RunRecord.read(path)
     if (path / "adapter_config.json").is_file():
-        base = base_model_path or run.get("base_model") \
+        base = base_model_path or (run and run.base_model) \
             or _read_json(path / "adapter_config.json").get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise NCALError(f"{path / 'adapter_config.json'}: base_model_name_or_path: the base checkpoint "
@@ -111,14 +110,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def run_tau(run: dict[str, Any], tau: float | None) -> float:
+def run_tau(run: RunRecord | None, tau: float | None) -> float:
     """--logit_adjust_tau as given; unset, the tau the run's own evaluation used (0 for a model of no run of ours)."""
-    return tau if tau is not None else run.get("config", {}).get("logit_adjust_tau", 0.0)
+    return tau if tau is not None else run.setting("logit_adjust_tau", 0.0) if run else 0.0
 
 
-def training_log_prior(path: str | Path, run: dict[str, Any], labels: list[str]) -> torch.Tensor:
+def training_log_prior(path: str | Path, run: RunRecord | None, labels: list[str]) -> torch.Tensor:
     """log training prior [K] of `labels`, from the class counts a run recorded."""
-    counts = dict(zip(run.get("labels") or [], run.get("label_counts") or []))
+    counts = dict(zip(run.labels or [], run.label_counts or [])) if run else {}
     if any(label not in counts for label in labels):
         raise NCALError(f"--logit_adjust_tau: {path} records no training class counts for these labels")
     return log_prior([counts[label] for label in labels])
@@ -159,7 +158,7 @@ def load_predictor(model_path: str | Path, base_model_path: str | Path | None = 
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Predictor:
     """Resolve `model_path` (and the base it needs) into a Predictor in eval mode."""
     folder = open_model_folder(model_path, base_model_path)
-    path, run, config = folder.path, folder.run, folder.run.get("config", {})
+    path, run = folder.path, folder.run
     if folder.base is not None:
         model = load_model(folder.base, dtype=dtype, device=device)
         load_adapter(model, path)
@@ -168,7 +167,9 @@ def load_predictor(model_path: str | Path, base_model_path: str | Path | None = 
     tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else folder.base or path
     model.eval()
     tokenizer = load_tokenizer(tokenizer_dir)
-    return Predictor(model=model, tokenizer=tokenizer, labels=run.get("labels"), label_counts=run.get("label_counts"),
-                     instruction=config.get("instruction"), cutoff_len=config.get("cutoff_len", 2048),
-                     truncation=config.get("truncation", "left"), pooling=config.get("pooling", "last"),
-                     e_w=config.get("e_w", 1.0), eos_ids=_generation_eos(folder, tokenizer.eos_token_id))
+    setting = run.setting if run else (lambda name, default: default)
+    tc = TCConfig(pooling=setting("pooling", TCConfig.pooling), e_w=setting("e_w", TCConfig.e_w))
+    return Predictor(model=model, tokenizer=tokenizer, labels=run.labels if run else None,
+                     instruction=setting("instruction", None), cutoff_len=setting("cutoff_len", 2048),
+                     truncation=setting("truncation", "left"), tc=tc,
+                     eos_ids=_generation_eos(folder, tokenizer.eos_token_id))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ncal_core.data.batching import Batch
-from ncal_core.loss.tc import POOL_MODE, pool_features, pool_mask
+from ncal_core.loss.tc import TCConfig, tc_features
 from ncal_core.model.head import LabelHead
 from ncal_core.model.qwen import QwenModel
 
@@ -45,18 +45,16 @@ class ObjectiveOutput(NamedTuple):
 class TrainingObjective(nn.Module):
     """Decoder + label-only head (+ TC feature) of one micro-batch."""
 
-    def __init__(self, model: QwenModel, *, use_tc: bool, pooling: str = "last", e_w: float = 1.0,
-                 tc_backend: str = "auto", padding_free: bool = True, first_tokens: Tensor | None = None) -> None:
-        """first_tokens [K]: each label's first token id; given, the output carries the rows' first_scores."""
+    def __init__(self, model: QwenModel, *, tc: TCConfig | None = None, padding_free: bool = True,
+                 first_tokens: Tensor | None = None) -> None:
+        """tc: the TC feature's settings, None without the TC loss; first_tokens [K]: each label's first token
+        id; given, the output carries the rows' first_scores."""
         super().__init__()
         self.model = model
         self.head = LabelHead(model.lm_head)
         self.first_tokens = first_tokens
         self.padding_free = padding_free
-        self.use_tc = use_tc
-        self.pooling = pooling
-        self.e_w = e_w
-        self.tc_backend = tc_backend
+        self.tc = tc
 
     def forward(self, batch: Batch) -> ObjectiveOutput:
         """One right-padded micro-batch."""
@@ -70,8 +68,5 @@ class TrainingObjective(nn.Module):
             # each row's first query; every training row has targets (label tokens and eos)
             n_targets = batch.seq_lens - batch.prompt_lens
             first_scores = logits[torch.cumsum(n_targets, 0) - n_targets][:, self.first_tokens]
-        z = None
-        if self.use_tc:
-            z = pool_features(hidden, pool_mask(batch, self.pooling), POOL_MODE[self.pooling], e_w=self.e_w,
-                              backend=self.tc_backend, async_checks=True)  # [B, H] fp32
+        z = tc_features(hidden, batch, self.tc, async_checks=True) if self.tc else None  # [B, H] fp32
         return ObjectiveOutput(lm_sum, z, first_scores, batch.class_ids)

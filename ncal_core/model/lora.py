@@ -67,7 +67,7 @@ class LoRALinear(nn.Module):
         self.register_parameter("bias", base.bias)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         if not 0 <= dropout < 1:
-            raise NCALError(f"lora dropout: must be in [0, 1), got {dropout!r}")
+            raise ValueError(f"lora dropout: must be in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
         # Adapters train in at least fp32 even on a bf16 base, as PEFT does by default.
         factory = {"device": base.weight.device, "dtype": torch.promote_types(base.weight.dtype, torch.float32)}
@@ -125,7 +125,7 @@ def inject_lora(
     """
     targets = set(DEFAULT_TARGETS if target_modules is None else target_modules)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise NCALError(f"lora r: must be an integer >= 1, got {r!r}")
+        raise ValueError(f"lora r: must be an integer >= 1, got {r!r}")
 
     def targeted(name: str) -> bool:
         full = hf_name(name)
@@ -234,16 +234,3 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     tensors = ((file, key.replace(".default.", "."), t) for file, key, t in read_tensors([weights]))
     assign_parameters(model, tensors, peft_key, source=weights, select=is_lora_param)
     return config
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Replace every LoRALinear by a plain nn.Linear holding the merged weight, in place."""
-    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
-    for name in wrapped:
-        owner, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(owner)
-        lora: LoRALinear = getattr(parent, leaf)
-        lora.merge()
-        plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
-        plain.weight, plain.bias = lora.weight, lora.bias
-        setattr(parent, leaf, plain)

@@ -7,15 +7,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import (
-    Regex,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    trainers,
-)
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -23,11 +23,6 @@ def hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def our_name(key: str) -> str:
-    """A Hugging Face checkpoint key -> our parameter name (inverse of `hf_name`)."""
-    return key.removeprefix("model.")
-
-
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; a missing or malformed file is the user's mistake."""
     if not path.is_file():

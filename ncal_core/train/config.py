@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ncal_core.cli import flag
+from ncal_core.data.batching import RESAMPLING
 from ncal_core.errors import NCALError
+from ncal_core.loss.tc import TCConfig
 
 BUILTIN_TINY = "tiny"
 
@@ -56,13 +58,14 @@ class TrainConfig:
     target_modules: list[str] = flag(["q_proj", "k_proj", "v_proj", "o_proj"], "linear layers that get LoRA")
     # TC loss
     use_etf_loss: bool = flag(True, "add the Text-modality Collapse (TC) loss")
-    lambda_lc: float = flag(1.0, "weight of the TC loss")
-    e_w: float = flag(1.0, "norm bound of the features in the TC loss")
-    class_diff: bool = flag(True, "TC over pairs of different classes only (else all pairs)")
-    pooling: str = flag("mean", "TC feature: last (last prompt token), seq_last (last real token) or mean (prompt mean)")
-    tc_backend: str = flag("auto", "TC loss implementation: auto (Triton on CUDA GPUs of sm_80 or newer with triton "
+    lambda_lc: float = flag(TCConfig.weight, "weight of the TC loss")
+    e_w: float = flag(TCConfig.e_w, "norm bound of the features in the TC loss")
+    class_diff: bool = flag(TCConfig.class_diff, "TC over pairs of different classes only (else all pairs)")
+    pooling: str = flag(TCConfig.pooling, "TC feature: last (last prompt token), seq_last (last real token) or mean "
+                                          "(prompt mean)")
+    tc_backend: str = flag(TCConfig.backend, "TC loss implementation: auto (Triton on CUDA GPUs of sm_80 or newer with triton "
                                    "installed, else PyTorch with one warning on a GPU), triton or torch")
-    tc_variant: str = flag("pairs", "pairs: the paper's batch Gram loss; etf_target: dot regression of every row to "
+    tc_variant: str = flag(TCConfig.variant, "pairs: the paper's batch Gram loss; etf_target: dot regression of every row to "
                                   "fixed simplex-ETF class directions (every class in play at every step)")
     # long-tail baselines
     resample: str = flag("sqrt", "re-sample training rows: none, balanced (1/n_c) or sqrt (1/sqrt(n_c))")
@@ -104,6 +107,12 @@ class TrainConfig:
     save_total_limit: int = flag(2, "checkpoints kept (oldest deleted first; the best by eval macro-F1 is kept too)")
     resume_from_checkpoint: str | None = flag(None, "a checkpoint folder, or 'latest' for the newest in --output_dir")
 
+    @property
+    def tc(self) -> TCConfig:
+        """The TC loss's settings among these flags."""
+        return TCConfig(pooling=self.pooling, e_w=self.e_w, class_diff=self.class_diff, variant=self.tc_variant,
+                        weight=self.lambda_lc, backend=self.tc_backend)
+
     def check(self) -> None:
         """Refuse contradictory or out-of-range flags with one line naming the flag."""
         def bad(flag: str, why: str) -> None:
@@ -111,19 +120,14 @@ class TrainConfig:
 
         if self.truncation not in ("left", "middle"):
             bad("truncation", f"must be left or middle, not {self.truncation!r}")
-        if self.pooling not in ("last", "seq_last", "mean"):
-            bad("pooling", f"must be last, seq_last or mean, not {self.pooling!r}")
-        if self.tc_variant not in ("pairs", "etf_target"):
-            bad("tc_variant", f"must be pairs or etf_target, not {self.tc_variant!r}")
-        if self.resample not in ("none", "balanced", "sqrt"):
+        self.tc.check()
+        if self.resample not in RESAMPLING:
             bad("resample", f"must be none, balanced or sqrt, not {self.resample!r}")
         for name in ("dev_per_class", "resample_epochs"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, not {getattr(self, name)}")
         if self.la_loss_tau < 0:
             bad("la_loss_tau", f"must be >= 0, not {self.la_loss_tau}")
-        if self.tc_backend not in ("auto", "triton", "torch"):
-            bad("tc_backend", f"must be auto, triton or torch, not {self.tc_backend!r}")
         if self.lr_scheduler_type not in ("linear", "cosine"):
             bad("lr_scheduler_type", f"must be linear or cosine, not {self.lr_scheduler_type!r}")
         if self.save_strategy not in ("no", "epoch", "steps"):
@@ -141,10 +145,6 @@ class TrainConfig:
                                "or --use_lora true")
         if self.ddp_timeout < 1:
             bad("ddp_timeout", f"must be >= 1 second, not {self.ddp_timeout}")
-        if self.lambda_lc < 0:
-            bad("lambda_lc", f"must be >= 0, not {self.lambda_lc}")
-        if self.e_w <= 0:
-            bad("e_w", f"must be > 0, not {self.e_w}")
         if self.use_lora and self.lora_r < 1:
             bad("lora_r", f"must be >= 1 with --use_lora true, not {self.lora_r}")
         if not 0 <= self.lora_dropout < 1:

@@ -1,18 +1,15 @@
-"""The output folder of a run: who owns it, and the final model files written into it."""
+"""The output folder of a run: who owns it, and what a resumed run keeps of its log."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from ncal_core.durable import TMP_PREFIX
+from ncal_core.durable import TMP_PREFIX, write_text
 from ncal_core.errors import NCALError
-from ncal_core.run_record import RUN_FILE
+from ncal_core.run_record import RUN_FILE, RunRecord
 from ncal_core.train.checkpoint import PREFIX
 
 
@@ -41,18 +38,7 @@ def prepare_output_dir(output_dir: Path, cfg, *, resuming: bool) -> None:
         probe.close()
     except OSError as err:
         raise NCALError(f"--output_dir {output_dir}: cannot write there ({err.strerror})") from None
-    (output_dir / RUN_FILE).write_text(json.dumps(asdict(cfg), indent=2, ensure_ascii=False), encoding="utf-8")
-
-
-def save_run_output(output_dir: Path, save_weights: Callable[[Path], None]) -> None:
-    """Write the final weights into output_dir: into a temporary folder first, then each file renamed in."""
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=output_dir))
-    save_weights(tmp)
-    for path in sorted(tmp.iterdir()):
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(path, output_dir / path.name)
-    tmp.rmdir()
+    RunRecord(config=asdict(cfg)).write(output_dir)
 
 
 def truncate_log(path: Path, lines: int) -> None:
@@ -61,6 +47,4 @@ def truncate_log(path: Path, lines: int) -> None:
         return
     # split on "\n" only: str.splitlines would also break inside a JSON string at U+2028
     kept = path.read_text(encoding="utf-8").split("\n")[:lines]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept if line), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in kept if line))

@@ -15,12 +15,12 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from ncal_core.data.batching import ATTENTION_BLOCKS, collate
+from ncal_core.data.batching import ATTENTION_BLOCKS, Batch, collate
 from ncal_core.data.prompts import EncodedRow
 from ncal_core.distributed import gather_features
-from ncal_core.loss.longtail import etf_target_loss, logit_adjusted_loss
+from ncal_core.loss.logit_adjustment import logit_adjusted_loss
 from ncal_core.loss.objective import TrainingObjective
-from ncal_core.loss.tc import etf_gram_loss
+from ncal_core.loss.tc import TCConfig, tc_batch_loss
 from ncal_core.train.config import TrainConfig
 
 
@@ -30,23 +30,38 @@ class StepRecord:
 
     lm_sum: Tensor          # device scalar: summed LM cross-entropy over this rank's target tokens
     tc_sum: Tensor          # device scalar: TC loss summed over micro-batches, divided by the world size
-    tokens: int = 0         # this rank's target tokens
+    targets: int = 0        # this rank's target tokens (what the LM sum is a sum over)
     micro_batches: int = 0  # this rank's micro-batches
     rows: int = 0           # this rank's rows
+    tokens: int = 0         # their real tokens, prompt and label
+    sq_tokens: int = 0      # the sum of their squared lengths (causal attention's work grows with it)
+    padded: int = 0         # tokens the layers' matmuls ran on: the real ones padding-free, else rows x width
+    attended: int = 0       # attention's rows x squared widths as it ran (per block padding-free)
+
+    SUMMED = ("targets", "micro_batches", "rows", "tokens", "sq_tokens", "padded", "attended")
 
     @classmethod
     def zero(cls, device: torch.device) -> StepRecord:
         return cls(torch.zeros((), device=device), torch.zeros((), device=device))
 
     def __add__(self, other: StepRecord) -> StepRecord:
-        return StepRecord(self.lm_sum + other.lm_sum, self.tc_sum + other.tc_sum, self.tokens + other.tokens,
-                          self.micro_batches + other.micro_batches, self.rows + other.rows)
+        counts = {name: getattr(self, name) + getattr(other, name) for name in self.SUMMED}
+        return StepRecord(self.lm_sum + other.lm_sum, self.tc_sum + other.tc_sum, **counts)
 
     def packed(self) -> Tensor:
-        """[5] on the device of the sums, for one reduction over ranks: LM, tokens, TC, micro-batches, rows."""
-        tokens, micro_batches, rows = torch.tensor([self.tokens, self.micro_batches, self.rows], dtype=torch.float32,
-                                                   device=self.lm_sum.device)
-        return torch.stack([self.lm_sum.float(), tokens, self.tc_sum.float(), micro_batches, rows])
+        """[2 + len(SUMMED)] on the device of the sums, for one sum over ranks: LM, TC, then the counts."""
+        counts = torch.tensor([getattr(self, name) for name in self.SUMMED], dtype=torch.float64,
+                              device=self.lm_sum.device)
+        return torch.cat([torch.stack([self.lm_sum.double(), self.tc_sum.double()]), counts])
+
+
+def _micro_record(lm_sum: Tensor, tc: Tensor, batch: Batch, lengths: list[int], targets: int,
+                  padding_free: bool, world: int) -> StepRecord:
+    """One micro-batch's record: the device's two sums, and what the host knows of its rows."""
+    rows, width = len(lengths), max(lengths)
+    attended = sum(p.rows * p.width ** 2 for _, _, p in batch.ragged.blocks) if padding_free else rows * width ** 2
+    return StepRecord(lm_sum.detach().float(), tc.detach().float() / world, targets, 1, rows, sum(lengths),
+                      sum(n * n for n in lengths), sum(lengths) if padding_free else rows * width, attended)
 
 
 def host_values(tensor: Tensor) -> list[float]:
@@ -69,7 +84,7 @@ class StepParts:
     prior_log: Tensor              # [K] log training prior, on the device
     etf_targets: Tensor | None     # [K, H] fixed class directions of --tc_variant etf_target
     device: torch.device
-    tc_backend: str = "torch"      # resolved by ncal.resolve_backend: triton or torch
+    tc: TCConfig | None = None     # None without the TC loss; its backend resolved: triton or torch
     world: int = 1
     rank: int = 0
 
@@ -84,10 +99,8 @@ def _micro_batch_loss(parts: StepParts, batch: Any, n_tokens: int) -> tuple[Tens
     tc = torch.zeros((), device=lm_sum.device)
     if z is not None:
         z_all, y_all = gather_features(z, class_ids)
-        tc = etf_target_loss(z_all, y_all, parts.etf_targets) if parts.etf_targets is not None else \
-            etf_gram_loss(z_all, y_all, parts.num_classes, e_w=cfg.e_w, class_diff=cfg.class_diff,
-                          backend=parts.tc_backend, async_checks=True)
-        loss = loss + cfg.lambda_lc * tc / accum
+        tc = tc_batch_loss(z_all, y_all, parts.num_classes, parts.tc, parts.etf_targets, async_checks=True)
+        loss = loss + parts.tc.weight * tc / accum
     if first_scores is not None:
         loss = loss + logit_adjusted_loss(first_scores, class_ids, parts.prior_log, cfg.la_loss_tau) / accum
     return loss, lm_sum, tc
@@ -106,14 +119,14 @@ def train_step(parts: StepParts, group: list[list[int]], since_log: StepRecord) 
     record = since_log
     for k, rows in enumerate(group):
         mine = rows[parts.rank * per_rank:(parts.rank + 1) * per_rank]
-        batch = collate([encoded[i] for i in mine], parts.pad_id,
-                        ATTENTION_BLOCKS if cfg.padding_free else 1).to(parts.device)
+        host_batch = collate([encoded[i] for i in mine], parts.pad_id, ATTENTION_BLOCKS if cfg.padding_free else 1)
+        batch = host_batch.to(parts.device)
         sync = k == len(group) - 1
         with (nullcontext() if sync else acc.no_sync(parts.objective)), acc.autocast():
             loss, lm_sum, tc = _micro_batch_loss(parts, batch, n_tokens)
         acc.backward(loss)
-        record = record + StepRecord(lm_sum.detach().float(), tc.detach().float() / parts.world,
-                                     len(batch.target), 1, len(mine))
+        record = record + _micro_record(lm_sum, tc, host_batch, [len(encoded[i].input_ids) for i in mine],
+                                        len(host_batch.target), cfg.padding_free, parts.world)
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(parts.objective.parameters(), cfg.max_grad_norm)
     parts.optimizer.step()
