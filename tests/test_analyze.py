@@ -23,7 +23,8 @@ def long_tailed_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NCAL_CACHE_DIR", str(root / "cache"))
         assert train.main(["--dataset_path", str(root / "train.jsonl"), "--eval_dataset_path", str(root / "test.jsonl"),
-                           "--output_dir", str(root / "out"), *TINY, "--max_steps", "80", "--learning_rate", "5e-3",
+                           "--output_dir", str(root / "out"), *TINY, "--val_size", "0.1",  # the default split
+                           "--max_steps", "80", "--learning_rate", "5e-3",
                            "--per_device_train_batch_size", "8", "--save_strategy", "no", "--eval_strategy", "no"]) == 0
     return root
 

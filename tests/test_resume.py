@@ -54,7 +54,7 @@ def setup(tmp_path_factory) -> dict:
                                           kv_heads=1)
     common = ["--dataset_path", train, "--eval_dataset_path", evals, "--per_device_train_batch_size", "4",
               "--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
-              "--save_total_limit", "100", "--lambda_lc", "1", "--seed", "7"]
+              "--save_total_limit", "100", "--lambda_lc", "1", "--seed", "7", "--val_size", "0"]
     return {"root": root, "env": command_env(root / "cache"),
             "flags": {"full": [*common, *TINY, "--use_lora", "false"],
                       "lora": [*common, "--model_name_or_path", base, "--lora_dropout", "0.1"]}}

@@ -284,9 +284,25 @@ def test_dev_split_is_balanced_disjoint_and_fixed_by_seed(tmp_path):
     path.write_text("".join(json.dumps({"id": str(i), "question": f"q{i}", "class": "ab"[i % 5 == 0]}) + "\n"
                             for i in range(50)), encoding="utf-8")
     rows = load_examples(path)
-    rest, dev = dev_split(rows, 3, seed=0, source=path)
+    rest, dev = dev_split(rows, 0, path, per_class=3)
     assert sorted(e.label for e in dev) == ["a"] * 3 + ["b"] * 3
     assert {e.id for e in rest}.isdisjoint({e.id for e in dev}) and len(rest) + len(dev) == 50
-    assert [e.id for e in dev_split(rows, 3, seed=0, source=path)[1]] == [e.id for e in dev]
-    with pytest.raises(NCALError, match="has only 10 rows"):
-        dev_split(rows, 10, seed=0, source=path)
+    assert [e.id for e in dev_split(rows, 0, path, per_class=3)[1]] == [e.id for e in dev]
+    assert [e.id for e in dev_split(rows, 1, path, per_class=3)[1]] != [e.id for e in dev]
+    with pytest.raises(NCALError, match="--dev_per_class 10: class 'b' has only 10 rows"):
+        dev_split(rows, 0, path, per_class=10)
+
+
+@pytest.mark.parametrize("size, a, b", [(0.1, 4, 1), (0.5, 20, 5), (10, 8, 2), (0.01, 1, 1)])
+def test_val_size_takes_each_class_in_proportion_and_at_least_one_row(tmp_path, size, a, b):
+    from ncal_core.data.rows import dev_split
+
+    path = tmp_path / "rows.jsonl"  # 40 rows of a, 10 of b
+    path.write_text("".join(json.dumps({"id": str(i), "question": f"q{i}", "class": "ab"[i % 5 == 0]}) + "\n"
+                            for i in range(50)), encoding="utf-8")
+    rows = load_examples(path)
+    rest, dev = dev_split(rows, 0, path, size=size)
+    assert (sum(e.label == "a" for e in dev), sum(e.label == "b" for e in dev)) == (a, b)
+    assert {e.id for e in rest}.isdisjoint({e.id for e in dev}) and len(rest) + len(dev) == 50
+    with pytest.raises(NCALError, match="--val_size 0.95: class .b. has only 10 rows, too few to hold 10 out"):
+        dev_split(rows, 0, path, size=0.95)

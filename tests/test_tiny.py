@@ -50,6 +50,14 @@ def test_tiny_checkpoint_is_deterministic_and_cached(tmp_path, monkeypatch):
     assert tiny_checkpoint(TEXTS, **{**kwargs, "tied": False}) != first
 
 
+def test_a_new_tokenizer_version_never_reuses_a_cached_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("NCAL_CACHE_DIR", str(tmp_path / "cache"))
+    kwargs = dict(seed=1, vocab_size=300, hidden_size=32, num_layers=1)
+    first = tiny_checkpoint(TEXTS, **kwargs)
+    monkeypatch.setattr("ncal_core.model.tiny.TOKENIZER_VERSION", "next")
+    assert tiny_checkpoint(TEXTS, **kwargs) != first
+
+
 @pytest.mark.parametrize("flag,tied", [("true", True), ("false", False)])
 def test_train_builds_the_tiny_model_its_flags_describe(tmp_path, monkeypatch, flag, tied):
     from ncal_core.cli import parse_config

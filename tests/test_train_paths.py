@@ -98,10 +98,37 @@ def test_forgetting_the_model_flag_says_that_the_built_in_tiny_model_is_trained(
 @pytest.mark.slow
 def test_a_run_says_what_it_will_do_and_what_it_wrote(tmp_path):
     out = _tiny_run(tmp_path, "tmwpl_rows.jsonl").splitlines()
-    assert any(line.startswith("data:       48 training rows of ") and line.endswith("3 classes: A 16, B 16, C 16")
+    # --val_size 0.1 by default: 2 of each class's 16 rows held out
+    assert any(line.startswith("data:       42 training rows of ") and line.endswith("3 classes: A 14, B 14, C 14")
                for line in out), out
-    assert "evaluation: skipped (no evaluation file; pass --eval_dataset_path to score one)" in out
+    assert "dev split:  6 rows held out of training, evaluated each epoch to choose the best checkpoint" in out
+    assert "evaluation: no test (no evaluation file; pass --eval_dataset_path to score one)" in out
     assert any(line.startswith("model:      tiny (full fine-tuning), ") and " trainable of " in line for line in out)
     assert "plan:       1 optimizer steps of 12 rows (12 per process x 1 process(es) x 1 accumulation)" in out
     wrote = [line for line in out if line.startswith(f"wrote {tmp_path / 'out'}: ")]
     assert len(wrote) == 1 and "model.safetensors" in wrote[0] and "metrics.jsonl" in wrote[0], out
+
+
+@pytest.mark.slow
+def test_the_best_checkpoint_is_chosen_on_the_dev_split_and_the_test_file_is_scored_once(tmp_path):
+    rows = _rows(tmp_path / "train.jsonl")
+    test = tmp_path / "test.jsonl"
+    test.write_text(rows.read_text(encoding="utf-8").replace('"id": "', '"id": "t'), encoding="utf-8")
+    out = tmp_path / "out"
+    env = {**os.environ, "NCAL_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-m", "ncal_core.train", "--dataset_path", str(rows), "--eval_dataset_path",
+                    str(test), "--output_dir", str(out), "--num_train_epochs", "3", "--per_device_train_batch_size",
+                    "12", "--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_vocab_size", "300",
+                    "--val_size", "0.25"], check=True, env=env, capture_output=True, text=True)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    evals = [(r["eval"], r["split"], r["rows"]) for r in lines if "eval" in r]
+    # 12 of 48 rows held out (4 a class); epochs 1 and 2 on dev, then the final weights on dev and on test
+    assert evals == [("epoch 1", "dev", 12), ("epoch 2", "dev", 12), ("final", "dev", 12), ("final", "test", 48)]
+    report = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    final_test = next(r for r in lines if r.get("split") == "test")
+    assert report["macro_f1"] == final_test["eval_macro_f1"] and report["dev"]["rows"] == 12
+    best = max((r for r in lines if r.get("split") == "dev"), key=lambda r: r["eval_macro_f1"])  # first of ties
+    path = out if best["eval"] == "final" else out / f"checkpoint-{best['step']}"
+    assert report["dev"]["best_checkpoint"] == {"path": str(path), "macro_f1": best["eval_macro_f1"]}
+    dev_ids = set(json.loads((out / "dev_ids.json").read_text(encoding="utf-8")))
+    assert len(dev_ids) == 12 and not dev_ids & {f"t{i}" for i in range(48)}

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 LABELS = ["回忆", "识别", "推断"]
 WORDS = ["三角形", "苹果", "长方形", "正方形", "小明", "比较", "大小", "读作", "判断", "对错", "分数", "钝角"]
 # the built-in tiny model at its smallest: a training run of a few steps takes seconds
-TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_vocab_size", "300"]
+# a very small built-in model, trained on every row (no development split): these runs test the loop step by step
+TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_vocab_size", "300", "--val_size", "0"]
 
 
 def tmwpl_rows(n: int, seed: int = 0, prefix: str = "r") -> list[dict]:

@@ -274,19 +274,27 @@ def check_labels(examples: Iterable[Example], labels: list[str], source: str | P
             )
 
 
-def dev_split(examples: list[Example], per_class: int, seed: int, source: str | Path) -> tuple[list[Example],
-                                                                                               list[Example]]:
-    """(rest, dev): `per_class` rows of every class drawn into a balanced development split, fixed by `seed`."""
+def dev_split(examples: list[Example], seed: int, source: str | Path, *, per_class: int = 0,
+              size: float = 0.0) -> tuple[list[Example], list[Example]]:
+    """(rest, dev): rows held out of training as a development split, drawn by `seed`.
+
+    per_class: that many rows of every class (a balanced split); else size: a fraction of the rows when below 1,
+    a number of rows from 1 up, taken from every class in proportion to its rows and at least one of each.
+    """
     by_class: dict[str, list[int]] = {}
     for index, example in enumerate(examples):
         by_class.setdefault(example.label, []).append(index)
+    fraction = size if size < 1 else size / len(examples)
+    flag = f"--dev_per_class {per_class}" if per_class else f"--val_size {size:g}"
     rng = random.Random(seed)
     held: set[int] = set()
     for label in sorted(by_class):
         rows = by_class[label]
-        if len(rows) <= per_class:
-            raise NCALError(f"{source}: --dev_per_class {per_class}: class {label!r} has only {len(rows)} rows")
-        held.update(rng.sample(rows, per_class))
+        take = per_class or max(1, round(fraction * len(rows)))
+        if len(rows) <= take:
+            raise NCALError(f"{source}: {flag}: class {label!r} has only {len(rows)} rows, too few to hold {take} "
+                            "out and train on the rest")
+        held.update(rng.sample(rows, take))
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 

@@ -226,12 +226,15 @@ def training_curves(metrics_jsonl: str | Path, path: str | Path) -> None:
     """Loss, TC loss, learning rate and eval scores against step from a run's metrics.jsonl, as present."""
     records = _read_metrics(metrics_jsonl)
 
-    def series(key: str) -> tuple[list[int], list[float]]:
-        pairs = [(r["step"], r[key]) for r in records
-                 if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
+    def series(key: str, split: str | None) -> tuple[list[int], list[float]]:
+        pairs = [(r["step"], r[key]) for r in records if r.get("split") == split
+                 and isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
         return [s for s, _ in pairs], [float(v) for _, v in pairs]
 
-    panels = [(title, [(key, *series(key)) for key in keys]) for title, keys in _CURVE_PANELS]
+    # evaluations name their split (dev each epoch, test once at the end): one line per key and split
+    splits = sorted({r.get("split") for r in records}, key=str)
+    panels = [(title, [(key if split is None else f"{split} {key.removeprefix('eval_')}", *series(key, split))
+                       for key in keys for split in splits]) for title, keys in _CURVE_PANELS]
     panels = [(title, [line for line in lines if line[1]]) for title, lines in panels]
     panels = [(title, lines) for title, lines in panels if lines]
     if not panels:

@@ -15,7 +15,7 @@ import torch
 
 from ncal_core.durable import cache_root, write_atomically
 from ncal_core.model.qwen import ModelConfig, QwenModel, init_weights, save_model
-from ncal_core.model.tiny_tokenizer import train_tokenizer
+from ncal_core.model.tiny_tokenizer import TOKENIZER_VERSION, train_tokenizer
 from ncal_core.model.tokenizer import load_tokenizer
 
 
@@ -50,10 +50,9 @@ def build_tiny_checkpoint(folder: Path, texts: Sequence[str], *, seed: int, voca
 def tiny_checkpoint(texts: Sequence[str], *, seed: int, vocab_size: int = 4096, hidden_size: int = 256,
                     num_layers: int = 4, tied: bool = True) -> Path:
     """The cached tiny checkpoint for these texts and sizes, built on first use."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"tokenizer-v{TOKENIZER_VERSION}\0".encode())  # a new tokenizer never reuses old builds
     for text in texts:
         digest.update(text.encode("utf-8") + b"\0")
-    # a tied model keeps the key it had before untied heads existed, so its cached build stays valid
     digest.update(f"{seed}/{vocab_size}/{hidden_size}/{num_layers}{'' if tied else '/untied'}".encode())
     target = cache_root() / "models" / f"tiny-qwen2-{digest.hexdigest()[:16]}"
     if (target / "model.safetensors").is_file():

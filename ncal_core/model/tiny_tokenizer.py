@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -22,9 +23,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# Whitespace runs are split off and everything else is left whole: on Chinese text, which has no spaces, this lets
-# merges span punctuation and digits, giving the fewest tokens per question a small vocabulary can.
-_PRE_SPLIT = Regex(r"\s+|\S+")
+# Bumped whenever a change here changes what training writes; it is part of the tiny checkpoint's cache key.
+TOKENIZER_VERSION = 2
 
 # The chat roles are in every prompt; shown to the trainer this often they become one token each
 # instead of one token per letter.
@@ -35,10 +35,12 @@ _ROLE_WEIGHT = 1000
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 4096) -> None:
     """Train a byte-level BPE on texts and write tokenizer.json + tokenizer_config.json loadable by AutoTokenizer."""
     tokenizer = Tokenizer(models.BPE())
+    # Qwen's own normalizer and pre-split, as transformers' Qwen2Tokenizer sets them: the checkpoint says qwen2, so
+    # AutoTokenizer loads the folder as Qwen2Tokenizer, which replaces these two with its own whatever the file says.
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(_PRE_SPLIT, behavior="isolated"),
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -32,14 +32,16 @@ class TrainConfig:
     # data
     dataset_path: str = flag("tmwpl", "training rows: a .jsonl/.json file (TMWPL, PMTD or the reference's "
                                      "conversation format) or a dataset name (tmwpl, pmtd)")
-    eval_dataset_path: str | None = flag(None, "evaluation rows, scored each epoch and at the end; default: the "
-                                             "test split when --dataset_path is a dataset name; 'none' for no evaluation")
+    eval_dataset_path: str | None = flag(None, "test rows, scored once, by the final weights; default: the test split "
+                                             "when --dataset_path is a dataset name; 'none' for no test")
     label_types: list[str] | None = flag(None, "the class names in order; default: the sorted labels of the training file")
     instruction: str | None = flag(None, "optional system turn put before every row's prompt")
     cutoff_len: int = flag(2048, "maximum tokens of prompt + label; the prompt's content is cut, never the label")
     truncation: str = flag("left", "where a too-long prompt is cut: left or middle")
-    dev_per_class: int = flag(0, "rows per class held out of training as a development split (ids written to "
-                               "OUTPUT_DIR/dev_ids.json), for tuning without touching the test set")
+    val_size: float = flag(0.1, "a development split held out of training, stratified by class: a fraction of the "
+                                "rows (< 1) or a number of them (>= 1), at least one row of each class; evaluated each "
+                                "epoch to choose the best checkpoint (ids written to OUTPUT_DIR/dev_ids.json); 0 = none")
+    dev_per_class: int = flag(0, "instead of --val_size, a balanced development split of this many rows per class")
     dev_seed: int = flag(0, "seed of the development split (kept fixed across --seed values)")
     # model
     model_name_or_path: str = flag(BUILTIN_TINY, "a Qwen2/Qwen2.5/Qwen3 checkpoint folder (HF layout, safetensors), "
@@ -101,10 +103,11 @@ class TrainConfig:
                                   "writes checkpoints alone, so a large full fine-tune may need more")
     # output
     logging_steps: int = flag(10, "optimizer steps between log lines")
-    eval_strategy: str = flag("epoch", "when to evaluate on --eval_dataset_path besides the end: epoch or no")
+    eval_strategy: str = flag("epoch", "when to evaluate the development split (choosing the best checkpoint): epoch "
+                                       "or no")
     save_strategy: str = flag("epoch", "when to write checkpoints: no, epoch or steps")
     save_steps: int = flag(500, "optimizer steps between checkpoints with --save_strategy steps")
-    save_total_limit: int = flag(2, "checkpoints kept (oldest deleted first; the best by eval macro-F1 is kept too)")
+    save_total_limit: int = flag(2, "checkpoints kept (oldest deleted first; the best by dev macro-F1 is kept too)")
     resume_from_checkpoint: str | None = flag(None, "a checkpoint folder, or 'latest' for the newest in --output_dir")
 
     @property
@@ -123,6 +126,8 @@ class TrainConfig:
         self.tc.check()
         if self.resample not in RESAMPLING:
             bad("resample", f"must be none, balanced or sqrt, not {self.resample!r}")
+        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            bad("val_size", f"must be a fraction in [0, 1) or a whole number of rows, not {self.val_size}")
         for name in ("dev_per_class", "resample_epochs"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, not {getattr(self, name)}")

@@ -2,7 +2,8 @@
 
 The loop reads top to bottom in three phases: `setup` (flags -> data -> model -> optimizer -> plan),
 `train_step` over each group of micro-batches (a device-resident StepRecord), and at log steps one line of
-metrics.jsonl (train.log); epochs end with evaluation and checkpoints, the run with the report.
+metrics.jsonl (train.log). Epochs end with the development split's evaluation, which picks the best checkpoint,
+and checkpoints; the run ends with the final weights scored once on the test rows.
 `accelerate launch -m ncal_core.train ...` runs it data-parallel.
 """
 
@@ -71,25 +72,26 @@ def checkpoint(run: Run) -> Path | None:
     return folder
 
 
-def run_eval(run: Run, log: MetricsLog, tag: str) -> tuple[dict[str, Any], torch.Tensor]:
-    """Score the evaluation rows (sharded over ranks) and log the figures."""
+def run_eval(run: Run, log: MetricsLog, rows: list, split: str, tag: str) -> tuple[dict[str, Any], torch.Tensor]:
+    """Score labelled rows (sharded over ranks) with the run's post-hoc adjustment and log the figures."""
     cfg, acc = run.cfg, run.accelerator
-    report, features = evaluate(run.model, run.builder, run.data.eval_rows, tc=run.tc or cfg.tc,
+    report, features = evaluate(run.model, run.builder, rows, tc=run.tc or cfg.tc,
                                 batch_size=cfg.per_device_eval_batch_size, prior_log=run.parts.prior_log,
                                 tau=cfg.logit_adjust_tau, rank=acc.process_index, world=acc.num_processes)
-    log({"step": run.state["step"], "epoch": run.state["epoch"], "eval": tag,
+    log({"step": run.state["step"], "epoch": run.state["epoch"], "eval": tag, "split": split, "rows": len(rows),
          "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"]})
     return report, features
 
 
 def end_of_epoch(run: Run, log: MetricsLog) -> None:
-    """Evaluate (unless it is the last step: the final evaluation follows), keep the best, save as asked."""
+    """Evaluate the development split (unless it is the last step: the final evaluation follows), keep the best
+    checkpoint by its macro-F1, save as asked. The test rows are never looked at here."""
     cfg, state = run.cfg, run.state
     state["epoch"] += 1
     state["micro_batch"] = 0
     new_best = False
-    if run.data.eval_rows and cfg.eval_strategy == "epoch" and state["step"] < run.total_steps:
-        report, _ = run_eval(run, log, f"epoch {state['epoch']}")
+    if run.data.dev_rows and cfg.eval_strategy == "epoch" and state["step"] < run.total_steps:
+        report, _ = run_eval(run, log, run.data.dev_rows, "dev", f"epoch {state['epoch']}")
         if state["best_macro_f1"] is None or report["macro_f1"] > state["best_macro_f1"]:
             new_best = True
             state["best_macro_f1"] = report["macro_f1"]
@@ -163,18 +165,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
-    """The final evaluation, weights and report; what the run wrote."""
+    """The final weights scored once on the test rows (with the development split's figures beside them), the
+    weights and the report; what the run wrote."""
+    data, state = run.data, run.state
     report: dict[str, Any] = {}
-    if run.data.eval_rows:
-        report, features = run_eval(run, log, "final")
+    dev = run_eval(run, log, data.dev_rows, "dev", "final")[0] if data.dev_rows else None
+    if dev and (state["best_macro_f1"] is None or dev["macro_f1"] > state["best_macro_f1"]):
+        # the final weights beat every epoch's checkpoint: the best model is the output folder itself
+        state["best_macro_f1"], state["best_checkpoint"] = dev["macro_f1"], str(run.output_dir)
+    if data.eval_rows:
+        report, features = run_eval(run, log, data.eval_rows, "test", "final")
+    if dev and report:  # the test figures, with the development split's beside them
+        report["dev"] = {"rows": len(data.dev_rows), "accuracy": dev["accuracy"], "macro_f1": dev["macro_f1"],
+                         "unadjusted": dev["unadjusted"]}
+        if state["best_checkpoint"]:
+            report["dev"]["best_checkpoint"] = {"path": state["best_checkpoint"], "macro_f1": state["best_macro_f1"]}
     if run.main_proc:
         add_files(run.output_dir, lambda folder: save_weights(run, folder))
-        if run.data.dev_rows:
-            (run.output_dir / "dev_ids.json").write_text(json.dumps([r.id for r in run.data.dev_rows],
-                                                                    ensure_ascii=False))
-        if run.data.eval_rows:
-            gold = [run.data.labels.index(row.label) for row in run.data.eval_rows]
-            write_report(run.output_dir, report, features, gold, run.data.labels)
+        if data.dev_rows:
+            (run.output_dir / "dev_ids.json").write_text(json.dumps([r.id for r in data.dev_rows], ensure_ascii=False))
+        if data.eval_rows:
+            gold = [data.labels.index(row.label) for row in data.eval_rows]
+            write_report(run.output_dir, report, features, gold, data.labels)
         print(outputs_summary(run.output_dir), flush=True)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()

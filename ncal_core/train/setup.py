@@ -111,8 +111,9 @@ def read_data(cfg: TrainConfig) -> Data:
     labels = cfg.label_types or label_set(train_rows, train_path)
     check_labels(train_rows, labels, train_path)
     dev_rows: list[Example] = []
-    if cfg.dev_per_class:
-        train_rows, dev_rows = dev_split(train_rows, cfg.dev_per_class, cfg.dev_seed, train_path)
+    if cfg.dev_per_class or cfg.val_size:
+        train_rows, dev_rows = dev_split(train_rows, cfg.dev_seed, train_path, per_class=cfg.dev_per_class,
+                                         size=cfg.val_size)
     counts = class_counts([labels.index(r.label) for r in train_rows], len(labels))
     eval_path = _eval_path(cfg)
     eval_rows = load_examples(eval_path) if eval_path else []
@@ -223,8 +224,8 @@ def setup(cfg: TrainConfig) -> Run:
         print("note: training the built-in tiny model from scratch (no --model_name_or_path given); pass "
               "--model_name_or_path DIR to fine-tune a Qwen checkpoint", flush=True)
     with accelerator.main_process_first():  # the tiny model is built once, by the main process
-        # the label names go into the tiny tokenizer's corpus too, so each becomes a token or two
-        texts = [m["content"] for row in data.train_rows for m in row.messages] + [r.label for r in data.train_rows]
+        # the tiny tokenizer learns the texts only: a label is ordinary text to it, as to a real Qwen tokenizer
+        texts = [m["content"] for row in data.train_rows for m in row.messages]
         base = _base_model(cfg, texts).resolve()  # absolute: adapters and records name it from anywhere
     tokenizer = load_tokenizer(base)
     builder = PromptBuilder(tokenizer, data.labels, instruction=cfg.instruction, cutoff_len=cfg.cutoff_len,

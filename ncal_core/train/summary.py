@@ -18,11 +18,12 @@ def plan_summary(*, train_path: Path, labels: list[str], counts: list[int], dev_
                  per_device: int, world: int, accumulation: int, output_dir: Path) -> str:
     """The block printed before the first step."""
     classes = ", ".join(f"{label} {n}" for label, n in zip(labels, counts))
-    evaluation = f"{eval_rows} rows of {eval_path}" if eval_path else \
-        "skipped (no evaluation file; pass --eval_dataset_path to score one)"
+    evaluation = f"{eval_rows} test rows of {eval_path}, scored once by the final weights" if eval_path else \
+        "no test (no evaluation file; pass --eval_dataset_path to score one)"
     return "\n".join([
         f"data:       {sum(counts)} training rows of {train_path}, {len(labels)} classes: {classes}",
-        f"dev split:  {dev_rows} rows held out of training" if dev_rows else "dev split:  none (--dev_per_class 0)",
+        f"dev split:  {dev_rows} rows held out of training, evaluated each epoch to choose the best checkpoint"
+        if dev_rows else "dev split:  none (--val_size 0)",
         f"evaluation: {evaluation}",
         f"model:      {model_name} ({'LoRA' if use_lora else 'full fine-tuning'}), {_parameters(model)}",
         f"plan:       {total_steps} optimizer steps of {per_device * world * accumulation} rows "
