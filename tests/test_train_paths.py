@@ -132,3 +132,19 @@ def test_the_best_checkpoint_is_chosen_on_the_dev_split_and_the_test_file_is_sco
     assert report["dev"]["best_checkpoint"] == {"path": str(path), "macro_f1": best["eval_macro_f1"]}
     dev_ids = set(json.loads((out / "dev_ids.json").read_text(encoding="utf-8")))
     assert len(dev_ids) == 12 and not dev_ids & {f"t{i}" for i in range(48)}
+
+
+@pytest.mark.slow
+def test_step_evaluation_scores_the_dev_split_every_eval_steps(tmp_path):
+    rows = _rows(tmp_path / "train.jsonl")
+    out = tmp_path / "out"
+    env = {**os.environ, "NCAL_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-m", "ncal_core.train", "--dataset_path", str(rows), "--eval_dataset_path",
+                    "none", "--output_dir", str(out), "--max_steps", "5", "--per_device_train_batch_size", "12",
+                    "--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_vocab_size", "300",
+                    "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "no"],
+                   check=True, env=env, capture_output=True, text=True)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["step"], r["eval"], r["split"]) for r in lines if "eval" in r] == [
+        (2, "step 2", "dev"), (4, "step 4", "dev"), (5, "final", "dev")]
+    assert not list(out.glob("checkpoint-*"))  # --save_strategy no: the best is chosen, nothing is saved

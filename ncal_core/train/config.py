@@ -103,8 +103,9 @@ class TrainConfig:
                                   "writes checkpoints alone, so a large full fine-tune may need more")
     # output
     logging_steps: int = flag(10, "optimizer steps between log lines")
-    eval_strategy: str = flag("epoch", "when to evaluate the development split (choosing the best checkpoint): epoch "
-                                       "or no")
+    eval_strategy: str = flag("epoch", "when to evaluate the development split (choosing the best checkpoint): epoch, "
+                                       "steps (every --eval_steps) or no")
+    eval_steps: int = flag(500, "optimizer steps between evaluations with --eval_strategy steps")
     save_strategy: str = flag("epoch", "when to write checkpoints: no, epoch or steps")
     save_steps: int = flag(500, "optimizer steps between checkpoints with --save_strategy steps")
     save_total_limit: int = flag(2, "checkpoints kept (oldest deleted first; the best by dev macro-F1 is kept too)")
@@ -137,8 +138,8 @@ class TrainConfig:
             bad("lr_scheduler_type", f"must be linear or cosine, not {self.lr_scheduler_type!r}")
         if self.save_strategy not in ("no", "epoch", "steps"):
             bad("save_strategy", f"must be no, epoch or steps, not {self.save_strategy!r}")
-        if self.eval_strategy not in ("no", "epoch"):
-            bad("eval_strategy", f"must be no or epoch, not {self.eval_strategy!r}")
+        if self.eval_strategy not in ("no", "epoch", "steps"):
+            bad("eval_strategy", f"must be no, epoch or steps, not {self.eval_strategy!r}")
         if self.torch_dtype not in ("float32", "bfloat16", "float16"):
             bad("torch_dtype", f"must be float32, bfloat16 or float16, not {self.torch_dtype!r}")
         if self.bf16 and self.fp16:
@@ -159,7 +160,7 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             bad("warmup_ratio", f"must be in [0, 1), not {self.warmup_ratio}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "save_steps", "cutoff_len", "save_total_limit"):
+                     "logging_steps", "save_steps", "eval_steps", "cutoff_len", "save_total_limit"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, not {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:

@@ -83,19 +83,36 @@ def run_eval(run: Run, log: MetricsLog, rows: list, split: str, tag: str) -> tup
     return report, features
 
 
+def choose_on_dev(run: Run, log: MetricsLog, tag: str) -> bool:
+    """Evaluate the development split; whether this step's weights are the best so far (by its macro-F1).
+    The test rows are never looked at here."""
+    state = run.state
+    report, _ = run_eval(run, log, run.data.dev_rows, "dev", tag)
+    if state["best_macro_f1"] is not None and report["macro_f1"] <= state["best_macro_f1"]:
+        return False
+    state["best_macro_f1"] = report["macro_f1"]
+    state["best_checkpoint"] = str(run.output_dir / f"checkpoint-{state['step']}")
+    return True
+
+
+def after_step(run: Run, log: MetricsLog) -> None:
+    """--eval_strategy steps: the development split every --eval_steps steps (not at the last: the final
+    evaluation follows), a checkpoint when it found a new best; --save_strategy steps: a checkpoint."""
+    cfg, step = run.cfg, run.state["step"]
+    new_best = run.data.dev_rows and cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0 \
+        and step < run.total_steps and choose_on_dev(run, log, f"step {step}")
+    if (cfg.save_strategy == "steps" and step % cfg.save_steps == 0) or (new_best and cfg.save_strategy != "no"):
+        checkpoint(run)
+
+
 def end_of_epoch(run: Run, log: MetricsLog) -> None:
-    """Evaluate the development split (unless it is the last step: the final evaluation follows), keep the best
-    checkpoint by its macro-F1, save as asked. The test rows are never looked at here."""
+    """--eval_strategy epoch: the development split (not at the last step: the final evaluation follows), a
+    checkpoint when it found a new best; --save_strategy epoch: a checkpoint."""
     cfg, state = run.cfg, run.state
     state["epoch"] += 1
     state["micro_batch"] = 0
-    new_best = False
-    if run.data.dev_rows and cfg.eval_strategy == "epoch" and state["step"] < run.total_steps:
-        report, _ = run_eval(run, log, run.data.dev_rows, "dev", f"epoch {state['epoch']}")
-        if state["best_macro_f1"] is None or report["macro_f1"] > state["best_macro_f1"]:
-            new_best = True
-            state["best_macro_f1"] = report["macro_f1"]
-            state["best_checkpoint"] = str(run.output_dir / f"checkpoint-{state['step']}")
+    new_best = run.data.dev_rows and cfg.eval_strategy == "epoch" and state["step"] < run.total_steps \
+        and choose_on_dev(run, log, f"epoch {state['epoch']}")
     if cfg.save_strategy == "epoch" or (new_best and cfg.save_strategy != "no"):
         checkpoint(run)
 
@@ -152,8 +169,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         folder = checkpoint(run)
                         raise NCALError(f"step {state['step']}: the loss is {line['loss']}; stopped "
                                         f"(state saved in {folder})")
-                if cfg.save_strategy == "steps" and state["step"] % cfg.save_steps == 0:
-                    checkpoint(run)
+                after_step(run, log)
                 if stop.requested(log_step):
                     stop_here()
             if state["micro_batch"] >= len(batches):
