@@ -148,3 +148,35 @@ def test_step_evaluation_scores_the_dev_split_every_eval_steps(tmp_path):
     assert [(r["step"], r["eval"], r["split"]) for r in lines if "eval" in r] == [
         (2, "step 2", "dev"), (4, "step 4", "dev"), (5, "final", "dev")]
     assert not list(out.glob("checkpoint-*"))  # --save_strategy no: the best is chosen, nothing is saved
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_logs_what_metrics_jsonl_logs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    env = {**os.environ, "NCAL_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-m", "ncal_core.train", "--dataset_path", str(_rows(tmp_path / "train.jsonl")),
+                    "--eval_dataset_path", "none", "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "1",
+                    "--per_device_train_batch_size", "12", "--tiny_hidden_size", "32", "--tiny_num_layers", "1",
+                    "--tiny_vocab_size", "300", "--save_strategy", "no", "--report_to", "tensorboard"],
+                   check=True, env=env, capture_output=True, text=True)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    (run_dir,) = (out / "runs").iterdir()
+    events = EventAccumulator(str(run_dir)).Reload()
+    logged = {(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")}
+    assert logged == {(r["step"], round(r["loss"], 5)) for r in lines if "loss" in r} and len(logged) == 4
+    dev = [(r["step"], round(r["eval_macro_f1"], 5)) for r in lines if r.get("split") == "dev"]
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("dev/macro_f1")] == dev and len(dev) == 2
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_refused_in_one_line(monkeypatch):
+    import importlib.util
+
+    from ncal_core.errors import NCALError
+    from ncal_core.train.config import TrainConfig
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else found(name, *a))
+    with pytest.raises(NCALError, match=r"^--report_to: wandb is not installed \(pip install wandb\)$"):
+        TrainConfig(report_to="wandb").check()

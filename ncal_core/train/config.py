@@ -5,6 +5,7 @@ Flag names and meanings follow the paper's reference code so its users switch wi
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from ncal_core.cli import flag
@@ -13,6 +14,7 @@ from ncal_core.errors import NCALError
 from ncal_core.loss.tc import TCConfig
 
 BUILTIN_TINY = "tiny"
+TRACKERS = ("none", "tensorboard", "wandb", "all")
 
 
 def uses_lora(use_lora: bool | None, model_name_or_path: str) -> bool:
@@ -103,6 +105,9 @@ class TrainConfig:
                                   "writes checkpoints alone, so a large full fine-tune may need more")
     # output
     logging_steps: int = flag(10, "optimizer steps between log lines")
+    report_to: str = flag("none", "experiment trackers, through accelerate's: none, tensorboard (under OUTPUT_DIR/runs), "
+                                  "wandb or all; every log line and evaluation, and the flags (metrics.jsonl is written "
+                                  "either way)")
     eval_strategy: str = flag("epoch", "when to evaluate the development split (choosing the best checkpoint): epoch, "
                                        "steps (every --eval_steps) or no")
     eval_steps: int = flag(500, "optimizer steps between evaluations with --eval_strategy steps")
@@ -138,6 +143,11 @@ class TrainConfig:
             bad("lr_scheduler_type", f"must be linear or cosine, not {self.lr_scheduler_type!r}")
         if self.save_strategy not in ("no", "epoch", "steps"):
             bad("save_strategy", f"must be no, epoch or steps, not {self.save_strategy!r}")
+        if self.report_to not in TRACKERS:
+            bad("report_to", f"must be {', '.join(TRACKERS[:-1])} or {TRACKERS[-1]}, not {self.report_to!r}")
+        for tracker, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if self.report_to == tracker and importlib.util.find_spec(package) is None:
+                bad("report_to", f"{tracker} is not installed (pip install {package})")
         if self.eval_strategy not in ("no", "epoch", "steps"):
             bad("eval_strategy", f"must be no, epoch or steps, not {self.eval_strategy!r}")
         if self.torch_dtype not in ("float32", "bfloat16", "float16"):

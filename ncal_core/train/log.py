@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from ncal_core.model.qwen import QwenModel
 from ncal_core.train.step import StepRecord
@@ -51,16 +52,22 @@ class FlopModel:
 
 
 class MetricsLog:
-    """metrics.jsonl: written by the main process; every rank counts the lines (a resume truncates to the count)."""
+    """metrics.jsonl, written by the main process (every rank counts the lines: a resume truncates to the count),
+    and the same figures to the experiment trackers: a step's under train/, an evaluation's under its split."""
 
-    def __init__(self, path: Path, state: dict[str, Any], write: bool) -> None:
-        self.path, self.state, self.write = path, state, write
+    def __init__(self, path: Path, state: dict[str, Any], write: bool, trackers: Accelerator | None = None) -> None:
+        self.path, self.state, self.write, self.trackers = path, state, write, trackers
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.state["log_lines"] = self.state.get("log_lines", 0) + 1
         if self.write:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.trackers is not None:
+            section = record.get("split", "train")
+            values = {f"{section}/{k.removeprefix('eval_')}": v for k, v in record.items()
+                      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.trackers.log(values, step=record["step"])
 
 
 def step_line(values: list[float], *, step: int, epoch: float, lr: float, seconds: float, world: int,

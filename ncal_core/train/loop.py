@@ -128,7 +128,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                            total_steps=run.total_steps, per_device=cfg.per_device_train_batch_size,
                            world=acc.num_processes, accumulation=cfg.gradient_accumulation_steps,
                            output_dir=run.output_dir), flush=True)
-    log = MetricsLog(run.output_dir / "metrics.jsonl", state, write=run.main_proc)
+    log = MetricsLog(run.output_dir / "metrics.jsonl", state, write=run.main_proc,
+                     trackers=acc if cfg.report_to != "none" else None)
     flops, peak = FlopModel.of(run.model), device_peak_flops(acc.device, cfg.bf16)
     accum = cfg.gradient_accumulation_steps
     run.parts.objective.train()

@@ -93,7 +93,17 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # without cpu=True accelerate starts every process as a lone rank 0, all writing the same folder
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no", cpu=multi_cpu,
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))])
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
+                       log_with=None if cfg.report_to == "none" else cfg.report_to,
+                       project_dir=Path(cfg.output_dir) / "runs")
+
+
+def start_trackers(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """--report_to: the trackers' run, named after the output folder, with every flag as its configuration."""
+    if cfg.report_to == "none":
+        return
+    flags = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in asdict(cfg).items()}
+    accelerator.init_trackers(Path(cfg.output_dir).resolve().name, config=flags)
 
 
 def _eval_path(cfg: TrainConfig) -> Path | None:
@@ -217,6 +227,7 @@ def setup(cfg: TrainConfig) -> Run:
     if main_proc:
         prepare_output_dir(output_dir, cfg, resuming=resume is not None)
     accelerator.wait_for_everyone()
+    start_trackers(accelerator, cfg)
     data = read_data(cfg)
 
     use_lora, lr = uses_lora(cfg.use_lora, cfg.model_name_or_path), learning_rate(cfg)
