@@ -30,8 +30,10 @@ from ncal_core.train.summary import outputs_summary
 class AnalyzeConfig:
     """Flags of `python -m ncal_core.analyze`."""
 
-    model_path: str | None = flag(None, "a training output, checkpoint or model folder (as for ncal_core.infer)")
-    base_model_path: str | None = flag(None, "the base checkpoint under an adapter")
+    model_path: str | None = flag(None, "a training output, checkpoint or model: a folder or a hub id (as for "
+                                        "ncal_core.infer)")
+    base_model_path: str | None = flag(None, "the base checkpoint under an adapter, a folder or a hub id")
+    revision: str | None = flag(None, "the hub revision of a --model_path that is a hub id; default: main")
     prompts_file: str | None = flag(None, "labelled rows (TMWPL, PMTD or conversation format)")
     output_dir: str | None = flag(None, "where eval.json, sphere.png, per_class_f1.png and training_curves.png go")
     labels: list[str] | None = flag(None, "class names when the model folder records none (default: sorted gold labels)")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     pictures."""
     cfg = parse_config(AnalyzeConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.analyze")
     cfg.check()
-    run = open_model_folder(cfg.model_path, cfg.base_model_path).run
+    run = open_model_folder(cfg.model_path, cfg.base_model_path, cfg.revision).run
     rows = load_examples(cfg.prompts_file)
     labels = cfg.labels or (run and run.labels) or label_set(rows, cfg.prompts_file)
     check_labels(rows, labels, cfg.prompts_file)
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     prior = training_log_prior(cfg.model_path, run, labels) if tau else None
     device = pick_device(cfg.device)
     predictor = load_predictor(cfg.model_path, cfg.base_model_path, dtype=pick_dtype(cfg.dtype, device),
-                               device=device)
+                               device=device, revision=cfg.revision)
     say_tau([tau], given=cfg.logit_adjust_tau is not None)
     builder = predictor.prompt_builder(labels, cfg.instruction)
     # evaluate runs one forward pass per batch to score the labels, then one per batch to pool the features

@@ -37,11 +37,13 @@ class InferConfig:
     """Flags of `python -m ncal_core.infer`."""
 
     model_path: list[str] | None = flag(None, "a training output, checkpoint, merged/full checkpoint, base "
-                                            "checkpoint or PEFT adapter folder; several, comma-separated, score as "
+                                            "checkpoint or PEFT adapter: a folder or a hub id; several, "
+                                            "comma-separated, score as "
                                             "an ensemble (the mean of their label log-probabilities), one model in "
                                             "memory at a time")
-    base_model_path: str | None = flag(None, "the base checkpoint under an adapter (default: the one its run or "
-                                           "adapter_config.json names)")
+    base_model_path: str | None = flag(None, "the base checkpoint under an adapter, a folder or a hub id (default: "
+                                           "the one its run or adapter_config.json names)")
+    revision: str | None = flag(None, "the hub revision of a --model_path that is a hub id; default: main")
     prompt: str | None = flag(None, "one text to classify")
     prompts_file: str | None = flag(None, "rows to classify (TMWPL, PMTD or conversation format; gold labels optional)")
     interactive: bool = flag(False, "read texts from stdin, one per line, and print label and probability")
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.metrics_file and (cfg.interactive or any(row.label is None for row in rows)):
         raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
     # every model's folder and records are checked before the first is read
-    runs = [open_model_folder(path, cfg.base_model_path).run for path in cfg.model_path]
+    runs = [open_model_folder(path, cfg.base_model_path, cfg.revision).run for path in cfg.model_path]
     # a plain checkpoint or a foreign adapter records none: the sorted gold labels of the rows
     labels = cfg.labels or (runs[0] and runs[0].labels) or label_set(rows, f"{cfg.prompts_file or '--prompt'} "
                                                                            "(the model records no labels: --labels)")
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     offsets = [_offset(tau, path, run, labels) for tau, path, run in zip(taus, cfg.model_path, runs)]
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    predictor = load_predictor(cfg.model_path[0], cfg.base_model_path, dtype=dtype, device=device)
+    predictor = load_predictor(cfg.model_path[0], cfg.base_model_path, dtype=dtype, device=device,
+                               revision=cfg.revision)
     if not cfg.generate:  # said once the model is read: a model that cannot be read gets its error line alone
         say_tau(taus, given=cfg.logit_adjust_tau is not None)
 
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (path, offset) in enumerate(zip(cfg.model_path, offsets)):
             if i:
                 predictor = None  # freed before the next model is read
-                predictor = load_predictor(path, cfg.base_model_path, dtype=dtype, device=device)
+                predictor = load_predictor(path, cfg.base_model_path, dtype=dtype, device=device,
+                                           revision=cfg.revision)
             with progress(predictor.model, -(-len(rows) // cfg.batch_size), f"scoring with {path}"):
                 log_probs.append(_scorer(cfg, predictor, labels, offset)(rows))
         probs = ensemble_log_probs(log_probs).exp().cpu()  # one copy to the host, then plain lists

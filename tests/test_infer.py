@@ -128,7 +128,7 @@ def test_an_ensemble_needs_one_label_set_and_is_checked_before_any_model_is_read
     monkeypatch.setattr("ncal_core.infer.load_predictor", lambda *a, **k: pytest.fail("a model was read"))
     with pytest.raises(NCALError, match=re.escape(f"--model_path {other}: trained on the labels 甲,乙, not ")):
         main(["--model_path", f"{first},{other}", "--prompts_file", str(rows_file[0])])
-    with pytest.raises(NCALError, match=re.escape(f"--model_path {tmp_path / 'missing'}: not a folder")):
+    with pytest.raises(NCALError, match=re.escape(f"--model_path {tmp_path / 'missing'}: not a checkpoint folder, nor a hub id")):
         main(["--model_path", f"{first},{tmp_path / 'missing'}", "--prompts_file", str(rows_file[0])])
     (tmp_path / "empty").mkdir()
     with pytest.raises(NCALError, match=re.escape(f"--model_path {tmp_path / 'empty'}: neither a checkpoint")):
@@ -192,7 +192,7 @@ def test_single_prompt_and_interactive_print_label_and_probability(base, monkeyp
 @pytest.mark.parametrize("argv,fragment", [
     (["--prompt", "x"], "--model_path is required"),
     (["--model_path", "MODEL", "--prompt", "x", "--prompts_file", "f"], "exactly one of"),
-    (["--model_path", "/nonexistent", "--prompt", "x"], "--model_path /nonexistent: not a folder"),
+    (["--model_path", "/nonexistent", "--prompt", "x"], "--model_path /nonexistent: not a checkpoint folder, nor a hub id"),
     (["--model_path", "MODEL", "--prompt", "x"], "--labels"),
     (["--model_path", "MODEL", "--prompt", "x", "--labels", "a,b", "--metrics_file", "m.json"], "gold label"),
     (["--model_path", "MODEL,MODEL", "--interactive", "true", "--labels", "a,b"], "take one model"),

@@ -23,6 +23,7 @@ from ncal_core.data.prompts import PromptBuilder
 from ncal_core.errors import NCALError
 from ncal_core.loss.logit_adjustment import log_prior
 from ncal_core.loss.tc import TCConfig
+from ncal_core.model.hub import checkpoint_folder
 from ncal_core.model.lora import load_adapter
 from ncal_core.model.qwen import QwenModel, load_model
 from ncal_core.model.tokenizer import load_tokenizer
@@ -65,19 +66,20 @@ class ModelFolder:
     base: Path | None    # the base checkpoint under an adapter; None for a full checkpoint
 
 
-def open_model_folder(model_path: str | Path, base_model_path: str | Path | None = None) -> ModelFolder:
-    """What `model_path` is (adapter or full checkpoint), the base an adapter needs, and its run's record."""
-    path = Path(model_path)
-    if not path.is_dir():
-        raise NCALError(f"--model_path {model_path}: not a folder")
+def open_model_folder(model_path: str | Path, base_model_path: str | Path | None = None,
+                      revision: str | None = None) -> ModelFolder:
+    """What `model_path` (a folder or a hub id) is, adapter or full checkpoint, the base an adapter needs (a
+    folder or a hub id too), and its run's record."""
+    path = checkpoint_folder(model_path, revision, what="--model_path")
     run = RunRecord.read(path)
     if (path / "adapter_config.json").is_file():
         base = base_model_path or (run and run.base_model) \
             or _read_json(path / "adapter_config.json").get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise NCALError(f"{path / 'adapter_config.json'}: base_model_name_or_path: the base checkpoint "
-                            f"{base!r} is not a local folder; pass --base_model_path")
-        return ModelFolder(path, run, Path(base))
+        if not base:
+            raise NCALError(f"{path / 'adapter_config.json'}: base_model_name_or_path: names no base checkpoint; "
+                            "pass --base_model_path")
+        what = "--base_model_path" if base_model_path else f"{path / 'adapter_config.json'}: base_model_name_or_path"
+        return ModelFolder(path, run, checkpoint_folder(base, what=what))
     if (path / "config.json").is_file():
         return ModelFolder(path, run, None)
     raise NCALError(f"--model_path {model_path}: neither a checkpoint (config.json) nor an adapter "
@@ -155,9 +157,10 @@ def _generation_eos(folder: ModelFolder, eos_id: int) -> list[int]:
 
 
 def load_predictor(model_path: str | Path, base_model_path: str | Path | None = None,
-                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Predictor:
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   revision: str | None = None) -> Predictor:
     """Resolve `model_path` (and the base it needs) into a Predictor in eval mode."""
-    folder = open_model_folder(model_path, base_model_path)
+    folder = open_model_folder(model_path, base_model_path, revision)
     path, run = folder.path, folder.run
     if folder.base is not None:
         model = load_model(folder.base, dtype=dtype, device=device)

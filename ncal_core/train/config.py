@@ -46,8 +46,11 @@ class TrainConfig:
     dev_per_class: int = flag(0, "instead of --val_size, a balanced development split of this many rows per class")
     dev_seed: int = flag(0, "seed of the development split (kept fixed across --seed values)")
     # model
-    model_name_or_path: str = flag(BUILTIN_TINY, "a Qwen2/Qwen2.5/Qwen3 checkpoint folder (HF layout, safetensors), "
-                                               "or 'tiny': a small Qwen2 built offline and trained from scratch")
+    model_name_or_path: str = flag(BUILTIN_TINY, "a Qwen2/Qwen2.5/Qwen3 checkpoint: a folder (HF layout, safetensors), "
+                                               "a hub id such as Qwen/Qwen2.5-7B-Instruct (through the Hugging Face "
+                                               "cache; HF_HUB_OFFLINE=1 uses the cache alone), or 'tiny': a small Qwen2 "
+                                               "built offline and trained from scratch")
+    revision: str | None = flag(None, "the hub revision (branch, tag or commit) of a hub id; default: main")
     torch_dtype: str = flag("float32", "dtype the weights are loaded in: float32, bfloat16 or float16")
     tiny_hidden_size: int = flag(256, "hidden size of the built-in tiny model")
     tiny_num_layers: int = flag(4, "decoder layers of the built-in tiny model")

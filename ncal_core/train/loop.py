@@ -23,6 +23,7 @@ from ncal_core.cli import parse_config
 from ncal_core.durable import add_files
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.evaluate import evaluate, write_report
+from ncal_core.model.hub import is_hub_id
 from ncal_core.model.lora import save_adapter
 from ncal_core.model.qwen import save_model
 from ncal_core.train.checkpoint import prune_checkpoints, save_checkpoint
@@ -46,7 +47,9 @@ def save_weights(run: Run, folder: Path) -> None:
     """The trained weights (the adapter, or the whole model), the tokenizer and the run record, into folder."""
     cfg = run.cfg
     if run.use_lora:
-        save_adapter(run.model, folder, base_model_name_or_path=str(run.base), r=cfg.lora_r, alpha=cfg.lora_alpha,
+        # a hub id stays a hub id (the adapter loads on any machine with that model), a folder is recorded absolute
+        base = cfg.model_name_or_path if is_hub_id(cfg.model_name_or_path) else str(run.base)
+        save_adapter(run.model, folder, base_model_name_or_path=base, r=cfg.lora_r, alpha=cfg.lora_alpha,
                      dropout=cfg.lora_dropout, target_modules=cfg.target_modules)
     else:
         save_model(run.model, folder)

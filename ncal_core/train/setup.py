@@ -27,6 +27,7 @@ from ncal_core.errors import NCALError
 from ncal_core.loss.logit_adjustment import first_label_tokens, log_prior
 from ncal_core.loss.objective import TrainingObjective, compile_layers
 from ncal_core.loss.tc import TCConfig, resolve_backend, simplex_etf
+from ncal_core.model.hub import checkpoint_folder
 from ncal_core.model.lora import inject_lora, load_adapter
 from ncal_core.model.qwen import QwenModel, load_model
 from ncal_core.model.tiny import tiny_checkpoint
@@ -144,12 +145,7 @@ def _base_model(cfg: TrainConfig, texts: list[str]) -> Path:
         return tiny_checkpoint(texts, seed=cfg.seed, vocab_size=cfg.tiny_vocab_size,
                                hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_num_layers,
                                tied=cfg.tiny_tied_embeddings)
-    path = Path(cfg.model_name_or_path)
-    if not path.is_dir():
-        raise NCALError(f"--model_name_or_path {cfg.model_name_or_path}: not a checkpoint folder "
-                        "(download the model first, e.g. `huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct "
-                        "--local-dir DIR`)")
-    return path
+    return checkpoint_folder(cfg.model_name_or_path, cfg.revision, what="--model_name_or_path")
 
 
 def _read_resume(cfg: TrainConfig, resume: Path, world: int, main_proc: bool
