@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ncal_core.analyze import AnalyzeConfig
+from ncal_core.export import ExportConfig
 from ncal_core.infer import InferConfig
 from ncal_core.train.config import TrainConfig
 
@@ -23,7 +24,7 @@ def _default_text(field: dataclasses.Field) -> str:
     return f"`{str(value).lower() if isinstance(value, bool) else value}`"
 
 
-@pytest.mark.parametrize("config", [TrainConfig, InferConfig, AnalyzeConfig])
+@pytest.mark.parametrize("config", [TrainConfig, InferConfig, AnalyzeConfig, ExportConfig])
 def test_every_flag_is_in_the_readme_with_its_default(config):
     for field in dataclasses.fields(config):
         rows = [line for line in README.splitlines() if line.startswith(f"| `--{field.name}` |")]

@@ -234,3 +234,21 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     tensors = ((file, key.replace(".default.", "."), t) for file, key, t in read_tensors([weights]))
     assign_parameters(model, tensors, peft_key, source=weights, select=is_lora_param)
     return config
+
+
+def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """A base checkpoint's tensors (Hugging Face keys) with a PEFT adapter's updates folded in: W + scaling * B A,
+    computed in fp32 and kept in each weight's dtype. A pure function: neither input is changed."""
+    merged = dict(base)
+    factors = {key.replace(".default.", "."): t for key, t in adapter.items()}
+    for key, lora_a in factors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        weight_key = f"{module}.weight"
+        lora_b = factors.get(f"{PEFT_PREFIX}{module}.lora_B.weight")
+        if weight_key not in base or lora_b is None:
+            raise ValueError(f"{key}: no {weight_key} in the base or no lora_B beside it")
+        weight = base[weight_key]
+        merged[weight_key] = (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+    return merged

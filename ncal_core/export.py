@@ -1,0 +1,116 @@
+"""`python -m ncal_core.export`: a run's weights as one plain Hugging Face checkpoint, its adapter merged in.
+
+The folder holds config.json, safetensors, the run's tokenizer, generation_config.json and the run record
+(labels, training class counts, the evaluation's tau and pooling), so transformers' AutoModelForCausalLM and
+vLLM load it as any Qwen checkpoint, and `python -m ncal_core.infer --model_path DIR` predicts what it
+predicted on the run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ncal_core.cli import DTYPES, flag, parse_config
+from ncal_core.durable import write_atomically
+from ncal_core.errors import NCALError, run_cli
+from ncal_core.evaluation.predictor import ModelFolder, open_model_folder
+from ncal_core.model.lora import CONFIG_FILE, WEIGHTS_FILE, merge_lora_weights, read_adapter_config
+from ncal_core.model.tokenizer import load_tokenizer
+from ncal_core.model.weights import checkpoint_files, read_json, read_tensors, write_json, write_safetensors
+from ncal_core.run_record import RunRecord
+
+# what a tokenizer folder may hold (the run's own, saved by save_pretrained, else the base's)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+SHARD_BYTES = 5 * 10**9
+
+
+@dataclass
+class ExportConfig:
+    """Flags of `python -m ncal_core.export`."""
+
+    model_path: str | None = flag(None, "a training output or checkpoint (LoRA adapter or full weights): a folder or a "
+                                        "hub id")
+    output_dir: str | None = flag(None, "where the checkpoint goes: a new or empty folder")
+    base_model_path: str | None = flag(None, "the base checkpoint under an adapter, a folder or a hub id (default: "
+                                           "the one its run or adapter_config.json names)")
+    revision: str | None = flag(None, "the hub revision of a --model_path that is a hub id; default: main")
+    dtype: str = flag("bfloat16", "dtype of the written weights: bfloat16, float16 or float32")
+
+    def check(self) -> None:
+        if not self.model_path:
+            raise NCALError("--model_path: required (a training output or checkpoint)")
+        if not self.output_dir:
+            raise NCALError("--output_dir: required")
+        if self.dtype not in DTYPES:
+            raise NCALError(f"--dtype: must be float32, bfloat16 or float16, not {self.dtype!r}")
+        out = Path(self.output_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise NCALError(f"--output_dir {out}: exists and is not an empty folder")
+
+
+def merged_tensors(folder: ModelFolder) -> dict:
+    """The checkpoint's tensors under Hugging Face's keys: the base with the adapter merged in, or the full weights."""
+    source = folder.base or folder.path
+    tensors = {key: t for _, key, t in read_tensors(checkpoint_files(source)[0])}
+    if folder.base is None:
+        return tensors
+    config = read_adapter_config(folder.path / CONFIG_FILE)
+    adapter = {key: t for _, key, t in read_tensors([folder.path / WEIGHTS_FILE])}
+    return merge_lora_weights(tensors, adapter, config["lora_alpha"] / config["r"])
+
+
+def _copy_tokenizer(folder: ModelFolder, out: Path) -> None:
+    source = folder.path if (folder.path / "tokenizer_config.json").is_file() else folder.base or folder.path
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+
+
+def _generation_config(folder: ModelFolder, out: Path) -> None:
+    """The base's generation_config.json, else one naming the tokenizer's eos (where generation stops)."""
+    found = next((p / "generation_config.json" for p in (folder.path, folder.base)
+                  if p is not None and (p / "generation_config.json").is_file()), None)
+    if found:
+        shutil.copyfile(found, out / "generation_config.json")
+        return
+    tokenizer = load_tokenizer(out)
+    write_json(out / "generation_config.json", {"eos_token_id": tokenizer.eos_token_id,
+                                                "pad_token_id": tokenizer.pad_token_id})
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Write the checkpoint; returns its folder."""
+    cfg.check()
+    folder = open_model_folder(cfg.model_path, cfg.base_model_path, cfg.revision)
+    dtype = DTYPES[cfg.dtype]
+
+    def fill(out: Path) -> None:
+        config = read_json((folder.base or folder.path) / "config.json")
+        write_json(out / "config.json", {**config, "torch_dtype": cfg.dtype})
+        write_safetensors(merged_tensors(folder), out, dtype=dtype, max_shard_bytes=SHARD_BYTES)
+        _copy_tokenizer(folder, out)
+        _generation_config(folder, out)
+        if folder.run:  # what infer needs to score as the run did; the base is merged in, so none is named
+            replace(folder.run, base_model=None, use_lora=False).write(out)
+
+    out = Path(cfg.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        out.rmdir()  # empty, as check() made sure
+    return write_atomically(out.absolute(), fill)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(ExportConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.export")
+    out = export(cfg)
+    record = RunRecord.read(out)
+    labels = f", labels {','.join(record.labels)}" if record and record.labels else ""
+    print(f"wrote {out}: a {cfg.dtype} Hugging Face checkpoint{labels}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
