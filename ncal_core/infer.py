@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ncal_core.cli import flag, parse_config
@@ -17,8 +15,8 @@ from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.generate import greedy_generate
 from ncal_core.evaluation.metrics import classification_report, format_report
 from ncal_core.evaluation.predictor import (
-    Predictor,
     check_device,
+    label_scorer,
     load_predictor,
     open_model_folder,
     pick_device,
@@ -26,10 +24,9 @@ from ncal_core.evaluation.predictor import (
     progress,
     run_tau,
     say_tau,
-    training_log_prior,
+    tau_offset,
 )
-from ncal_core.evaluation.scoring import ensemble_log_probs, score_labels
-from ncal_core.run_record import RunRecord
+from ncal_core.evaluation.scoring import ensemble_log_probs
 
 
 @dataclass
@@ -89,13 +86,6 @@ def _rows(cfg: InferConfig) -> list[Example]:
     return []
 
 
-def _offset(tau: float, path: str, run: RunRecord | None, labels: list[str]) -> torch.Tensor:
-    """-tau * log training prior [K] of `labels` from the class counts a run recorded; zeros for tau 0."""
-    if not tau:
-        return torch.zeros(len(labels))
-    return -tau * training_log_prior(path, run, labels)
-
-
 def _check_ensemble(paths: list[str], runs: list[dict], labels: list[str]) -> None:
     """The models of an ensemble score one label set: each that records its labels was trained on it."""
     if len(paths) == 1:
@@ -104,19 +94,6 @@ def _check_ensemble(paths: list[str], runs: list[dict], labels: list[str]) -> No
         if run and run.labels and set(run.labels) != set(labels):
             raise NCALError(f"--model_path {path}: trained on the labels {','.join(run.labels)}, not "
                             f"{','.join(labels)}; the models of an ensemble score one label set")
-
-
-def _scorer(cfg: InferConfig, predictor: Predictor, labels: list[str],
-            offset: torch.Tensor) -> Callable[[list[Example]], torch.Tensor]:
-    """rows -> log-softmax over the labels [N, K] of one model's (adjusted) label scores."""
-    builder = predictor.prompt_builder(labels, cfg.instruction)
-
-    def score(rows: list[Example]) -> torch.Tensor:
-        scores = score_labels(predictor.model, [builder.prompt_ids(row) for row in rows], builder.label_ids,
-                              batch_size=cfg.batch_size)
-        return torch.log_softmax(scores + offset.to(scores.device), dim=1)
-
-    return score
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_ensemble(cfg.model_path, runs, labels)
     # --generate computes no label scores to adjust
     taus = [0.0 if cfg.generate else run_tau(run, cfg.logit_adjust_tau) for run in runs]
-    offsets = [_offset(tau, path, run, labels) for tau, path, run in zip(taus, cfg.model_path, runs)]
+    offsets = [tau_offset(tau, path, run, labels) for tau, path, run in zip(taus, cfg.model_path, runs)]
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     predictor = load_predictor(cfg.model_path[0], cfg.base_model_path, dtype=dtype, device=device,
@@ -146,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         say_tau(taus, given=cfg.logit_adjust_tau is not None)
 
     if cfg.interactive:
-        score = _scorer(cfg, predictor, labels, offsets[0])
+        score = label_scorer(predictor, labels, offsets[0], cfg.instruction, cfg.batch_size)
         for line in sys.stdin:
             if line.strip():
                 example = Example(id="stdin", messages=[{"role": "user", "content": line.strip()}], label=None,
@@ -175,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 predictor = load_predictor(path, cfg.base_model_path, dtype=dtype, device=device,
                                            revision=cfg.revision)
             with progress(predictor.model, -(-len(rows) // cfg.batch_size), f"scoring with {path}"):
-                log_probs.append(_scorer(cfg, predictor, labels, offset)(rows))
+                log_probs.append(label_scorer(predictor, labels, offset, cfg.instruction, cfg.batch_size)(rows))
         probs = ensemble_log_probs(log_probs).exp().cpu()  # one copy to the host, then plain lists
         predictions = [labels[i] for i in probs.argmax(dim=1).tolist()]
         outputs = [{"id": row.id, "prediction": pred,

@@ -10,10 +10,10 @@ import json
 
 import pytest
 import torch
-from checkpoint_with_tokenizer import LABELS, TEXTS, make_checkpoint_with_tokenizer
+from checkpoint_with_tokenizer import LABELS, TEXTS
 from random_checkpoints import make_hf_checkpoint
 from reference_scoring import reference_probabilities
-from training_runs import command_env, run, tmwpl_rows, write_jsonl
+from training_runs import run, tmwpl_rows, trained_lora_run, write_jsonl
 
 from ncal_core.errors import NCALError
 from ncal_core.export import ExportConfig, export
@@ -54,16 +54,7 @@ def test_merging_is_peft_merge_and_unload(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    base = make_checkpoint_with_tokenizer(root / "base", hidden_size=32, intermediate_size=64, layers=2, heads=2,
-                                          kv_heads=1)
-    env = command_env(root / "cache")
-    rows = write_jsonl(root / "train.jsonl", tmwpl_rows(48))
-    out = root / "run"
-    result = run("ncal_core.train", ["--model_name_or_path", str(base), "--dataset_path", str(rows),
-                                     "--eval_dataset_path", "none", "--output_dir", str(out), "--max_steps", "6",
-                                     "--per_device_train_batch_size", "8", "--learning_rate", "5e-3",
-                                     "--save_strategy", "no"], env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out, env = trained_lora_run(root)
     exported = root / "exported"
     result = run("ncal_core.export", ["--model_path", str(out), "--output_dir", str(exported), "--dtype", "float32"],
                  env)

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from ncal_core.data.rows import Example, load_examples
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.generate import greedy_generate
-from ncal_core.evaluation.predictor import load_predictor
-from ncal_core.infer import InferConfig, _offset, _scorer, main
+from ncal_core.evaluation.predictor import label_scorer, load_predictor, tau_offset
+from ncal_core.infer import main
 from ncal_core.model.tokenizer import load_tokenizer
 from ncal_core.run_record import RunRecord
 
@@ -211,10 +211,10 @@ def test_label_scores_on_the_models_device_get_the_prior_offset_moved_there(base
     run = RunRecord.read(folder)
     predictor = load_predictor(folder)
     # label scores on another device than the CPU offset (meta: shapes only); adding a CPU [K] tensor raises
-    monkeypatch.setattr("ncal_core.infer.score_labels", lambda model, prompts, label_ids, batch_size:
+    monkeypatch.setattr("ncal_core.evaluation.predictor.score_labels", lambda model, prompts, label_ids, batch_size:
                         torch.zeros(len(prompts), len(label_ids), device="meta"))
     rows = load_examples(rows_file[0], require_labels=False)
-    scorer = _scorer(InferConfig(batch_size=4), predictor, LABELS, _offset(1.5, str(folder), run, LABELS))
+    scorer = label_scorer(predictor, LABELS, tau_offset(1.5, str(folder), run, LABELS), batch_size=4)
     scores = scorer(rows)
     assert scores.device.type == "meta" and scores.shape == (len(rows), len(LABELS))
 

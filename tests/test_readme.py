@@ -10,6 +10,7 @@ import pytest
 from ncal_core.analyze import AnalyzeConfig
 from ncal_core.export import ExportConfig
 from ncal_core.infer import InferConfig
+from ncal_core.serve import ServeConfig
 from ncal_core.train.config import TrainConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
@@ -24,7 +25,7 @@ def _default_text(field: dataclasses.Field) -> str:
     return f"`{str(value).lower() if isinstance(value, bool) else value}`"
 
 
-@pytest.mark.parametrize("config", [TrainConfig, InferConfig, AnalyzeConfig, ExportConfig])
+@pytest.mark.parametrize("config", [TrainConfig, InferConfig, AnalyzeConfig, ExportConfig, ServeConfig])
 def test_every_flag_is_in_the_readme_with_its_default(config):
     for field in dataclasses.fields(config):
         rows = [line for line in README.splitlines() if line.startswith(f"| `--{field.name}` |")]

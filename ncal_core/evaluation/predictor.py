@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from ncal_core.cli import DTYPES
 from ncal_core.data.prompts import PromptBuilder
+from ncal_core.data.rows import Example
 from ncal_core.errors import NCALError
+from ncal_core.evaluation.scoring import score_labels
 from ncal_core.loss.logit_adjustment import log_prior
 from ncal_core.loss.tc import TCConfig
 from ncal_core.model.hub import checkpoint_folder
@@ -123,6 +125,25 @@ def training_log_prior(path: str | Path, run: RunRecord | None, labels: list[str
     if any(label not in counts for label in labels):
         raise NCALError(f"--logit_adjust_tau: {path} records no training class counts for these labels")
     return log_prior([counts[label] for label in labels])
+
+
+def tau_offset(tau: float, path: str | Path, run: RunRecord | None, labels: list[str]) -> torch.Tensor:
+    """-tau * log training prior [K] of `labels` from the class counts a run recorded; zeros for tau 0."""
+    if not tau:
+        return torch.zeros(len(labels))
+    return -tau * training_log_prior(path, run, labels)
+
+
+def label_scorer(predictor: Predictor, labels: list[str], offset: torch.Tensor, instruction: str | None = None,
+                 batch_size: int = 16) -> Callable[[list[Example]], torch.Tensor]:
+    """rows -> log-softmax over the labels [N, K] of the model's label scores plus `offset` (tau_offset)."""
+    builder = predictor.prompt_builder(labels, instruction)
+
+    def score(rows: list[Example]) -> torch.Tensor:
+        scores = score_labels(predictor.model, builder.prompt_ids_all(rows), builder.label_ids, batch_size=batch_size)
+        return torch.log_softmax(scores + offset.to(scores.device), dim=1)
+
+    return score
 
 
 def say_tau(taus: list[float], given: bool) -> None:
