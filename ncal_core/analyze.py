@@ -35,6 +35,12 @@ class AnalyzeConfig:
     base_model_path: str | None = flag(None, "the base checkpoint under an adapter, a folder or a hub id")
     revision: str | None = flag(None, "the hub revision of a --model_path that is a hub id; default: main")
     prompts_file: str | None = flag(None, "labelled rows (TMWPL, PMTD or conversation format)")
+    text_column: str = flag("text", "the text column of CSV/TSV files and of rows (JSON or datasets) in none of the "
+                                    "other formats")
+    label_column: str = flag("label", "the class column of CSV/TSV files and of rows (JSON or datasets) in none of "
+                                      "the other formats")
+    dataset_split: str = flag("test", "the split read when --prompts_file is a datasets folder (save_to_disk) or a "
+                                      "dataset id in the datasets cache")
     output_dir: str | None = flag(None, "where eval.json, sphere.png, per_class_f1.png and training_curves.png go")
     labels: list[str] | None = flag(None, "class names when the model folder records none (default: sorted gold labels)")
     pooling: str | None = flag(None, "feature pooling: last, seq_last or mean (default: the training run's)")
@@ -64,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(AnalyzeConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.analyze")
     cfg.check()
     run = open_model_folder(cfg.model_path, cfg.base_model_path, cfg.revision).run
-    rows = load_examples(cfg.prompts_file)
+    rows = load_examples(cfg.prompts_file, text_column=cfg.text_column, label_column=cfg.label_column,
+                         dataset_split=cfg.dataset_split)
     labels = cfg.labels or (run and run.labels) or label_set(rows, cfg.prompts_file)
     check_labels(rows, labels, cfg.prompts_file)
     tau = run_tau(run, cfg.logit_adjust_tau)

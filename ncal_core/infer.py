@@ -43,6 +43,12 @@ class InferConfig:
     revision: str | None = flag(None, "the hub revision of a --model_path that is a hub id; default: main")
     prompt: str | None = flag(None, "one text to classify")
     prompts_file: str | None = flag(None, "rows to classify (TMWPL, PMTD or conversation format; gold labels optional)")
+    text_column: str = flag("text", "the text column of CSV/TSV files and of rows (JSON or datasets) in none of the "
+                                    "other formats")
+    label_column: str = flag("label", "the class column of CSV/TSV files and of rows (JSON or datasets) in none of "
+                                      "the other formats")
+    dataset_split: str = flag("test", "the split read when --prompts_file is a datasets folder (save_to_disk) or a "
+                                      "dataset id in the datasets cache")
     interactive: bool = flag(False, "read texts from stdin, one per line, and print label and probability")
     output_file: str | None = flag(None, "write one JSON line per row: id, prediction, scores, label")
     metrics_file: str | None = flag(None, "write the report (accuracy, macro_f1, per class, confusion) as JSON")
@@ -79,7 +85,8 @@ class InferConfig:
 
 def _rows(cfg: InferConfig) -> list[Example]:
     if cfg.prompts_file:
-        return load_examples(cfg.prompts_file, require_labels=False)
+        return load_examples(cfg.prompts_file, require_labels=False, text_column=cfg.text_column,
+                             label_column=cfg.label_column, dataset_split=cfg.dataset_split)
     if cfg.prompt is not None:
         return [Example(id="prompt", messages=[{"role": "user", "content": cfg.prompt}], label=None,
                         where="--prompt")]

@@ -1,162 +1,35 @@
-"""Rows of a data file (TMWPL, PMTD or the reference's conversation format) as chat examples, with file:line errors."""
+"""Rows of a data file as chat examples, with file:line errors.
+
+A data file is JSONL or one JSON array (rows in any format of `ncal_core.data.formats`), a CSV or TSV file with a
+text and a label column, or a `datasets` data set: a folder saved with `save_to_disk` or a dataset id in the
+`datasets` cache (read with the optional `datasets` package).
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import random
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ncal_core.data.formats import Format, columns_format, formats, kind, row_format
 from ncal_core.errors import NCALError, at
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 @dataclass(frozen=True)
 class Example:
     """One row: the chat turns to render (never the answer), its class name and where it came from."""
 
-    id: str  # the row's "id", else "<file stem>:<line>"
+    id: str  # the row's "id", else "<file stem>:<line>" ("<data set name>:<row>" for a datasets row)
     messages: list[dict]  # [{"role", "content"}, ...]: an optional leading system turn, then user (and assistant) turns
     label: str | None
-    where: str  # "path:line", for error messages
-
-
-_ROLES = ("system", "user", "assistant")
-_SPEAKERS = {"student": "Student", "teacher": "Teacher"}
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _kind(value: object) -> str:
-    """The JSON name of a value's type, for error messages."""
-    names = {
-        dict: "object",
-        list: "array",
-        str: "string",
-        bool: "boolean",
-        type(None): "null",
-        int: "number",
-        float: "number",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
-def _text(row: dict, field: str, where: str) -> str:
-    """A required non-empty string field that can be encoded as UTF-8."""
-    if field not in row:
-        raise NCALError(f"{at(where, field=field)}: missing")
-    value = row[field]
-    if not isinstance(value, str):
-        raise NCALError(f"{at(where, field=field)}: must be a string, got {_kind(value)}")
-    if not value.strip():
-        raise NCALError(f"{at(where, field=field)}: must not be empty")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        # JSON escapes can smuggle in lone surrogates, which the tokenizer would reject much later.
-        raise NCALError(f"{at(where, field=field)}: contains an unpaired surrogate (\\ud800-\\udfff escape)") from None
-    return value
-
-
-def _question_messages(row: dict, where: str) -> list[dict]:
-    """TMWPL: the question is the one user turn."""
-    return [{"role": "user", "content": _text(row, "question", where)}]
-
-
-def _marked_turn(texts: list[str], utterance: str) -> int | None:
-    """Index of the turn that is the utterance; the one nearest the window's centre when it repeats."""
-    matches = [i for i, text in enumerate(texts) if text == utterance]
-    centre = (len(texts) - 1) / 2
-    return min(matches, key=lambda i: (abs(i - centre), i)) if matches else None
-
-
-def _dialog_messages(row: dict, where: str) -> list[dict]:
-    """PMTD: the window of turns as a transcript with speaker names and the utterance to classify marked."""
-    utterance = _text(row, "dialog_content", where)
-    history = row.get("dialog_history")
-    if not isinstance(history, list) or not history:
-        raise NCALError(
-            f"{at(where, field='dialog_history')}: must be a non-empty array of turns, got {_kind(history)}"
-        )
-    speakers, texts = [], []
-    for i, turn in enumerate(history):
-        field = f"dialog_history[{i}]"
-        if not isinstance(turn, dict) or len(turn) != 1 or next(iter(turn)) not in _SPEAKERS:
-            raise NCALError(f"{at(where, field=field)}: must be an object with one key, 'student' or 'teacher'")
-        (speaker,) = turn
-        speakers.append(_SPEAKERS[speaker])
-        texts.append(_text(turn, speaker, at(where, field=field)))
-    marked = _marked_turn(texts, utterance)
-    lines = [
-        f"{speaker} (utterance to classify): {text}" if i == marked else f"{speaker}: {text}"
-        for i, (speaker, text) in enumerate(zip(speakers, texts, strict=True))
-    ]
-    if marked is None:
-        # The window should contain the utterance; if it does not, show it after the context rather than lose it.
-        lines.append(f"(utterance to classify): {utterance}")
-    return [{"role": "user", "content": "\n".join(lines)}]
-
-
-def _conversation_messages(row: dict, where: str) -> list[dict]:
-    """The reference's format: the turns as given, minus a final assistant turn (the answer)."""
-    conversation = row["conversation"]
-    if not isinstance(conversation, list) or not conversation:
-        raise NCALError(
-            f"{at(where, field='conversation')}: must be a non-empty array of turns, got {_kind(conversation)}"
-        )
-    messages = []
-    for i, turn in enumerate(conversation):
-        field = f"conversation[{i}]"
-        if not isinstance(turn, dict):
-            raise NCALError(f"{at(where, field=field)}: must be an object with 'role' and 'content', got {_kind(turn)}")
-        role = turn.get("role")
-        if role not in _ROLES:
-            raise NCALError(f"{at(where, field=field + '.role')}: must be one of {list(_ROLES)}, got {role!r}")
-        if role == "system" and i > 0:
-            raise NCALError(f"{at(where, field=field + '.role')}: a system turn may only come first")
-        messages.append({"role": role, "content": _text(turn, "content", at(where, field=field))})
-    if messages[-1]["role"] == "assistant":
-        messages.pop()
-    if not messages or messages[-1]["role"] != "user":
-        raise NCALError(
-            f"{at(where, field='conversation')}: must end with a user turn (optionally followed by the answer)"
-        )
-    return messages
-
-
-@dataclass(frozen=True)
-class _Format:
-    """A row format: the field that identifies it, the field holding the class, and how its turns are built."""
-
-    name: str
-    key: str
-    label_field: str
-    messages: Callable[[dict, str], list[dict]]
-
-
-_FORMATS = (
-    _Format("conversation", "conversation", "label", _conversation_messages),
-    _Format("PMTD", "dialog_content", "class", _dialog_messages),
-    _Format("TMWPL", "question", "class", _question_messages),
-)
-
-
-def _row_format(row: dict, where: str) -> _Format:
-    """The format a row is in, from the fields it has."""
-    for row_format in _FORMATS:
-        if row_format.key in row:
-            return row_format
-    keys = ", ".join(repr(f.key) for f in _FORMATS)
-    raise NCALError(f"{where}: unknown row format: expected one of the fields {keys}, got {sorted(row)}")
-
-
-def _label(row: dict, field: str, where: str, require: bool) -> str | None:
-    """The row's class name, or None for an unlabeled row when labels are optional."""
-    if row.get(field) is None:
-        if require:
-            raise NCALError(f"{at(where, field=field)}: missing (every row needs a class here)")
-        return None
-    return _text(row, field, where)
+    where: str  # "path:line" ("path[split]:row N" for a datasets row), for error messages
 
 
 def _example_id(row: dict, default: str, where: str) -> str:
@@ -208,8 +81,8 @@ def _json_array_rows(path: Path, text: str) -> list[tuple[int, object]]:
     return rows
 
 
-def _read_rows(path: Path) -> list[tuple[int, object]]:
-    """The JSON values of a JSONL file or of a file holding one JSON array, with line numbers."""
+def _read_text(path: Path) -> str:
+    """The file's text (UTF-8, a byte-order mark dropped); NCALError when it cannot be read or holds nothing."""
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -221,38 +94,199 @@ def _read_rows(path: Path) -> list[tuple[int, object]]:
         raise NCALError(f"{at(path, line)}: not UTF-8 text") from None
     if not text.strip():
         raise NCALError(f"{at(path)}: the file is empty")
+    return text
+
+
+def _read_rows(path: Path) -> list[tuple[int, object]]:
+    """The JSON values of a JSONL file or of a file holding one JSON array, with line numbers."""
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         return _json_array_rows(path, text)
     return _jsonl_rows(path, text)
 
 
-def load_examples(path: str | Path, *, require_labels: bool = True) -> list[Example]:
-    """Every row of a data file as an Example; NCALError naming file, line and field for the first bad row."""
+@dataclass(frozen=True)
+class _Row:
+    """One row as read, before its format is known."""
+
+    where: str  # "path:line", or "folder[split]:row N" for a datasets row
+    ref: str  # "line N" or "row N", for messages that point back at this row
+    default_id: str  # the id of a row that has none
+    value: object
+
+
+def _json_rows(path: Path) -> list[_Row]:
+    return [_Row(at(path, line), f"line {line}", f"{path.stem}:{line}", value) for line, value in _read_rows(path)]
+
+
+def _csv_rows(path: Path, delimiter: str, text_column: str, label_column: str, require_labels: bool) -> list[_Row]:
+    """The records of a CSV/TSV file under its header row, each with the line it starts on; an empty label or id
+    cell is no label or id."""
+    kind_name = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    header_line = 0
+    rows = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader, None)
+        except csv.Error as err:
+            raise NCALError(f"{at(path, reader.line_num)}: malformed {kind_name}: {err}") from None
+        if cells is None:
+            return rows
+        if len(cells) <= 1 and not "".join(cells).strip():
+            continue  # a blank line
+        if header is None:
+            header, header_line = cells, start
+            for column in dict.fromkeys((text_column, label_column, "id")):
+                if header.count(column) > 1:
+                    raise NCALError(f"{at(path, start)}: column {column!r} appears {header.count(column)} times in "
+                                    "the header")
+            if text_column not in header:
+                raise NCALError(f"{at(path, start)}: no column {text_column!r} in the header (columns: {header}); "
+                                "name the text column with --text_column")
+            if require_labels and label_column not in header:
+                raise NCALError(f"{at(path, start)}: no column {label_column!r} in the header (columns: {header}); "
+                                "name the class column with --label_column")
+            continue
+        if len(cells) != len(header):
+            fields = f"{len(cells)} field" + ("" if len(cells) == 1 else "s")
+            raise NCALError(f"{at(path, start)}: {fields}, but the header (line {header_line}) has {len(header)}")
+        row: dict[str, str | None] = dict(zip(header, cells, strict=True))
+        for column in (label_column, "id"):
+            if column in row and not (row[column] or "").strip():
+                row[column] = None
+        rows.append(_Row(at(path, start), f"line {start}", f"{path.stem}:{start}", row))
+
+
+_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_DATASET_FILES = ("dataset_dict.json", "state.json")  # what save_to_disk writes for a DatasetDict, a Dataset
+
+
+def _is_dataset(path: Path) -> bool:
+    """A folder (save_to_disk's), or a name that is no file and reads as a dataset id (`name`, `owner/name`)."""
+    if path.is_dir():
+        return True
+    return not path.exists() and path.suffix.lower() not in _FILE_SUFFIXES and bool(_DATASET_ID.fullmatch(str(path)))
+
+
+def _pick_split(name: str, splits: list[str], split: str | None) -> str:
+    """The split to read: the one asked for, or the only one there is."""
+    if split is None and len(splits) == 1:
+        return splits[0]
+    if split is None:
+        raise NCALError(f"{name}: the data set has the splits {splits}; choose one with --dataset_split")
+    if split not in splits:
+        raise NCALError(f"{name}: no split {split!r} (splits: {splits}); choose one with --dataset_split")
+    return split
+
+
+def _cached_dataset(datasets, name: str, split: str | None):  # datasets: the optional module
+    """A dataset id's split from the datasets cache alone (never the network), as datasets reads it offline."""
+    from datasets.packaged_modules.cache.cache import Cache
+
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()  # not the "found the latest cached configuration" warning
+    try:
+        builder = Cache(repo_id=name, dataset_name=name.split("/")[-1], version="auto", hash="auto")
+    except ValueError as err:
+        why = str(err).splitlines()[0] if str(err) else ""
+        why = "" if why.startswith("Couldn't find cache") else f" ({why})"  # else: several configurations cached
+        raise NCALError(f"{name}: no such file, and not a data set in the datasets cache "
+                        f"{datasets.config.HF_DATASETS_CACHE}{why}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    chosen = _pick_split(name, list(builder.info.splits or ()), split)
+    return builder.as_dataset(split=chosen), f"{name}[{chosen}]"
+
+
+def _dataset_rows(path: Path, split: str | None, label_column: str) -> list[_Row]:
+    """The rows of a save_to_disk folder or a cached dataset id, named `place:row N` (N as in `dataset[N]`); a
+    ClassLabel label column gives its class names (-1: no label)."""
+    name, folder = str(path), path.is_dir()
+    if folder and not any((path / file).is_file() for file in _DATASET_FILES):
+        raise NCALError(f"{at(path)}: a folder, but not a data set saved with datasets' save_to_disk (it has no "
+                        f"{' or '.join(_DATASET_FILES)})")
+    try:
+        import datasets
+    except ImportError:
+        what = "reading a folder saved with save_to_disk" if folder else \
+            "no such file, and reading it as a dataset id from the datasets cache"
+        raise NCALError(f"{name}: {what} needs the datasets package (pip install datasets)") from None
+    try:
+        if not folder:
+            table, place = _cached_dataset(datasets, name, split)
+        elif isinstance(loaded := datasets.load_from_disk(name), datasets.DatasetDict):
+            chosen = _pick_split(name, list(loaded), split)
+            table, place = loaded[chosen], f"{name}[{chosen}]"
+        else:  # one split saved alone: read whatever --dataset_split says
+            table, place = loaded, name
+        feature = table.features.get(label_column)
+        names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+        records = table.to_list()
+    except (OSError, ValueError, KeyError) as err:
+        why = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NCALError(f"{name}: cannot read the data set: {why}") from None
+    if not records:
+        raise NCALError(f"{place}: the data set has no rows")
+    rows = []
+    for index, record in enumerate(records):
+        row = {key: value for key, value in record.items() if value is not None}  # arrow's null: the field is absent
+        value = row.get(label_column)
+        if names is not None and type(value) is int and -1 <= value < len(names):
+            if value == -1:
+                del row[label_column]
+            else:
+                row[label_column] = names[value]
+        rows.append(_Row(f"{place}:row {index}", f"row {index}", f"{path.name}:{index}", row))
+    return rows
+
+
+def _article(name: str) -> str:
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+def load_examples(path: str | Path, *, require_labels: bool = True, text_column: str = "text",
+                  label_column: str = "label", dataset_split: str | None = None) -> list[Example]:
+    """Every row of a data file or data set as an Example; NCALError naming file, line and field for the first bad
+    row.
+
+    text_column/label_column: the columns of CSV/TSV files and of text/label rows (JSON or datasets);
+    dataset_split: the split of a datasets folder or cached dataset id (default: its only split).
+    """
     path = Path(path)
-    rows = _read_rows(path)
+    if text_column == label_column:
+        raise NCALError(f"--label_column: names the same column as --text_column ({label_column!r})")
+    known: tuple[Format, ...] = formats(text_column, label_column)
+    if _is_dataset(path):
+        rows = _dataset_rows(path, dataset_split, label_column)
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        rows = _csv_rows(path, delimiter, text_column, label_column, require_labels)
+        known = (columns_format(text_column, label_column),)
+    else:
+        rows = _json_rows(path)
     if not rows:
         raise NCALError(f"{at(path)}: the file has no rows")
-    first_format, first_line = None, 0
-    seen: dict[str, int] = {}
+    first: tuple[Format, str] | None = None
+    seen: dict[str, str] = {}
     examples = []
-    for line, row in rows:
-        where = at(path, line)
-        if not isinstance(row, dict):
-            raise NCALError(f"{where}: a row must be a JSON object, got {_kind(row)}")
-        row_format = _row_format(row, where)
-        if first_format is None:
-            first_format, first_line = row_format, line
-        elif row_format is not first_format:
-            raise NCALError(
-                f"{where}: a {row_format.name} row in a file of {first_format.name} rows (line {first_line})"
-            )
-        messages = row_format.messages(row, where)
-        label = _label(row, row_format.label_field, where, require_labels)
-        example_id = _example_id(row, f"{path.stem}:{line}", where)
+    for row in rows:
+        if not isinstance(row.value, dict):
+            raise NCALError(f"{row.where}: a row must be a JSON object, got {kind(row.value)}")
+        row_fmt = row_format(row.value, row.where, known)
+        if first is None:
+            first = (row_fmt, row.ref)
+        elif row_fmt is not first[0]:
+            raise NCALError(f"{row.where}: {_article(row_fmt.name)} row in a file of {first[0].name} rows ({first[1]})")
+        messages, label = row_fmt.read(row.value, row.where, require_labels)
+        example_id = _example_id(row.value, row.default_id, row.where)
         if example_id in seen:
-            raise NCALError(f"{at(where, field='id')}: duplicate id {example_id!r} (first on line {seen[example_id]})")
-        seen[example_id] = line
-        examples.append(Example(id=example_id, messages=messages, label=label, where=where))
+            raise NCALError(f"{at(row.where, field='id')}: duplicate id {example_id!r} (first on {seen[example_id]})")
+        seen[example_id] = row.ref
+        examples.append(Example(id=example_id, messages=messages, label=label, where=row.where))
     return examples
 
 

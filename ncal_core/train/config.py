@@ -36,6 +36,12 @@ class TrainConfig:
                                      "conversation format) or a dataset name (tmwpl, pmtd)")
     eval_dataset_path: str | None = flag(None, "test rows, scored once, by the final weights; default: the test split "
                                              "when --dataset_path is a dataset name; 'none' for no test")
+    text_column: str = flag("text", "the text column of CSV/TSV files and of rows (JSON or datasets) in none of the "
+                                    "other formats")
+    label_column: str = flag("label", "the class column of CSV/TSV files and of rows (JSON or datasets) in none of "
+                                      "the other formats")
+    dataset_split: str = flag("train", "the split read from a datasets folder (save_to_disk) or a dataset id in the "
+                                       "datasets cache")
     label_types: list[str] | None = flag(None, "the class names in order; default: the sorted labels of the training file")
     instruction: str | None = flag(None, "optional system turn put before every row's prompt")
     cutoff_len: int = flag(2048, "maximum tokens of prompt + label; the prompt's content is cut, never the label")
