@@ -34,7 +34,7 @@ class AnalyzeConfig:
                                         "ncal_core.infer)")
     base_model_path: str | None = flag(None, "the base checkpoint under an adapter, a folder or a hub id")
     revision: str | None = flag(None, "the hub revision of a --model_path that is a hub id; default: main")
-    prompts_file: str | None = flag(None, "labelled rows (TMWPL, PMTD or conversation format)")
+    prompts_file: str | None = flag(None, "labelled rows, in any format training reads (data/README.md)")
     text_column: str = flag("text", "the text column of CSV/TSV files and of rows (JSON or datasets) in none of the "
                                     "other formats")
     label_column: str = flag("label", "the class column of CSV/TSV files and of rows (JSON or datasets) in none of "

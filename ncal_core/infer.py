@@ -42,7 +42,8 @@ class InferConfig:
                                            "the one its run or adapter_config.json names)")
     revision: str | None = flag(None, "the hub revision of a --model_path that is a hub id; default: main")
     prompt: str | None = flag(None, "one text to classify")
-    prompts_file: str | None = flag(None, "rows to classify (TMWPL, PMTD or conversation format; gold labels optional)")
+    prompts_file: str | None = flag(None, "rows to classify, in any format training reads (data/README.md); gold labels "
+                                          "optional")
     text_column: str = flag("text", "the text column of CSV/TSV files and of rows (JSON or datasets) in none of the "
                                     "other formats")
     label_column: str = flag("label", "the class column of CSV/TSV files and of rows (JSON or datasets) in none of "

@@ -71,7 +71,7 @@ CASES = [
     Case("row_not_an_object", "train", [], "train.jsonl:3: a row must be a JSON object, got array",
          {"train.jsonl": good_with(3, [1, 2])}),
     Case("unknown_row_format", "train", [], "train.jsonl:2: unknown row format",
-         {"train.jsonl": good_with(2, {"text": "三角形", "label": "回忆"})}),
+         {"train.jsonl": good_with(2, {"body": "三角形", "label": "回忆"})}),
     Case("duplicate_id", "train", [], "train.jsonl:4: id: duplicate id 'r0' (first on line 1)",
          {"train.jsonl": good_with(4, {**GOOD[3], "id": "r0"})}),
     Case("id_of_wrong_type", "train", [], "train.jsonl:2: id: must be a non-empty string or an integer",

@@ -180,3 +180,21 @@ def test_report_to_a_tracker_that_is_not_installed_is_refused_in_one_line(monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else found(name, *a))
     with pytest.raises(NCALError, match=r"^--report_to: wandb is not installed \(pip install wandb\)$"):
         TrainConfig(report_to="wandb").check()
+
+
+@pytest.mark.slow
+def test_training_reads_a_csv_file_by_its_columns(tmp_path):
+    rows = [json.loads(line) for line in _rows(tmp_path / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
+    csv = tmp_path / "train.csv"
+    csv.write_text("category,body\n" + "".join(f"{r['class']},\"{r['question']}\"\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    env = {**os.environ, "NCAL_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "ncal_core.train", "--dataset_path", str(csv), "--text_column",
+                          "body", "--label_column", "category", "--eval_dataset_path", "none", "--output_dir",
+                          str(out), "--max_steps", "1", "--per_device_train_batch_size", "12", "--tiny_hidden_size",
+                          "32", "--tiny_num_layers", "1", "--tiny_vocab_size", "300", "--save_strategy", "no"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "data:       42 training rows of " in run.stdout and "3 classes: A 14, B 14, C 14" in run.stdout
+    record = json.loads((out / "ncal_run.json").read_text(encoding="utf-8"))
+    assert record["labels"] == ["A", "B", "C"] and record["config"]["text_column"] == "body"

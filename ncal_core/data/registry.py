@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from ncal_core.data.rows import is_dataset_id
 from ncal_core.durable import atomic_file, cache_root
 from ncal_core.errors import NCALError, at
 
@@ -76,6 +77,8 @@ def resolve_dataset(name_or_path: str, split: str = "train", *, search_dirs: Seq
         return path
     known = registry()["datasets"]
     entry = known.get(name_or_path.lower())
+    if entry is None and "/" in name_or_path and is_dataset_id(name_or_path):  # owner/name: in the datasets cache
+        return path
     if entry is None:
         raise NCALError(f"{name_or_path}: no such file, and not a known data set name ({', '.join(known)})")
     if split not in entry["files"]:

@@ -165,11 +165,15 @@ _DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _DATASET_FILES = ("dataset_dict.json", "state.json")  # what save_to_disk writes for a DatasetDict, a Dataset
 
 
-def _is_dataset(path: Path) -> bool:
-    """A folder (save_to_disk's), or a name that is no file and reads as a dataset id (`name`, `owner/name`)."""
-    if path.is_dir():
-        return True
+def is_dataset_id(name: str | Path) -> bool:
+    """A name that is no file and reads as a dataset id (`name`, `owner/name`), not as a file path."""
+    path = Path(name)
     return not path.exists() and path.suffix.lower() not in _FILE_SUFFIXES and bool(_DATASET_ID.fullmatch(str(path)))
+
+
+def _is_dataset(path: Path) -> bool:
+    """A folder (save_to_disk's), or a dataset id."""
+    return path.is_dir() or is_dataset_id(path)
 
 
 def _pick_split(name: str, splits: list[str], split: str | None) -> str:

@@ -32,16 +32,18 @@ class TrainConfig:
     """The configuration of one training run."""
 
     # data
-    dataset_path: str = flag("tmwpl", "training rows: a .jsonl/.json file (TMWPL, PMTD or the reference's "
-                                     "conversation format) or a dataset name (tmwpl, pmtd)")
+    dataset_path: str = flag("tmwpl", "training rows: a .jsonl/.json/.csv/.tsv file (TMWPL, PMTD, the reference's "
+                                     "conversations, chat messages, alpaca, sharegpt or text/label columns: "
+                                     "data/README.md), a datasets folder or cached dataset id, or a dataset name "
+                                     "(tmwpl, pmtd)")
     eval_dataset_path: str | None = flag(None, "test rows, scored once, by the final weights; default: the test split "
                                              "when --dataset_path is a dataset name; 'none' for no test")
     text_column: str = flag("text", "the text column of CSV/TSV files and of rows (JSON or datasets) in none of the "
                                     "other formats")
     label_column: str = flag("label", "the class column of CSV/TSV files and of rows (JSON or datasets) in none of "
                                       "the other formats")
-    dataset_split: str = flag("train", "the split read from a datasets folder (save_to_disk) or a dataset id in the "
-                                       "datasets cache")
+    dataset_split: str = flag("train", "the split trained on, of a datasets folder (save_to_disk) or a dataset id in "
+                                       "the datasets cache; --eval_dataset_path reads its test split")
     label_types: list[str] | None = flag(None, "the class names in order; default: the sorted labels of the training file")
     instruction: str | None = flag(None, "optional system turn put before every row's prompt")
     cutoff_len: int = flag(2048, "maximum tokens of prompt + label; the prompt's content is cut, never the label")

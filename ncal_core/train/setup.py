@@ -118,7 +118,8 @@ def _eval_path(cfg: TrainConfig) -> Path | None:
 
 def read_data(cfg: TrainConfig) -> Data:
     train_path = resolve_dataset(cfg.dataset_path, "train")
-    train_rows = load_examples(train_path)
+    columns = {"text_column": cfg.text_column, "label_column": cfg.label_column}
+    train_rows = load_examples(train_path, **columns, dataset_split=cfg.dataset_split)
     labels = cfg.label_types or label_set(train_rows, train_path)
     check_labels(train_rows, labels, train_path)
     dev_rows: list[Example] = []
@@ -127,7 +128,7 @@ def read_data(cfg: TrainConfig) -> Data:
                                          size=cfg.val_size)
     counts = class_counts([labels.index(r.label) for r in train_rows], len(labels))
     eval_path = _eval_path(cfg)
-    eval_rows = load_examples(eval_path) if eval_path else []
+    eval_rows = load_examples(eval_path, **columns, dataset_split="test") if eval_path else []
     if eval_path:
         check_labels(eval_rows, labels, eval_path)
     return Data(train_path, labels, train_rows, dev_rows, counts, eval_path, eval_rows)
