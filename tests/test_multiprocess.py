@@ -88,7 +88,7 @@ def setup(tmp_path_factory) -> dict:
     lora = ["--dataset_path", train, "--eval_dataset_path", evals, "--model_name_or_path", base,
             "--lora_dropout", "0.1", "--lambda_lc", "1", "--num_train_epochs", "1", "--save_strategy", "steps",
             "--save_steps", "3", "--save_total_limit", "100", "--logging_steps", "1", "--seed", "3",
-            "--per_device_train_batch_size", "2"]
+            "--per_device_train_batch_size", "2", "--val_size", "0"]
     return {"root": root, "flags": flags, "lora": lora, "env": command_env(root / "cache")}
 
 
