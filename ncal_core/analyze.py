@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ncal_core.cli import flag, parse_config
+from ncal_core.data import rows
 from ncal_core.data.rows import check_labels, label_set, load_examples
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.evaluate import evaluate, write_report
@@ -35,12 +36,9 @@ class AnalyzeConfig:
     base_model_path: str | None = flag(None, "the base checkpoint under an adapter, a folder or a hub id")
     revision: str | None = flag(None, "the hub revision of a --model_path that is a hub id; default: main")
     prompts_file: str | None = flag(None, "labelled rows, in any format training reads (data/README.md)")
-    text_column: str = flag("text", "the text column of CSV/TSV files and of rows (JSON or datasets) in none of the "
-                                    "other formats")
-    label_column: str = flag("label", "the class column of CSV/TSV files and of rows (JSON or datasets) in none of "
-                                      "the other formats")
-    dataset_split: str = flag("test", "the split read when --prompts_file is a datasets folder (save_to_disk) or a "
-                                      "dataset id in the datasets cache")
+    text_column: str = rows.text_column_flag()
+    label_column: str = rows.label_column_flag()
+    dataset_split: str = rows.prompts_split_flag()
     output_dir: str | None = flag(None, "where eval.json, sphere.png, per_class_f1.png and training_curves.png go")
     labels: list[str] | None = flag(None, "class names when the model folder records none (default: sorted gold labels)")
     pooling: str | None = flag(None, "feature pooling: last, seq_last or mean (default: the training run's)")

@@ -10,7 +10,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ncal_core.cli import flag, parse_config
-from ncal_core.data.rows import Example, check_labels, label_set, load_examples
+from ncal_core.data.rows import (
+    Example,
+    check_labels,
+    label_column_flag,
+    label_set,
+    load_examples,
+    prompts_split_flag,
+    text_column_flag,
+)
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.generate import greedy_generate
 from ncal_core.evaluation.metrics import classification_report, format_report
@@ -44,12 +52,9 @@ class InferConfig:
     prompt: str | None = flag(None, "one text to classify")
     prompts_file: str | None = flag(None, "rows to classify, in any format training reads (data/README.md); gold labels "
                                           "optional")
-    text_column: str = flag("text", "the text column of CSV/TSV files and of rows (JSON or datasets) in none of the "
-                                    "other formats")
-    label_column: str = flag("label", "the class column of CSV/TSV files and of rows (JSON or datasets) in none of "
-                                      "the other formats")
-    dataset_split: str = flag("test", "the split read when --prompts_file is a datasets folder (save_to_disk) or a "
-                                      "dataset id in the datasets cache")
+    text_column: str = text_column_flag()
+    label_column: str = label_column_flag()
+    dataset_split: str = prompts_split_flag()
     interactive: bool = flag(False, "read texts from stdin, one per line, and print label and probability")
     output_file: str | None = flag(None, "write one JSON line per row: id, prediction, scores, label")
     metrics_file: str | None = flag(None, "write the report (accuracy, macro_f1, per class, confusion) as JSON")

@@ -405,12 +405,16 @@ BAD_CSV = [
 ]
 
 
-@pytest.mark.parametrize(("content", "message"), [case[1:] for case in BAD_CSV], ids=[case[0] for case in BAD_CSV])
-def test_bad_csv_gives_one_exact_line(tmp_path, content, message):
-    path = write(tmp_path / "bad.csv", content)
+def assert_refused(path, message: str) -> None:
+    """load_examples(path) refuses it with exactly `path:message`."""
     with pytest.raises(NCALError) as info:
         load_examples(path)
     assert str(info.value) == f"{path}:{message}"
+
+
+@pytest.mark.parametrize(("content", "message"), [case[1:] for case in BAD_CSV], ids=[case[0] for case in BAD_CSV])
+def test_bad_csv_gives_one_exact_line(tmp_path, content, message):
+    assert_refused(write(tmp_path / "bad.csv", content), message)
 
 
 def test_bad_tsv_names_its_column_flag_too(tmp_path):
@@ -525,10 +529,7 @@ NEAR_MISSES = [
 @pytest.mark.parametrize(("content", "message"), [case[1:] for case in NEAR_MISSES],
                          ids=[case[0] for case in NEAR_MISSES])
 def test_near_miss_gets_one_exact_line(tmp_path, content, message):
-    path = write(tmp_path / "bad.jsonl", content)
-    with pytest.raises(NCALError) as info:
-        load_examples(path)
-    assert str(info.value) == f"{path}:{message}"
+    assert_refused(write(tmp_path / "bad.jsonl", content), message)
 
 
 def test_text_and_label_columns_must_differ(tmp_path):

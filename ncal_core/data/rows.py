@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ncal_core.cli import flag
 from ncal_core.data.formats import Format, columns_format, formats, kind, row_format
 from ncal_core.errors import NCALError, at
 
@@ -163,6 +164,22 @@ def _csv_rows(path: Path, delimiter: str, text_column: str, label_column: str, r
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 _DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _DATASET_FILES = ("dataset_dict.json", "state.json")  # what save_to_disk writes for a DatasetDict, a Dataset
+
+
+def text_column_flag():
+    """The --text_column flag of every command that reads rows."""
+    return flag("text", "the text column of CSV/TSV files and of rows (JSON or datasets) in none of the other formats")
+
+
+def label_column_flag():
+    """The --label_column flag of every command that reads rows."""
+    return flag("label", "the class column of CSV/TSV files and of rows (JSON or datasets) in none of the other formats")
+
+
+def prompts_split_flag():
+    """The --dataset_split flag of the commands that read --prompts_file."""
+    return flag("test", "the split read when --prompts_file is a datasets folder (save_to_disk) or a dataset id in the "
+                        "datasets cache")
 
 
 def is_dataset_id(name: str | Path) -> bool:

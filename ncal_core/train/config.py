@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ncal_core.cli import flag
 from ncal_core.data.batching import RESAMPLING
+from ncal_core.data.rows import label_column_flag, text_column_flag
 from ncal_core.errors import NCALError
 from ncal_core.loss.tc import TCConfig
 
@@ -38,10 +39,8 @@ class TrainConfig:
                                      "(tmwpl, pmtd)")
     eval_dataset_path: str | None = flag(None, "test rows, scored once, by the final weights; default: the test split "
                                              "when --dataset_path is a dataset name; 'none' for no test")
-    text_column: str = flag("text", "the text column of CSV/TSV files and of rows (JSON or datasets) in none of the "
-                                    "other formats")
-    label_column: str = flag("label", "the class column of CSV/TSV files and of rows (JSON or datasets) in none of "
-                                      "the other formats")
+    text_column: str = text_column_flag()
+    label_column: str = label_column_flag()
     dataset_split: str = flag("train", "the split trained on, of a datasets folder (save_to_disk) or a dataset id in "
                                        "the datasets cache; --eval_dataset_path reads its test split")
     label_types: list[str] | None = flag(None, "the class names in order; default: the sorted labels of the training file")
