@@ -14,7 +14,7 @@ from ncal_core.evaluation.evaluate import evaluate, write_report
 from ncal_core.evaluation.plots import training_curves
 from ncal_core.evaluation.predictor import (
     check_device,
-    load_predictor,
+    load_folder,
     open_model_folder,
     pick_device,
     pick_dtype,
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     pictures."""
     cfg = parse_config(AnalyzeConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.analyze")
     cfg.check()
-    run = open_model_folder(cfg.model_path, cfg.base_model_path, cfg.revision).run
+    folder = open_model_folder(cfg.model_path, cfg.base_model_path, cfg.revision)
+    run = folder.run
     rows = load_examples(cfg.prompts_file, text_column=cfg.text_column, label_column=cfg.label_column,
                          dataset_split=cfg.dataset_split)
     labels = cfg.labels or (run and run.labels) or label_set(rows, cfg.prompts_file)
@@ -75,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     tau = run_tau(run, cfg.logit_adjust_tau)
     prior = training_log_prior(cfg.model_path, run, labels) if tau else None
     device = pick_device(cfg.device)
-    predictor = load_predictor(cfg.model_path, cfg.base_model_path, dtype=pick_dtype(cfg.dtype, device),
-                               device=device, revision=cfg.revision)
+    predictor = load_folder(folder, dtype=pick_dtype(cfg.dtype, device), device=device)
     say_tau([tau], given=cfg.logit_adjust_tau is not None)
     builder = predictor.prompt_builder(labels, cfg.instruction)
     # evaluate runs one forward pass per batch to score the labels, then one per batch to pool the features

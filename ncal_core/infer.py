@@ -25,7 +25,7 @@ from ncal_core.evaluation.metrics import classification_report, format_report
 from ncal_core.evaluation.predictor import (
     check_device,
     label_scorer,
-    load_predictor,
+    load_folder,
     open_model_folder,
     pick_device,
     pick_dtype,
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.metrics_file and (cfg.interactive or any(row.label is None for row in rows)):
         raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
     # every model's folder and records are checked before the first is read
-    runs = [open_model_folder(path, cfg.base_model_path, cfg.revision).run for path in cfg.model_path]
+    folders = [open_model_folder(path, cfg.base_model_path, cfg.revision) for path in cfg.model_path]
+    runs = [folder.run for folder in folders]
     # a plain checkpoint or a foreign adapter records none: the sorted gold labels of the rows
     labels = cfg.labels or (runs[0] and runs[0].labels) or label_set(rows, f"{cfg.prompts_file or '--prompt'} "
                                                                            "(the model records no labels: --labels)")
@@ -130,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     offsets = [tau_offset(tau, path, run, labels) for tau, path, run in zip(taus, cfg.model_path, runs)]
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    predictor = load_predictor(cfg.model_path[0], cfg.base_model_path, dtype=dtype, device=device,
-                               revision=cfg.revision)
+    predictor = load_folder(folders[0], dtype=dtype, device=device)
     if not cfg.generate:  # said once the model is read: a model that cannot be read gets its error line alone
         say_tau(taus, given=cfg.logit_adjust_tau is not None)
 
@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (path, offset) in enumerate(zip(cfg.model_path, offsets)):
             if i:
                 predictor = None  # freed before the next model is read
-                predictor = load_predictor(path, cfg.base_model_path, dtype=dtype, device=device,
-                                           revision=cfg.revision)
+                predictor = load_folder(folders[i], dtype=dtype, device=device)
             with progress(predictor.model, -(-len(rows) // cfg.batch_size), f"scoring with {path}"):
                 log_probs.append(label_scorer(predictor, labels, offset, cfg.instruction, cfg.batch_size)(rows))
         probs = ensemble_log_probs(log_probs).exp().cpu()  # one copy to the host, then plain lists

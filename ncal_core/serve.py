@@ -19,7 +19,7 @@ from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.predictor import (
     check_device,
     label_scorer,
-    load_predictor,
+    load_folder,
     open_model_folder,
     pick_device,
     pick_dtype,
@@ -61,15 +61,15 @@ class Classifier:
     """The model, its labels and adjustment: texts -> one prediction each, as infer scores them."""
 
     def __init__(self, cfg: ServeConfig) -> None:
-        run = open_model_folder(cfg.model_path, cfg.base_model_path, cfg.revision).run
+        folder = open_model_folder(cfg.model_path, cfg.base_model_path, cfg.revision)
+        run = folder.run
         if not run or not run.labels:
             raise NCALError(f"--model_path {cfg.model_path}: records no label set (serve a training output, "
                             "checkpoint or export of ours)")
         self.labels = run.labels
         tau = run_tau(run, cfg.logit_adjust_tau)
         device = pick_device(cfg.device)
-        predictor = load_predictor(cfg.model_path, cfg.base_model_path, dtype=pick_dtype(cfg.dtype, device),
-                                   device=device, revision=cfg.revision)
+        predictor = load_folder(folder, dtype=pick_dtype(cfg.dtype, device), device=device)
         say_tau([tau], given=cfg.logit_adjust_tau is not None)
         self.score = label_scorer(predictor, self.labels, tau_offset(tau, cfg.model_path, run, self.labels),
                                   batch_size=cfg.max_batch_size)

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from ncal_core.data.rows import Example, load_examples
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.generate import greedy_generate
-from ncal_core.evaluation.predictor import label_scorer, load_predictor, tau_offset
+from ncal_core.evaluation.predictor import label_scorer, load_folder, load_predictor, tau_offset
 from ncal_core.infer import main
 from ncal_core.model.tokenizer import load_tokenizer
 from ncal_core.run_record import RunRecord
@@ -100,13 +100,13 @@ def test_an_ensemble_adjusts_each_model_by_its_own_prior_and_holds_one_model_at_
     second = _recorded(other, tmp_path / "second", LABELS[::-1], [c * 2 + 1 for c in counts][::-1])
     loaded = []
 
-    def load_one_at_a_time(path, *args, **kwargs):
+    def load_one_at_a_time(folder, *args, **kwargs):
         assert all(ref() is None for ref in loaded), "the previous model is still in memory"
-        predictor = load_predictor(path, *args, **kwargs)
+        predictor = load_folder(folder, *args, **kwargs)
         loaded.append(weakref.ref(predictor.model))
         return predictor
 
-    monkeypatch.setattr("ncal_core.infer.load_predictor", load_one_at_a_time)
+    monkeypatch.setattr("ncal_core.infer.load_folder", load_one_at_a_time)
     path, rows = rows_file
     out, tau = tmp_path / "p.jsonl", 0.7
     assert main(["--model_path", f"{first},{second}", "--prompts_file", str(path), "--output_file", str(out),
@@ -125,7 +125,7 @@ def test_an_ensemble_needs_one_label_set_and_is_checked_before_any_model_is_read
                                                                                  monkeypatch):
     first = _recorded(base, tmp_path / "first", LABELS, [1] * len(LABELS))
     other = _recorded(base, tmp_path / "other", ["甲", "乙"], [1, 1])
-    monkeypatch.setattr("ncal_core.infer.load_predictor", lambda *a, **k: pytest.fail("a model was read"))
+    monkeypatch.setattr("ncal_core.infer.load_folder", lambda *a, **k: pytest.fail("a model was read"))
     with pytest.raises(NCALError, match=re.escape(f"--model_path {other}: trained on the labels 甲,乙, not ")):
         main(["--model_path", f"{first},{other}", "--prompts_file", str(rows_file[0])])
     with pytest.raises(NCALError, match=re.escape(f"--model_path {tmp_path / 'missing'}: not a checkpoint folder, nor a hub id")):

@@ -181,7 +181,12 @@ def load_predictor(model_path: str | Path, base_model_path: str | Path | None = 
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    revision: str | None = None) -> Predictor:
     """Resolve `model_path` (and the base it needs) into a Predictor in eval mode."""
-    folder = open_model_folder(model_path, base_model_path, revision)
+    return load_folder(open_model_folder(model_path, base_model_path, revision), dtype, device)
+
+
+def load_folder(folder: ModelFolder, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> Predictor:
+    """The Predictor of a folder open_model_folder has already checked (and whose run record it read)."""
     path, run = folder.path, folder.run
     if folder.base is not None:
         model = load_model(folder.base, dtype=dtype, device=device)
