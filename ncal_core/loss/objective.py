@@ -23,14 +23,17 @@ from ncal_core.model.qwen import QwenModel
 
 
 def compile_layers(model: QwenModel, backend: str | object = "inductor") -> None:
-    """torch.compile each decoder layer once for every batch shape: sizes are dynamic from the first call.
+    """torch.compile each decoder layer's work before and after attention, with sizes dynamic from the first call.
 
-    Padding-free batches change the token count and the attention blocks' widths at every step; compiled with
-    static sizes, each new layout is a new graph (minutes each with inductor, then dynamo's recompile limit
-    and a silent fall-back to eager).
+    Padding-free batches change the token count, the number of attention blocks and their widths at every step.
+    Attention itself stays eager: it is one SDPA call per block, and its Python loop over the blocks would make
+    a compiled layer specialise on the block count. The compiled parts see only [N, H]-shaped tensors, so one
+    graph serves every layout (static sizes would make each new layout a new graph: minutes each with inductor,
+    then dynamo's recompile limit and a silent fall-back to eager).
     """
     for layer in model.layers:
-        layer.compile(backend=backend, dynamic=True)
+        layer.attention_in = torch.compile(layer.attention_in, backend=backend, dynamic=True)
+        layer.attention_out = torch.compile(layer.attention_out, backend=backend, dynamic=True)
 
 
 class ObjectiveOutput(NamedTuple):

@@ -209,17 +209,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **factory)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **factory)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, ragged: Ragged | None = None) -> Tensor:
-        """x [B, T, H] (or [N, H] with ragged), cos/sin [B or 1, T, D], mask [B, 1, T, T] bool or None (= causal)
-        -> the shape of x"""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+            ragged: Ragged | None) -> Tensor:
+        """Projected q [B, T, nh*D], k/v [B, T, nkv*D] (or [N, ...] with ragged), cos/sin [B or 1, T, D],
+        mask [B, 1, T, T] bool or None (= causal) -> the attention output, q's shape (before o_proj)."""
         if ragged is None:
-            y = self.attend(q, k, v, cos, sin, mask)
-        else:
-            parts = [p.unpad(self.attend(p.pad(q[a:b]), p.pad(k[a:b]), p.pad(v[a:b]), cos[:, :p.width],
-                                         sin[:, :p.width], None)) for a, b, p in ragged.blocks]
-            y = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self.o_proj(y)
+            return self.attend(q, k, v, cos, sin, mask)
+        parts = [p.unpad(self.attend(p.pad(q[a:b]), p.pad(k[a:b]), p.pad(v[a:b]), cos[:, :p.width],
+                                     sin[:, :p.width], None)) for a, b, p in ragged.blocks]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         """Projected q [B, T, nh*D], k/v [B, T, nkv*D] -> attention output [B, T, nh*D] (before o_proj)."""
@@ -293,7 +291,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, ragged: Ragged | None = None) -> Tensor:
         """[B, T, H] (or [N, H] with ragged) -> the same shape"""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, ragged)
+        return self.attention_out(x, self.self_attn.mix(*self.attention_in(x), cos, sin, mask, ragged))
+
+    def attention_in(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x -> q, k, v of norm(x): the layer's work before attention (compile_layers compiles it)."""
+        h = self.input_layernorm(x)
+        return self.self_attn.q_proj(h), self.self_attn.k_proj(h), self.self_attn.v_proj(h)
+
+    def attention_out(self, x: Tensor, y: Tensor) -> Tensor:
+        """x + o_proj(y), then its MLP residual: the layer's work after attention (compile_layers compiles it)."""
+        x = x + self.self_attn.o_proj(y)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
