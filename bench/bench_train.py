@@ -1,12 +1,18 @@
 """Training speed and memory of our loop against the reference's way (HF Trainer + PEFT + full logits), side by side.
 
-    python bench/bench_train.py [--quick] [--json PATH] [--workdir DIR] [--repeats N] [--no-levers]
+    python bench/bench_train.py [--quick] [--json PATH] [--workdir DIR] [--repeats N] [--[no-]levers]
+        [--model bench|Qwen2.5-0.5B|Qwen2.5-1.5B] [--dtype float32|bfloat16]
 
-Both sides train the same random Qwen2 (hidden 256, 4 layers, MLP 1024, 4 heads, 2 KV heads, tied head;
-built here once with transformers' save_pretrained) on the same TMWPL rows encoded by PromptBuilder, with
-LoRA r=8 alpha=32 dropout 0.1 on q/k/v/o, TC lambda = 1, the same batch size and number of steps, fp32 on
-CPU, no accumulation, no saving, no evaluation. Two shapes: `bpe4k` (a 4,096-token BPE trained on TMWPL)
-and `qwen` (Qwen's real tokenizer, 151,936-row embedding).
+Both sides train the same random Qwen2 (by default hidden 256, 4 layers, MLP 1024, 4 heads, 2 KV heads,
+tied head; built here once with transformers' save_pretrained) on the same TMWPL rows encoded by
+PromptBuilder, with LoRA r=8 alpha=32 dropout 0.1 on q/k/v/o, TC lambda = 1, the same batch size and number
+of steps, the same weight dtype (fp32 unless --dtype bfloat16; LoRA weights stay fp32) on CPU, no
+accumulation, no saving, no evaluation. Two shapes: `bpe4k` (a 4,096-token BPE trained on TMWPL) and `qwen`
+(Qwen's real tokenizer, 151,936-row embedding).
+
+--model Qwen2.5-0.5B or Qwen2.5-1.5B trains a random model of that architecture (bench/memory_model.py's
+QWEN25) instead, shape `qwen` only, batch 8, QWEN_RUNS' short plan, one repeat and no levers unless asked:
+a 0.5B step takes seconds on 2 CPU threads, a 1.5B step about three times as long.
 
 Measured the same way on both sides:
 - each side is its own subprocess, started by a bare launcher interpreter; its peak RSS is the kernel's
@@ -31,9 +37,9 @@ q/k/v need no input gradient (their input, the frozen embedding, needs none). Pl
 12 * L * nh * D * n^2 (QK^T and AV, full square, forward + 2x backward) and 4 * H * V per target token (the
 head where the objective needs it, at the positions predicting label and eos; tied head frozen: forward +
 input gradient). The baseline runs more than that (pads, the head at every position): its "executed" FLOPs
-are reported apart. MFU = model FLOP/s (stalled steps left out) / the machine's fp32 torch.mm GFLOP/s on the
-same thread count: its fastest single call of 1024^3 and 2048^3, before and after the runs (the sustained rate
-over 2 s, which other processes' load lowers, is reported too).
+are reported apart. MFU = model FLOP/s (stalled steps left out) / the machine's torch.mm GFLOP/s in the
+weights' dtype on the same thread count: its fastest single call of 1024^3 and 2048^3, before and after the
+runs (the sustained rate over 2 s, which other processes' load lowers, is reported too).
 
 --quick runs shape bpe4k only (batch 8, 10 steps, 480 rows, one repeat, no levers, 1 thread): a smoke test of
 the whole path that other processes' load slows least.
@@ -42,6 +48,7 @@ the whole path that other processes' load slows least.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -50,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +86,20 @@ QWEN_TOKENIZER = Path(os.environ.get("NCAL_SHARED_DIR", REPO.parent / "shared"))
 QWEN_VOCAB = 151_936  # Qwen2.5's embedding rows
 SEED = 42
 LAMBDA_LC = 1.0
-MODEL = {"hidden": 256, "layers": 4, "intermediate": 1024, "heads": 4, "kv_heads": 2, "lora_r": 8}
+LORA_R = 8
+# the default model; its vocab is the qwen shape's, and bpe4k's checkpoint replaces it with its tokenizer's size
+BENCH_ARCH = memory_model.Arch("bench", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024,
+                               vocab=QWEN_VOCAB, tied=True)
+# --model -> architecture (Qwen2.5-7B is left out: its fp32 weights alone exceed this machine's memory)
+ARCHS = {"bench": BENCH_ARCH, **{name: memory_model.QWEN25[name] for name in ("Qwen2.5-0.5B", "Qwen2.5-1.5B")}}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # (shape, batch) -> (steps, warm-up steps left out of the rates)
 FULL_RUNS = {("bpe4k", 8): (60, 10), ("bpe4k", 32): (30, 5), ("qwen", 8): (30, 5), ("qwen", 32): (12, 3)}
 QUICK_RUNS = {("bpe4k", 8): (10, 3)}
 QUICK_ROWS = 480
+# a Qwen2.5 architecture on 2 CPU threads at fp32 (bf16 runs faster): a 0.5B step ~7 s ours, ~16 s the baseline's;
+# 6 steady steps are enough for a rate and keep the 1.5B pair to about ten minutes
+QWEN_RUNS = {("qwen", 8): (8, 2)}
 # our loop with one flag changed, at batch 8
 LEVERS = {"group_by_length": ["--group_by_length", "true"], "one padded batch": ["--padding_free", "false"],
           "torch_compile": ["--torch_compile", "true"], "gradient_checkpointing": ["--gradient_checkpointing", "true"],
@@ -93,58 +109,79 @@ TARGETS = {"qwen": {"samples_ratio": 8.0, "rss_ratio": 0.35}, "bpe4k": {"samples
 # a steady step this many times slower (per executed FLOP) than the run's median is a stall from other processes
 STALL = 3.0
 # the baseline's widest batch is run first only if its logits, log-softmax and their grads fit in this share
+# of the available memory, and the whole step (weights and activations too) in MEMORY_SHARE
 LOGITS_MEMORY_SHARE = 0.4
+MEMORY_SHARE = 0.7
 
 
 # ---------------------------------------------------------------- set-up: checkpoints and rows
 
-def build_checkpoint(folder: Path, shape: str, texts: list[str]) -> Path:
-    """A random Qwen2 saved by transformers with its tokenizer: the 4k BPE trained on `texts`, or Qwen's own."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    """Qwen's tokenizer files from source into the checkpoint folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(source / name, folder / name)
 
+
+def write_tokenizer(folder: Path, shape: str, texts: list[str]) -> None:
+    """The shape's tokenizer into folder: a 4,096-token BPE trained on `texts` (bpe4k), or Qwen's own (qwen)."""
     from ncal_core.model.tiny_tokenizer import train_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
     if shape == "bpe4k":
+        folder.mkdir(parents=True, exist_ok=True)
         train_tokenizer(texts, folder, vocab_size=4096)
-        vocab = len(load_tokenizer(folder))
+    elif (QWEN_TOKENIZER / "tokenizer.json").is_file():
+        copy_tokenizer(QWEN_TOKENIZER, folder)
     else:
-        if not (QWEN_TOKENIZER / "tokenizer.json").is_file():
-            raise SystemExit(f"shape qwen needs Qwen's tokenizer at {QWEN_TOKENIZER} (set NCAL_SHARED_DIR)")
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copyfile(QWEN_TOKENIZER / name, folder / name)
-        vocab = QWEN_VOCAB
+        raise SystemExit(f"shape qwen needs Qwen's tokenizer at {QWEN_TOKENIZER} (set NCAL_SHARED_DIR)")
+
+
+def build_checkpoint(folder: Path, arch: memory_model.Arch, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu") -> None:
+    """A random Qwen2 of arch's shape, initialised on `device` and saved by transformers in `dtype`, next to the
+    tokenizer already in folder (whose eos and pad ids its config takes)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     tokenizer = load_tokenizer(folder)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=MODEL["hidden"], intermediate_size=MODEL["intermediate"],
-                         num_hidden_layers=MODEL["layers"], num_attention_heads=MODEL["heads"],
-                         num_key_value_heads=MODEL["kv_heads"], tie_word_embeddings=True, rope_theta=1e6,
+    # TMWPL's rows are under 400 tokens; a longer RoPE table would only cost memory
+    config = Qwen2Config(vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+                         num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
+                         num_key_value_heads=arch.kv_heads, tie_word_embeddings=arch.tied, rope_theta=1e6,
                          max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     torch.manual_seed(SEED)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    return folder
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config)
+    model.to(dtype).save_pretrained(folder)
 
 
 @dataclass
 class Shape:
-    """One benchmark shape: its checkpoint, its encoded rows and the files both sides read."""
+    """One benchmark shape: its checkpoint (architecture with the tokenizer's vocab, weight dtype), its encoded
+    rows and the files both sides read."""
 
     name: str
     folder: Path
-    vocab: int
+    arch: memory_model.Arch
+    dtype: str
     labels: list[str]
     rows: list[EncodedRow]
     train_file: Path  # the rows as TMWPL JSON lines, for our loop
     ids_file: Path  # the same rows as ids, for the baseline
 
 
-def prepare_shape(name: str, workdir: Path, train_path: Path, row_limit: int | None) -> Shape:
+def prepare_shape(name: str, arch: memory_model.Arch, dtype: str, workdir: Path, train_path: Path,
+                  row_limit: int | None) -> Shape:
     """Build the checkpoint, pick the rows, encode them once with PromptBuilder and write them for both sides."""
     examples = load_examples(train_path)
     labels = label_set(examples, train_path)
     # the 4k BPE learns from every TMWPL question and label, whatever subset trains
     texts = [m["content"] for e in examples for m in e.messages] + [e.label for e in examples]
-    folder = build_checkpoint(workdir / f"model-{name}", name, texts)
+    folder = workdir / f"model-{name}"
+    write_tokenizer(folder, name, texts)
+    if name == "bpe4k":
+        arch = dataclasses.replace(arch, vocab=len(load_tokenizer(folder)))
+    build_checkpoint(folder, arch, DTYPES[dtype])
     lines = [line for line in train_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if row_limit is not None and row_limit < len(examples):
         keep = sorted(np.random.default_rng(SEED).permutation(len(examples))[:row_limit].tolist())
@@ -154,8 +191,7 @@ def prepare_shape(name: str, workdir: Path, train_path: Path, row_limit: int | N
     train_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     ids_file.write_text("".join(json.dumps({"input_ids": r.input_ids, "prompt_len": r.prompt_len,
                                             "class_index": r.label_index}) + "\n" for r in rows), encoding="utf-8")
-    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-    return Shape(name, folder, vocab, labels, rows, train_file, ids_file)
+    return Shape(name, folder, arch, dtype, labels, rows, train_file, ids_file)
 
 
 # ---------------------------------------------------------------- counting
@@ -185,33 +221,31 @@ def logged_steps(metrics_file: Path) -> list[dict[str, Any]]:
              "padded_sq": r["attended"]} for r in records]
 
 
-def flops_per_token_and_row(vocab: int) -> tuple[float, float, float]:
-    """(FLOPs per real token, per squared row length, per target token) of forward + backward with LoRA."""
-    H, L, I, r = MODEL["hidden"], MODEL["layers"], MODEL["intermediate"], MODEL["lora_r"]
-    nh, nkv = MODEL["heads"], MODEL["kv_heads"]
-    D = H // nh
+def flops_per_token_and_row(a: memory_model.Arch) -> tuple[float, float, float]:
+    """(FLOPs per real token, per squared row length, per target token) of forward + backward with LoRA r=LORA_R."""
+    H, L, I, r, nh, nkv, D = a.hidden, a.layers, a.intermediate, LORA_R, a.heads, a.kv_heads, a.head_dim
     qkv, o, mlp = H * nh * D + 2 * H * nkv * D, nh * D * H, 3 * H * I
     lora = r * (H + nh * D) + 2 * r * (H + nkv * D) + r * (nh * D + H)
-    return L * (4 * (qkv + o + mlp) + 6 * lora) - 2 * qkv, 12 * L * nh * D, 4 * H * vocab
+    return L * (4 * (qkv + o + mlp) + 6 * lora) - 2 * qkv, 12 * L * nh * D, 4 * H * a.vocab
 
 
-def model_flops(stats: dict[str, int], vocab: int) -> float:
+def model_flops(stats: dict[str, int], a: memory_model.Arch) -> float:
     """Model FLOPs of one step: real tokens, the head only where the objective needs it."""
-    per_token, per_sq, per_target = flops_per_token_and_row(vocab)
+    per_token, per_sq, per_target = flops_per_token_and_row(a)
     return per_token * stats["tokens"] + per_sq * stats["sq_tokens"] + per_target * stats["targets"]
 
 
-def executed_flops(stats: dict[str, int], vocab: int, full_head: bool) -> float:
+def executed_flops(stats: dict[str, int], a: memory_model.Arch, full_head: bool) -> float:
     """FLOPs actually run: every padded position through the layers, and the head everywhere with full logits."""
-    per_token, per_sq, per_target = flops_per_token_and_row(vocab)
+    per_token, per_sq, per_target = flops_per_token_and_row(a)
     padded = stats["padded"]
     return (per_token * padded + per_sq * stats["padded_sq"]
             + per_target * (padded if full_head else stats["targets"]))
 
 
-def matmul_gflops(m: int, k: int, n: int, seconds: float) -> dict[str, float]:
-    """fp32 torch.mm [m, k] x [k, n] on the current threads: sustained (all calls in `seconds`) and best call."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float) -> dict[str, float]:
+    """torch.mm [m, k] x [k, n] in dtype on the current threads: sustained (all calls in `seconds`) and best call."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b)
     calls, best, start = 0, float("inf"), time.perf_counter()
@@ -223,10 +257,12 @@ def matmul_gflops(m: int, k: int, n: int, seconds: float) -> dict[str, float]:
     return {"sustained": flop * calls / (time.perf_counter() - start) / 1e9, "best": flop / best / 1e9}
 
 
-def machine_matmul(token_rows: int, seconds: float) -> dict[str, dict[str, float]]:
-    """Square (peak-like) and model-shaped (tokens x hidden x MLP width) fp32 matmul GFLOP/s."""
-    return {"mm_1024": matmul_gflops(1024, 1024, 1024, seconds), "mm_2048": matmul_gflops(2048, 2048, 2048, seconds),
-            "mm_model": matmul_gflops(token_rows, MODEL["hidden"], MODEL["intermediate"], seconds)}
+def machine_matmul(token_rows: int, a: memory_model.Arch, dtype: torch.dtype,
+                   seconds: float) -> dict[str, dict[str, float]]:
+    """Square (peak-like) and model-shaped (tokens x hidden x MLP width) matmul GFLOP/s in dtype."""
+    return {"mm_1024": matmul_gflops(1024, 1024, 1024, dtype, seconds),
+            "mm_2048": matmul_gflops(2048, 2048, 2048, dtype, seconds),
+            "mm_model": matmul_gflops(token_rows, a.hidden, a.intermediate, dtype, seconds)}
 
 
 # ---------------------------------------------------------------- running the two sides
@@ -272,28 +308,28 @@ def run_measured(cmd: list[str], log_stem: Path, threads: int, timeout: float) -
     return {"wall_s": wall, "cpu_s": usage["cpu_s"], "peak_rss_mb": usage["maxrss_kib"] / 1024}  # Linux: KiB
 
 
-def rates(steps: list[dict[str, Any]], vocab: int, full_head: bool) -> dict[str, float]:
+def rates(steps: list[dict[str, Any]], a: memory_model.Arch, full_head: bool) -> dict[str, float]:
     """Samples/s, tokens/s and FLOPs over the steady-state steps (each: batch_stats + its "seconds").
 
     A step that ran its executed FLOPs STALL times slower than the run's median step is counted as stalled
     by other processes and left out of the rates (`samples_per_s_all_steps` keeps it in).
     """
     def rate(s: dict[str, Any]) -> float:
-        return executed_flops(s, vocab, full_head) / s["seconds"]
+        return executed_flops(s, a, full_head) / s["seconds"]
 
     median = statistics.median(rate(s) for s in steps)
     kept = [s for s in steps if rate(s) * STALL >= median]
     seconds = sum(s["seconds"] for s in kept)
     rows, tokens = sum(s["rows"] for s in kept), sum(s["tokens"] for s in kept)
     padded = sum(s["padded"] for s in kept)
-    flops = sum(model_flops(s, vocab) for s in kept)
+    flops = sum(model_flops(s, a) for s in kept)
     return {"steady_steps": len(steps), "stalled_steps": len(steps) - len(kept), "steady_s": seconds,
             "samples_per_s": rows / seconds,
             "samples_per_s_all_steps": sum(s["rows"] for s in steps) / sum(s["seconds"] for s in steps),
             "real_tokens_per_s": tokens / seconds, "padded_tokens_per_s": padded / seconds,
             "pad_fraction": 1 - tokens / padded, "mean_width": padded / rows,
             "model_gflops_per_step": flops / len(kept) / 1e9,
-            "executed_gflops_per_step": sum(executed_flops(s, vocab, full_head) for s in kept) / len(kept) / 1e9,
+            "executed_gflops_per_step": sum(executed_flops(s, a, full_head) for s in kept) / len(kept) / 1e9,
             "model_gflops_per_s": flops / seconds / 1e9}
 
 
@@ -305,25 +341,33 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
            "--dataset_path", str(shape.train_file), "--label_types", ",".join(shape.labels),
            "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
            "--output_dir", str(out_dir), "--overwrite_output_dir", "true", "--use_lora", "true",
-           "--lora_r", "8", "--lora_alpha", "32", "--lora_dropout", "0.1",
+           "--lora_r", str(LORA_R), "--lora_alpha", "32", "--lora_dropout", "0.1",
            "--target_modules", "q_proj,k_proj,v_proj,o_proj", "--lambda_lc", str(LAMBDA_LC),
            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
-           "--max_steps", str(steps), "--logging_steps", "1", "--torch_dtype", "float32", "--seed", str(SEED),
+           "--max_steps", str(steps), "--logging_steps", "1", "--torch_dtype", shape.dtype, "--seed", str(SEED),
            # uniform rows, as the baseline's sampler (and our_plan) draws them; TC on one token, as the baseline's
            "--resample", "none", "--pooling", "last", *flags]
     proc = run_measured(cmd, workdir / f"ours-{tag}", threads, timeout)
     logged = logged_steps(out_dir / "metrics.jsonl")
     if len(logged) != steps:
         raise RuntimeError(f"{out_dir}/metrics.jsonl: expected one line per step 1..{steps}")
-    return {"side": "ours", "shape": shape.name, "vocab": shape.vocab, "batch": batch, "steps": steps,
-            "warmup_steps": warmup, "flags": " ".join(flags), "max_width": max(len(r.input_ids) for r in shape.rows),
-            **proc, **rates(logged[warmup:], shape.vocab, full_head=False)}
+    return {"side": "ours", "shape": shape.name, "vocab": shape.arch.vocab, "dtype": shape.dtype, "batch": batch,
+            "steps": steps, "warmup_steps": warmup, "flags": " ".join(flags),
+            "max_width": max(len(r.input_ids) for r in shape.rows),
+            **proc, **rates(logged[warmup:], shape.arch, full_head=False)}
 
 
 def widest_batch_fits(shape: Shape, batch: int) -> bool:
-    """Whether the baseline's batch holding the longest row (logits, log-softmax, their grads) fits safely."""
-    width = max(len(r.input_ids) for r in shape.rows)
-    return 4 * batch * width * shape.vocab * 4 < LOGITS_MEMORY_SHARE * psutil.virtual_memory().available
+    """Whether the baseline's batch holding the longest row fits safely: its fp32 logits, log-softmax and their
+    grads, and with them the weights and the activations kept for backward (memory_model's terms, in the
+    weights' dtype)."""
+    width, a = max(len(r.input_ids) for r in shape.rows), shape.arch
+    size = DTYPES[shape.dtype].itemsize
+    logits = 4 * batch * width * a.vocab * 4
+    step = (logits + size * memory_model.parameter_count(a)
+            + a.layers * memory_model.layer_activation_bytes(a, batch, width, LORA_R, size))
+    available = psutil.virtual_memory().available
+    return logits < LOGITS_MEMORY_SHARE * available and step < MEMORY_SHARE * available
 
 
 def run_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, workdir: Path, threads: int,
@@ -333,7 +377,7 @@ def run_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, wo
     longest_first = widest_batch_fits(shape, batch)
     cmd = [sys.executable, str(Path(__file__).with_name("reference_baseline.py")), "--model", str(shape.folder),
            "--rows", str(shape.ids_file), "--num_classes", str(len(shape.labels)), "--batch", str(batch),
-           "--steps", str(steps), "--lambda_lc", str(LAMBDA_LC), "--seed", str(SEED),
+           "--steps", str(steps), "--lambda_lc", str(LAMBDA_LC), "--seed", str(SEED), "--dtype", shape.dtype,
            "--output_dir", str(workdir / f"baseline-{tag}"), "--out", str(out)]
     proc = run_measured(cmd + (["--longest_first"] if longest_first else []), workdir / f"baseline-{tag}", threads,
                         timeout)
@@ -343,10 +387,10 @@ def run_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, wo
         raise RuntimeError(f"baseline logged {len(ends)} step ends and {len(batches)} batches for {steps} steps")
     steady = [{**b, "padded": b["rows"] * b["width"], "padded_sq": b["rows"] * b["width"] ** 2,  # one padded batch
                "seconds": end - before} for b, end, before in zip(batches, ends, [log["train_begin"], *ends])]
-    return {"side": "baseline", "shape": shape.name, "vocab": shape.vocab, "batch": batch, "steps": steps,
-            "warmup_steps": warmup, "flags": "--longest_first" if longest_first else "",
-            "longest_first": longest_first, "max_width": max(b["width"] for b in batches), **proc,
-            **rates(steady[warmup:], shape.vocab, full_head=True)}
+    return {"side": "baseline", "shape": shape.name, "vocab": shape.arch.vocab, "dtype": shape.dtype,
+            "batch": batch, "steps": steps, "warmup_steps": warmup,
+            "flags": "--longest_first" if longest_first else "", "longest_first": longest_first,
+            "max_width": max(b["width"] for b in batches), **proc, **rates(steady[warmup:], shape.arch, full_head=True)}
 
 
 # ---------------------------------------------------------------- the label-only head, in process
@@ -360,8 +404,8 @@ def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
     from ncal_core.model.qwen import load_model
 
     torch.manual_seed(SEED)
-    model = load_model(shape.folder)
-    inject_lora(model, MODEL["lora_r"], 32.0, 0.1, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = load_model(shape.folder, DTYPES[shape.dtype])
+    inject_lora(model, LORA_R, 32.0, 0.1, ["q_proj", "k_proj", "v_proj", "o_proj"])
     model.train()
     # a typical batch: the middle one of length-sorted rows
     rows = sorted(shape.rows[: batch * 50], key=lambda r: len(r.input_ids))
@@ -381,7 +425,7 @@ def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
         F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                         ignore_index=-100).backward()
 
-    result = {"shape": shape.name, "vocab": shape.vocab, "batch": batch, "width": int(data.input_ids.shape[1]),
+    result = {"shape": shape.name, "vocab": shape.arch.vocab, "batch": batch, "width": int(data.input_ids.shape[1]),
               "targets": len(data.target)}
     for name, fn in (("label_only", label_only), ("label_only_unpacked", lambda: label_only(pack=False)),
                      ("full_logits", full_logits)):
@@ -394,8 +438,8 @@ def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
         result[f"{name}_ms"] = 1000 * min(times[1:])  # the least disturbed by other processes
     result["speedup"] = result["full_logits_ms"] / result["label_only_ms"]
     result["packing_speedup"] = result["label_only_unpacked_ms"] / result["label_only_ms"]
-    result["full_logits_mb"] = data.input_ids.numel() * shape.vocab * 4 * 2 / 2**20  # fp32 logits + grad
-    result["label_logits_mb"] = len(data.target) * shape.vocab * 4 * 2 / 2**20
+    result["full_logits_mb"] = data.input_ids.numel() * shape.arch.vocab * 4 * 2 / 2**20  # fp32 logits + grad
+    result["label_logits_mb"] = len(data.target) * shape.arch.vocab * 4 * 2 / 2**20
     return result
 
 
@@ -447,27 +491,63 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Build, run both sides per shape and batch, run the levers, print the tables and write JSON."""
+@dataclass(frozen=True)
+class Plan:
+    """What one invocation trains and how often, resolved from its flags."""
+
+    arch: memory_model.Arch  # each shape's checkpoint takes its own tokenizer's vocab
+    runs: dict[tuple[str, int], tuple[int, int]]  # (shape, batch) -> (steps, warm-up steps left out of the rates)
+    row_limit: int | None  # TMWPL train rows the shapes keep (None: all)
+    repeats: int
+    threads: int
+    levers: bool
+    dtype: str
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shape bpe4k only, batch 8, 10 steps, no levers")
+    parser.add_argument("--model", choices=list(ARCHS), default="bench",
+                        help="bench: the small model, both shapes (default); a Qwen2.5 name: a random model of "
+                             "that architecture, shape qwen, batch 8, a short plan")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights of both sides")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "bench_train.json")
     parser.add_argument("--workdir", type=Path, help="keep checkpoints and logs here (default: a temporary folder)")
-    parser.add_argument("--repeats", type=int, help="alternate ours/baseline this many times (default 2, quick 1)")
-    parser.add_argument("--no-levers", dest="levers", action="store_false", help="skip the lever runs")
+    parser.add_argument("--repeats", type=int, help="alternate ours/baseline this many times (default 2; 1 with "
+                                                    "--quick or a Qwen2.5 model)")
+    parser.add_argument("--levers", action=argparse.BooleanOptionalAction,
+                        help="run the lever runs (default: with the bench model only; never with --quick)")
     parser.add_argument("--threads", type=int, help="torch threads of every run and of the matmul measurement "
                         "(default 2, quick 1: one thread is not stalled by other processes' load)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (1 if args.quick else 2)
-    args.threads = args.threads or (1 if args.quick else min(2, os.cpu_count() or 1))
-    torch.set_num_threads(args.threads)
+    if args.quick and args.model != "bench":
+        parser.error("--quick is the bench model's smoke test; a Qwen2.5 model has its own short plan")
+    return args
+
+
+def resolve_plan(args: argparse.Namespace) -> Plan:
+    """The bench model's full or quick plan, or QWEN_RUNS for a Qwen2.5 architecture (one repeat, no levers)."""
+    qwen = args.model != "bench"
+    default_levers = not (args.quick or qwen)
+    return Plan(arch=ARCHS[args.model], runs=QWEN_RUNS if qwen else QUICK_RUNS if args.quick else FULL_RUNS,
+                row_limit=QUICK_ROWS if args.quick else None, repeats=args.repeats or (2 if default_levers else 1),
+                threads=args.threads or (1 if args.quick else min(2, os.cpu_count() or 1)),
+                levers=not args.quick and (default_levers if args.levers is None else args.levers), dtype=args.dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build, run both sides per shape and batch, run the levers, print the tables and write JSON."""
+    args = parse_args(argv)
+    plan = resolve_plan(args)
+    torch.set_num_threads(plan.threads)
     started = time.perf_counter()
     owned = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="ncal-bench-")) if owned else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        report = run_all(args, workdir)
+        report = run_all(args, plan, workdir)
     finally:
         if owned:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -477,28 +557,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, Any]:
     """Everything the report holds."""
-    run_plan = QUICK_RUNS if args.quick else FULL_RUNS
     train_path = resolve_dataset("tmwpl", "train")
-    shapes = {name: prepare_shape(name, workdir, train_path, QUICK_ROWS if args.quick else None)
-              for name in dict.fromkeys(shape for shape, _ in run_plan)}
+    shapes = {name: prepare_shape(name, plan.arch, plan.dtype, workdir, train_path, plan.row_limit)
+              for name in dict.fromkeys(shape for shape, _ in plan.runs)}
     # the model-shaped matmul: 8 mean-length rows through the MLP's up projection
     mm_rows = 8 * round(statistics.mean(len(r.input_ids) for r in next(iter(shapes.values())).rows))
     load = [os.getloadavg()[0]]
     mm_seconds = 0.5 if args.quick else 2.0
-    mm_before = machine_matmul(mm_rows, mm_seconds)
-    print(f"fp32 torch.mm, {args.threads} threads, sustained GFLOP/s: "
+    mm_dtype = DTYPES[plan.dtype]
+    mm_before = machine_matmul(mm_rows, plan.arch, mm_dtype, mm_seconds)
+    print(f"{plan.dtype} torch.mm, {plan.threads} threads, sustained GFLOP/s: "
           + ", ".join(f"{k} {v['sustained']:.1f}" for k, v in mm_before.items()) + f"; load average {load[0]:.2f}",
           flush=True)
 
     runs, pairs = [], []
-    for (name, batch), (steps, warmup) in run_plan.items():
+    for (name, batch), (steps, warmup) in plan.runs.items():
         shape, tried = shapes[name], {"ours": [], "baseline": []}
-        for repeat in range(args.repeats):
+        for repeat in range(plan.repeats):
             tag = f"{name}-b{batch}-r{repeat}"
-            tried["ours"].append(run_ours(shape, batch, steps, warmup, [], tag, workdir, args.threads, args.timeout))
-            tried["baseline"].append(run_baseline(shape, batch, steps, warmup, tag, workdir, args.threads,
+            tried["ours"].append(run_ours(shape, batch, steps, warmup, [], tag, workdir, plan.threads, args.timeout))
+            tried["baseline"].append(run_baseline(shape, batch, steps, warmup, tag, workdir, plan.threads,
                                                   args.timeout))
             load.append(os.getloadavg()[0])
             print(f"{tag}: ours {tried['ours'][-1]['samples_per_s']:.1f}/s {tried['ours'][-1]['peak_rss_mb']:.0f} MB, "
@@ -510,16 +590,16 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         write_report(args.json, {"mode": "quick" if args.quick else "full", "partial": True, "runs": runs})
 
     levers = []
-    if args.levers and not args.quick:
+    if plan.levers:
         for name, shape in shapes.items():
-            steps, warmup = run_plan[(name, 8)]
+            steps, warmup = plan.runs[(name, 8)]
             default = next(r for r in runs if r["side"] == "ours" and r["shape"] == name and r["batch"] == 8)
             levers.append({**default, "lever": "default"})
             for lever, flags in LEVERS.items():
                 tag = f"{name}-b8-{lever.replace(' ', '_')}"
                 try:  # the fastest of as many repeats as the default had: the same footing against stalls
                     run = fastest([run_ours(shape, 8, steps, warmup, flags, f"{tag}-r{repeat}", workdir,
-                                            args.threads, args.timeout) for repeat in range(args.repeats)])
+                                            plan.threads, args.timeout) for repeat in range(plan.repeats)])
                 except RuntimeError as err:  # a lever that fails here is reported, not hidden
                     levers.append({"shape": name, "lever": lever, "flags": " ".join(flags), "error": str(err)[-500:]})
                     continue
@@ -528,9 +608,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 print(f"lever {tag}: {run['samples_per_s']:.1f}/s {run['peak_rss_mb']:.0f} MB", flush=True)
     write_report(args.json, {"mode": "quick" if args.quick else "full", "partial": True, "runs": runs,
                              "levers": levers})
-    heads = [head_microbench(shape, 8, 3 if shape.vocab > 10_000 else 5) for shape in shapes.values()]
+    heads = [head_microbench(shape, 8, 3 if shape.arch.vocab > 10_000 else 5) for shape in shapes.values()]
 
-    mm_after = machine_matmul(mm_rows, mm_seconds)
+    mm_after = machine_matmul(mm_rows, plan.arch, mm_dtype, mm_seconds)
     load.append(os.getloadavg()[0])
     peak = max(m[k]["best"] for m in (mm_before, mm_after) for k in ("mm_1024", "mm_2048"))
     sustained = max(m[k]["sustained"] for m in (mm_before, mm_after) for k in ("mm_1024", "mm_2048"))
@@ -540,7 +620,8 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     comparisons = [compare(ours, base) for ours, base in pairs]
     memory_rows = [memory_model.memory(a, 8, 512) for a in memory_model.QWEN25.values()]
 
-    print_table("Steady-state training, fp32 on CPU (fastest of the repeats)", runs,
+    print_table(f"Steady-state training, model {args.model}, {plan.dtype} weights on CPU (fastest of the repeats)",
+                runs,
                 ["side", "shape", "batch", "steady_steps", "stalled_steps", "samples_per_s",
                  "samples_per_s_all_steps", "real_tokens_per_s", "pad_fraction", "max_width", "peak_rss_mb", "model_gflops_per_step",
                  "executed_gflops_per_step", "mfu", "wall_s", "cpu_s"])
@@ -557,15 +638,18 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                  "full_logits_mb", "label_logits_mb"])
     print()
     print(memory_model.table(memory_rows))
-    print(f"\nMFU is against {peak:.1f} GFLOP/s, the fastest single fp32 torch.mm call (1024^3 and 2048^3, before and "
-          f"after the runs); sustained over {mm_seconds:.0f} s they reached {sustained:.1f}. Load average during the runs: "
+    print(f"\nMFU is against {peak:.1f} GFLOP/s, the fastest single {plan.dtype} torch.mm call (1024^3 and 2048^3, "
+          f"before and after the runs); sustained over {mm_seconds:.0f} s they reached {sustained:.1f}. "
+          "Load average during the runs: "
           + " ".join(f"{x:.1f}" for x in load) + f" on {os.cpu_count()} CPUs (other processes share this machine).")
     return {
         "mode": "quick" if args.quick else "full",
-        "machine": {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"threads": plan.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "matmul_gflops_before": mm_before, "matmul_gflops_after": mm_after, "mm_model_rows": mm_rows,
-                    "mfu_denominator_gflops": peak, "sustained_mm_gflops": sustained, "loadavg": load},
-        "model": MODEL, "lambda_lc": LAMBDA_LC, "repeats": args.repeats, "runs": runs, "comparisons": comparisons,
+                    "mfu_denominator_gflops": peak, "mfu_denominator_dtype": plan.dtype,
+                    "sustained_mm_gflops": sustained, "loadavg": load},
+        "model": {name: asdict(shape.arch) for name, shape in shapes.items()}, "lora_r": LORA_R, "dtype": plan.dtype,
+        "lambda_lc": LAMBDA_LC, "repeats": plan.repeats, "runs": runs, "comparisons": comparisons,
         "levers": levers, "head_microbench": heads,
         "memory_model": {"computed_not_measured": True, "rows": memory_rows},
     }

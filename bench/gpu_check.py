@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -184,44 +183,15 @@ def arch():
     return memory_model.QWEN25["Qwen2.5-0.5B"]
 
 
-def model_knobs(a) -> dict[str, int]:
-    """bench_train.MODEL's keys for an Arch, so that bench_train's FLOP counts apply to it."""
-    return {"hidden": a.hidden, "layers": a.layers, "intermediate": a.intermediate, "heads": a.heads,
-            "kv_heads": a.kv_heads, "lora_r": 8}
-
-
-def build_checkpoint(folder: Path, tokenizer_dir: Path) -> Path:
-    """A random Qwen2 of arch()'s shape in bf16 with Qwen's tokenizer, as bench_train.build_checkpoint (whose
-    shape is fixed to its small model) builds one; made on the GPU, where random init of 0.5B takes no time."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from ncal_core.model.tokenizer import load_tokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(tokenizer_dir / name, folder / name)
-    tokenizer, a = load_tokenizer(folder), arch()
-    config = Qwen2Config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                         num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                         tie_word_embeddings=a.tied, rope_theta=1e6, max_position_embeddings=32768,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM(config)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    del model
-    torch.cuda.empty_cache()
-    return folder
-
-
 def train_flags(model: Path, data: Path, out: Path, batch: int, steps: int, checkpointing: bool) -> list[str]:
-    """LoRA r=8 on q/k/v/o + TC (Triton) on bf16 weights, uniform rows, one log line per step, nothing saved but
-    the final adapter."""
+    """LoRA (bench_train.LORA_R, the rank its FLOP count assumes) on q/k/v/o + TC (Triton) on bf16 weights,
+    uniform rows, one log line per step, nothing saved but the final adapter."""
     import bench_train
 
     return ["--model_name_or_path", str(model), "--dataset_path", str(data / "TMWPL_train.jsonl"),
             "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
-            "--output_dir", str(out), "--overwrite_output_dir", "true", "--use_lora", "true", "--lora_r", "8",
+            "--output_dir", str(out), "--overwrite_output_dir", "true", "--use_lora", "true",
+            "--lora_r", str(bench_train.LORA_R),
             "--lora_alpha", "32", "--use_etf_loss", "true", "--lambda_lc", "1", "--tc_backend", "triton",
             "--torch_dtype", "bfloat16", "--per_device_train_batch_size", str(batch), "--max_steps", str(steps),
             "--logging_steps", "1", "--seed", str(bench_train.SEED), "--resample", "none", "--pooling", "last",
@@ -232,8 +202,7 @@ def throughput(steps: list[dict[str, Any]], a, peak_tflops: float | None) -> dic
     """bench_train.rates over the logged steps after WARMUP_STEPS (model FLOPs at arch a's shape), plus MFU."""
     import bench_train
 
-    with mock.patch.dict(bench_train.MODEL, model_knobs(a)):
-        result = bench_train.rates(steps[WARMUP_STEPS:], a.vocab, full_head=False)
+    result = bench_train.rates(steps[WARMUP_STEPS:], a, full_head=False)
     losses = [s["loss"] for s in steps]
     return {**result, "mfu": mfu(result["model_gflops_per_s"] * 1e9, peak_tflops), "first_loss": losses[0],
             "last_loss": losses[-1], "losses_finite": all(map(math.isfinite, losses))}
@@ -266,7 +235,14 @@ class Run:
 
     @cached_property
     def checkpoint(self) -> Path:
-        return build_checkpoint(self.workdir / "qwen05b-random", self.tokenizer)
+        """A random arch() in bf16 with Qwen's tokenizer, made on the GPU, where random init of 0.5B takes no time."""
+        import bench_train
+
+        folder = self.workdir / "qwen05b-random"
+        bench_train.copy_tokenizer(self.tokenizer, folder)
+        bench_train.build_checkpoint(folder, arch(), torch.bfloat16, "cuda")
+        torch.cuda.empty_cache()
+        return folder
 
     def flags(self, tag: str, checkpointing: bool) -> list[str]:
         return train_flags(self.checkpoint, self.data, self.workdir / tag, self.args.batch, self.args.steps,

@@ -1,4 +1,4 @@
-"""Training memory of LoRA fine-tuning, computed (not measured) for Qwen2.5-0.5B and -7B at a batch and length.
+"""Training memory of LoRA fine-tuning, computed (not measured) for Qwen2.5-0.5B, -1.5B and -7B at a batch and length.
 
     python bench/memory_model.py --batch 8 --seq 512 [--lora_r 8] [--label_tokens 3] [--json PATH]
 
@@ -54,6 +54,7 @@ class Arch:
 # From the models' config.json on the Hugging Face Hub.
 QWEN25 = {
     "Qwen2.5-0.5B": Arch("Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936, True),
+    "Qwen2.5-1.5B": Arch("Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936, True),
     "Qwen2.5-7B": Arch("Qwen2.5-7B", 3584, 28, 28, 4, 18944, 152064, False),
 }
 
@@ -142,7 +143,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the table for both models; write the rows as JSON with --json."""
+    """Print the table for every model; write the rows as JSON with --json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)

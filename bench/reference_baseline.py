@@ -1,14 +1,14 @@
 """The reference's way of training, as the baseline of bench/bench_train.py: HF Trainer + PEFT LoRA + TC at position -1.
 
     python bench/reference_baseline.py --model DIR --rows ROWS.jsonl --num_classes 7 --batch 8 --steps 30 \
-        --output_dir DIR --out OUT.json [--longest_first]
+        --output_dir DIR --out OUT.json [--longest_first] [--dtype float32|bfloat16]
 
 Rebuilt from the behaviour of the paper's public code (code/trainer.py, code/dataset.py, code/model.py),
 not copied from it: `AutoModelForCausalLM` + `get_peft_model`, a `Trainer` whose `compute_loss` runs the
 model with its own `labels` (prompt positions -100, so the [B, T, V] logits and their loss are computed in
 full) and `output_hidden_states=True`, then adds lambda * TC on `hidden_states[-1][:, -1, :]` of the
 right-padded batch. Trainer's random sampler, fused AdamW and linear schedule are left at their defaults,
-as the reference leaves them.
+as the reference leaves them. --dtype is the base weights' dtype; PEFT keeps the LoRA weights in fp32.
 
 With --longest_first the random order is kept except that the longest row moves into the first batch:
 the reference meets that batch (padded to the longest row, with its full logits) at some random step of
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logging_steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--longest_first", action="store_true", help="put the longest row into the first batch")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the base weights")
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="where the step log goes (JSON)")
     args = parser.parse_args(argv)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="right")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     model = get_peft_model(
         model,
         LoraConfig(

@@ -1,7 +1,9 @@
-"""bench/memory_model.py against a hand computation, and bench/bench_train.py --quick end to end (no timing asserted)."""
+"""bench/memory_model.py against a hand computation, bench/bench_train.py's run plans, and bench_train.py --quick end
+to end (no timing asserted)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -11,6 +13,12 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def bench_train(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("bench_train")
 
 
 def _run(script: str, *args: str, timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -31,6 +39,7 @@ def test_memory_model_matches_a_hand_computation_for_qwen25_05b_at_batch_8_by_51
     per_layer = (896 * 896 + 896) + 2 * (896 * 128 + 128) + 896 * 896 + 3 * 896 * 4864 + 2 * 896
     assert small["parameters"] == 151936 * 896 + 24 * per_layer + 896 == 494_032_768  # the published 0.49B
     assert big["parameters"] == 7_615_616_512  # the published 7.61B (untied head)
+    assert rows["Qwen2.5-1.5B"]["parameters"] == 1_543_714_304  # the published 1.54B (tied head)
     assert small["weights_bf16"] == 2 * 494_032_768
     lora = 24 * 8 * ((896 + 896) + 2 * (896 + 128) + (896 + 896))
     assert small["lora_parameters"] == lora == 1_081_344
@@ -42,6 +51,36 @@ def test_memory_model_matches_a_hand_computation_for_qwen25_05b_at_batch_8_by_51
     assert small["activations"] == 24 * layer
     assert small["activations_checkpointed"] == 24 * 8 * 512 * 2 * 896 + layer
     assert small["total_full_logits"] == 2 * 494_032_768 + 16 * lora + 24 * layer + 8 * 512 * 151936 * 8
+
+
+def test_a_qwen25_model_plans_its_architecture_one_short_run_at_batch_8_and_no_levers_unless_asked(bench_train):
+    plan = bench_train.resolve_plan(bench_train.parse_args(["--model", "Qwen2.5-0.5B"]))
+    a = plan.arch
+    assert (a.name, a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab, a.tied) == (
+        "Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936, True)
+    assert plan.runs == {("qwen", 8): (8, 2)}
+    assert (plan.repeats, plan.levers, plan.dtype, plan.row_limit) == (1, False, "float32", None)
+    assert plan.threads == min(2, os.cpu_count() or 1)
+
+    asked = bench_train.resolve_plan(bench_train.parse_args(["--model", "Qwen2.5-1.5B", "--dtype", "bfloat16",
+                                                             "--levers"]))
+    a = asked.arch
+    assert (a.name, a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab, a.tied) == (
+        "Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936, True)
+    assert asked.runs == plan.runs and asked.levers and asked.dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--model", "Qwen2.5-0.5B", "--quick"])
+
+
+def test_the_bench_model_keeps_its_full_and_quick_plans(bench_train):
+    full = bench_train.resolve_plan(bench_train.parse_args([]))
+    a = full.arch
+    assert (a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.tied) == (256, 4, 4, 2, 1024, True)
+    assert full.runs == {("bpe4k", 8): (60, 10), ("bpe4k", 32): (30, 5), ("qwen", 8): (30, 5), ("qwen", 32): (12, 3)}
+    assert (full.repeats, full.levers, full.dtype, full.row_limit) == (2, True, "float32", None)
+    quick = bench_train.resolve_plan(bench_train.parse_args(["--quick", "--levers"]))
+    assert quick.runs == {("bpe4k", 8): (10, 3)}
+    assert (quick.repeats, quick.levers, quick.threads, quick.row_limit) == (1, False, 1, 480)
 
 
 @pytest.mark.slow

@@ -128,17 +128,15 @@ def test_predicted_peak_is_memory_models_total_at_the_widest_step(gpu_check):
     assert got["predicted_bytes"] == memory_model.memory(a, 4, 101, 8, 3)["total_label_only_checkpointed"]
 
 
-def test_throughput_counts_flops_at_the_qwen_shape_and_leaves_bench_train_as_it_was(gpu_check, tmp_path):
+def test_throughput_counts_model_flops_at_qwen25_05b_shapes_as_a_hand_computation(gpu_check, tmp_path):
     import bench_train
 
-    before = dict(bench_train.MODEL)
     steps = 2 * gpu_check.WARMUP_STEPS
     lines = [{"step": i + 1, "loss": 2.0 - i / steps, "samples_per_s": 4.0, "seconds": 0.5, "rows": 2, "tokens": 100,
               "sq_tokens": 5000, "target_tokens": 4, "padded_tokens": 100, "attended": 5000} for i in range(steps)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     a = gpu_check.arch()
     got = gpu_check.throughput(bench_train.logged_steps(tmp_path / "metrics.jsonl"), a, 989.0)
-    assert bench_train.MODEL == before
     H, L, I, r, D = 896, 24, 4864, 8, 64
     qkv = H * 14 * D + 2 * H * 2 * D
     lora = r * (H + 14 * D) + 2 * r * (H + 2 * D) + r * (14 * D + H)
