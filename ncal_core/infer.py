@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from ncal_core.data.rows import (
     label_set,
     load_examples,
     prompts_split_flag,
+    table_delimiter,
     text_column_flag,
 )
 from ncal_core.errors import NCALError, run_cli
@@ -56,7 +58,10 @@ class InferConfig:
     label_column: str = label_column_flag()
     dataset_split: str = prompts_split_flag()
     interactive: bool = flag(False, "read texts from stdin, one per line, and print label and probability")
-    output_file: str | None = flag(None, "write one JSON line per row: id, prediction, scores, label")
+    output_file: str | None = flag(None, "write the predictions: JSONL, one line per row (id, prediction, scores, "
+                                         "label), or CSV/TSV by a .csv/.tsv suffix, a header row and the columns "
+                                         "id, prediction, score:<label> for each label, label (--generate: valid in "
+                                         "place of the scores; no gold label: an empty cell)")
     metrics_file: str | None = flag(None, "write the report (accuracy, macro_f1, per class, confusion) as JSON")
     labels: list[str] | None = flag(None, "the class names, when the model folder does not record them "
                                         "(default: the sorted gold labels of --prompts_file)")
@@ -107,6 +112,30 @@ def _check_ensemble(paths: list[str], runs: list[dict], labels: list[str]) -> No
         if run and run.labels and set(run.labels) != set(labels):
             raise NCALError(f"--model_path {path}: trained on the labels {','.join(run.labels)}, not "
                             f"{','.join(labels)}; the models of an ensemble score one label set")
+
+
+def _table_row(output: dict) -> dict:
+    """One prediction as table cells: a `score:<label>` column per label where its scores were."""
+    cells = {}
+    for key, value in output.items():
+        if key == "scores":
+            cells.update({f"score:{label}": prob for label, prob in value.items()})
+        else:
+            cells[key] = value
+    return cells
+
+
+def _write_predictions(path: Path, outputs: list[dict]) -> None:
+    """Write the predictions as CSV or TSV by path's suffix (UTF-8, a header row), else as JSON lines."""
+    delimiter = table_delimiter(path)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        if delimiter is None:
+            handle.writelines(json.dumps(output, ensure_ascii=False) + "\n" for output in outputs)
+            return
+        rows = [_table_row(output) for output in outputs]
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                    for row, pred, row_probs in zip(rows, predictions, probs)]
         invalid = 0
     if cfg.output_file:
-        with open(cfg.output_file, "w", encoding="utf-8") as handle:
-            for line in outputs:
-                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        _write_predictions(Path(cfg.output_file), outputs)
         print(f"wrote {len(outputs)} predictions to {cfg.output_file}", file=sys.stderr)
     elif cfg.prompt is not None:
         best = outputs[0]

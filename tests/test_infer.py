@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import re
@@ -67,6 +68,36 @@ def test_probabilities_and_metrics_of_a_base_checkpoint_match_transformers_and_s
     pred = [p["prediction"] for p in predictions]
     assert report["accuracy"] == pytest.approx(accuracy_score(gold, pred))
     assert report["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=labels, average="macro", zero_division=0))
+
+
+@pytest.mark.parametrize("suffix,delimiter", [(".csv", ","), (".tsv", "\t")])
+def test_a_csv_or_tsv_output_file_holds_the_predictions_and_scores_of_the_jsonl_one(base, rows_file, tmp_path, suffix,
+                                                                                     delimiter):
+    written = {}
+    for name in (".jsonl", suffix):
+        written[name] = tmp_path / f"p{name}"
+        assert main(["--model_path", str(base), "--prompts_file", str(rows_file[0]), "--output_file",
+                     str(written[name])]) == 0
+    predictions = _read_jsonl(written[".jsonl"])
+    with open(written[suffix], encoding="utf-8", newline="") as handle:
+        table = list(csv.DictReader(handle, delimiter=delimiter))
+    labels = sorted(LABELS)
+    assert list(table[0]) == ["id", "prediction", *(f"score:{label}" for label in labels), "label"]
+    fields = ("id", "prediction", "label")
+    assert [[row[k] for k in fields] for row in table] == [[p[k] for k in fields] for p in predictions]
+    # a float cell is the float's repr, which reads back to the same float
+    assert [{label: float(row[f"score:{label}"]) for label in labels} for row in table] == [p["scores"]
+                                                                                           for p in predictions]
+
+
+def test_a_generated_table_has_a_valid_column_and_an_empty_label_cell_for_no_gold_label(base, tmp_path):
+    out = tmp_path / "g.csv"
+    assert main(["--model_path", str(base), "--prompt", TEXTS[0], "--labels", ",".join(LABELS), "--generate", "true",
+                 "--max_new_tokens", "3", "--output_file", str(out)]) == 0
+    with open(out, encoding="utf-8", newline="") as handle:
+        [row] = csv.DictReader(handle)
+    assert list(row) == ["id", "prediction", "valid", "label"]
+    assert row["id"] == "prompt" and row["valid"] == str(row["prediction"] in LABELS) and row["label"] == ""
 
 
 def test_several_models_score_as_the_mean_of_their_label_log_probabilities(base, rows_file, tmp_path):

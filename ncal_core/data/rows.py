@@ -162,8 +162,14 @@ def _csv_rows(path: Path, delimiter: str, text_column: str, label_column: str, r
 
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+_TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 _DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _DATASET_FILES = ("dataset_dict.json", "state.json")  # what save_to_disk writes for a DatasetDict, a Dataset
+
+
+def table_delimiter(path: Path) -> str | None:
+    """The cell delimiter of a .csv or .tsv path (any case), None for any other."""
+    return _TABLE_DELIMITERS.get(path.suffix.lower())
 
 
 def text_column_flag():
@@ -283,8 +289,7 @@ def load_examples(path: str | Path, *, require_labels: bool = True, text_column:
     known: tuple[Format, ...] = formats(text_column, label_column)
     if _is_dataset(path):
         rows = _dataset_rows(path, dataset_split, label_column)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    elif delimiter := table_delimiter(path):
         rows = _csv_rows(path, delimiter, text_column, label_column, require_labels)
         known = (columns_format(text_column, label_column),)
     else:
