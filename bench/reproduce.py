@@ -31,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ncal_core.cli import parse_config
@@ -41,6 +40,7 @@ from ncal_core.data.rows import load_examples
 from ncal_core.evaluation.metrics import classification_report, paired_bootstrap
 from ncal_core.evaluation.predictor import load_predictor
 from ncal_core.evaluation.scoring import ensemble_log_probs, score_labels
+from ncal_core.evaluation.tau_choice import TAU_GRID, choose_tau, dev_row_weights
 from ncal_core.loss.logit_adjustment import adjust_scores, log_prior
 from ncal_core.run_record import RunRecord
 from ncal_core.train.config import TrainConfig, uses_lora, uses_tc
@@ -90,7 +90,6 @@ METHODS: dict[str, list[str]] = {
     "etf_target_la_loss": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "etf_target",
                            "--la_loss_tau", "1.0"],
 }
-TAUS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 TAIL = 3  # report per-class F1 of the three smallest training classes
 # settings that do not change the trained weights (where files go, speed paths, evaluation-time options)
 NOT_TRAINING = {"output_dir", "overwrite_output_dir", "eval_dataset_path", "eval_strategy", "save_strategy",
@@ -182,11 +181,11 @@ def _bootstrap_delta(gold: list[int], preds_a: list[list[int]], preds_b: list[li
 
 
 def _choose_tau(dev: dict, prior: torch.Tensor, adjusted: bool, labels: list[str]) -> tuple[float, float]:
-    """(tau, dev macro-F1): the first of TAUS best on the development split, or 0 without adjustment."""
-    dev_f1 = [classification_report(dev["gold"], _predict(dev, prior, t), labels)["macro_f1"]
-              for t in (TAUS if adjusted else [0.0])]
-    best = int(np.argmax(dev_f1))
-    return (TAUS[best] if adjusted else 0.0), dev_f1[best]
+    """(tau, dev macro-F1): chosen on the development split as ncal_core.train chooses it, or 0 without adjustment."""
+    weights = dev_row_weights(dev["gold"], len(labels), "balanced")
+    tau, by_tau = choose_tau(torch.tensor(dev["scores"]), dev["gold"], prior, weights,
+                             TAU_GRID if adjusted else [0.0])
+    return tau, max(by_tau)
 
 
 def _ensemble(by_seed: list[dict], prior: torch.Tensor, adjusted: bool, labels: list[str]) -> dict:
@@ -291,17 +290,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="bench/results/reproduce")
     parser.add_argument("--dev_per_class", type=int, default=20)
+    parser.add_argument("--train", default="tmwpl", help="the training set: a name or a file (bench/resplit.py "
+                        "writes a second one)")
+    parser.add_argument("--test", default="tmwpl", help="the test set: a name (its test split) or a file")
     parser.add_argument("--quick", action="store_true", help="2 methods, 1 seed, 30 steps of a smaller model")
     parser.add_argument("extra", nargs="*", help="more flags for every training run, after --")
     args = parser.parse_args(argv)
     methods = ["sft", "ncal"] if args.quick else args.methods.split(",")
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    common = ["--dataset_path", "tmwpl", "--dev_per_class", str(args.dev_per_class), *args.extra]
+    train_path, test_path = resolve_dataset(args.train, "train"), resolve_dataset(args.test, "test")
+    common = ["--dataset_path", str(train_path), "--dev_per_class", str(args.dev_per_class), *args.extra]
     if args.quick:
         common += ["--max_steps", "30", "--tiny_hidden_size", "64", "--tiny_num_layers", "1"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    test_rows = load_examples(resolve_dataset("tmwpl", "test"))
+    test_rows, train_rows = load_examples(test_path), load_examples(train_path)
     results: dict[str, dict[int, dict]] = {}
     for method in methods:
         if method not in METHODS:
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             run_dir = _run(method, seed, out, common)
             dev_ids = set(json.loads((run_dir / "dev_ids.json").read_text()))
-            dev_rows = [r for r in load_examples(resolve_dataset("tmwpl", "train")) if r.id in dev_ids]
+            dev_rows = [r for r in train_rows if r.id in dev_ids]
             results.setdefault(method, {})[seed] = _scores(run_dir, dev_rows, test_rows)
             print(f"{method} seed {seed}: done", flush=True)
     rows = summarise(results, out)

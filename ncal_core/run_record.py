@@ -28,6 +28,7 @@ class RunRecord:
     base_model: str | None = None          # the base checkpoint's absolute path
     use_lora: bool | None = None
     learning_rate: float | None = None     # the peak learning rate the run used (the flag or its default)
+    logit_adjust_tau: float | None = None  # the post-hoc tau its evaluation used: the flag, or chosen on the dev split
 
     def setting(self, name: str, default: Any) -> Any:
         """A flag of the run; `default` for one it does not record (a run of an older version)."""

@@ -26,7 +26,8 @@ def test_defaults_when_no_flags_are_the_documented_ones():
     assert (cfg.dataset_path, cfg.model_name_or_path, cfg.output_dir) == ("tmwpl", "tiny", "outputs/ncal-tiny-tmwpl")
     assert (cfg.cutoff_len, cfg.lora_r, cfg.max_steps, cfg.seed) == (2048, 8, -1, 42)
     assert cfg.per_device_train_batch_size == 32
-    assert (cfg.lambda_lc, cfg.lora_alpha, cfg.logit_adjust_tau, cfg.num_train_epochs) == (1.0, 32.0, 1.5, 3.0)
+    assert (cfg.lambda_lc, cfg.lora_alpha, cfg.logit_adjust_tau, cfg.num_train_epochs) == (1.0, 32.0, None, 3.0)
+    assert cfg.dev_weighting == "balanced"
     assert cfg.use_etf_loss is True and cfg.class_diff is True and cfg.bf16 is False
     assert cfg.use_lora is None and cfg.learning_rate is None and cfg.label_types is None
     assert cfg.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]

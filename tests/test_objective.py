@@ -10,6 +10,7 @@ from random_checkpoints import make_hf_checkpoint
 
 from ncal_core.data.batching import collate
 from ncal_core.data.prompts import EncodedRow
+from ncal_core.loss.logit_adjustment import label_decisions
 from ncal_core.loss.objective import TrainingObjective
 from ncal_core.loss.tc import TCConfig
 from ncal_core.model.head import packing_available
@@ -17,6 +18,9 @@ from ncal_core.model.qwen import load_model
 
 # fp32: the same sums computed over a subset of positions vs all positions with masking
 ATOL_FP32 = 1e-5
+# _batch's classes 0 and 1 as labels of one token and of two sharing their first (7 8 | 7 9), then eos (1):
+# class 1 decides at its first and its second token
+DECISIONS = label_decisions([[5, 1], [7, 8, 1], [7, 9, 1]], [3, 2, 1])
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +40,9 @@ def _batch():
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model, padding_free):
     rows, batch = _batch()
-    firsts = torch.tensor([3, 60, 11])
-    objective = TrainingObjective(model, padding_free=padding_free, first_tokens=firsts)
+    objective = TrainingObjective(model, padding_free=padding_free, decisions=DECISIONS)
     model.zero_grad()
-    lm_sum, z, first_scores, class_ids = objective(batch)
+    lm_sum, z, decision_scores, class_ids = objective(batch)
     lm_sum.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert z is None
@@ -53,9 +56,12 @@ def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model, pad
     full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=-100, reduction="sum")
     full.backward()
-    expected_first = logits[torch.arange(len(rows)), batch.prompt_lens - 1][:, firsts]
-    assert torch.allclose(first_scores, expected_first, atol=ATOL_FP32)
-    assert TrainingObjective(model, padding_free=padding_free)(batch).first_scores is None
+    # row b's decision d picks label token position[c, d]: the logits at prompt_len - 1 + that position
+    c = batch.class_ids
+    at = batch.prompt_lens[:, None] - 1 + DECISIONS.position[c]  # [B, D]
+    expected = logits[torch.arange(len(rows))[:, None, None], at[..., None], DECISIONS.tokens[c]]  # [B, D, C]
+    assert torch.allclose(decision_scores, expected, atol=ATOL_FP32)
+    assert TrainingObjective(model, padding_free=padding_free)(batch).decision_scores is None
     assert len(batch.target) == sum(len(r.input_ids) - r.prompt_len for r in rows)
     assert class_ids.tolist() == [r.label_index for r in rows]
     assert torch.allclose(lm_sum, full, atol=ATOL_FP32)
@@ -82,9 +88,8 @@ def test_tc_feature_is_pooled_where_method_md_says(model, pooling, padding_free)
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 def test_padding_free_gives_the_padded_batchs_loss_features_and_gradients(model, pooling, blocks):
     rows, batch = _batch()
-    firsts = torch.tensor([3, 60, 11])
-    padded = TrainingObjective(model, tc=TCConfig(pooling=pooling), padding_free=False, first_tokens=firsts)
-    ragged = TrainingObjective(model, tc=TCConfig(pooling=pooling), padding_free=True, first_tokens=firsts)
+    padded = TrainingObjective(model, tc=TCConfig(pooling=pooling), padding_free=False, decisions=DECISIONS)
+    ragged = TrainingObjective(model, tc=TCConfig(pooling=pooling), padding_free=True, decisions=DECISIONS)
 
     def run(objective, batch):
         model.zero_grad()
@@ -93,8 +98,8 @@ def test_padding_free_gives_the_padded_batchs_loss_features_and_gradients(model,
         assert out.class_ids.tolist() == [rows[i].label_index for i in order]
         (out.lm_sum + (out.z * torch.linspace(-1, 1, out.z.shape[1])).sum()).backward()  # touches every feature
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        z, first = torch.empty_like(out.z), torch.empty_like(out.first_scores)
-        z[order], first[order] = out.z, out.first_scores                               # back to the rows' order
+        z, first = torch.empty_like(out.z), torch.empty_like(out.decision_scores)
+        z[order], first[order] = out.z, out.decision_scores                            # back to the rows' order
         return out.lm_sum, z, first, grads
 
     cut = collate(rows, pad_id=0, attention_blocks=blocks, block_cost=0)
@@ -117,14 +122,14 @@ def _rows_of(batch, rows):
 
 def test_packed_head_gives_the_plain_heads_loss_and_gradients(model):
     rows, batch = _batch()
-    objective = TrainingObjective(model, first_tokens=torch.tensor([3, 60, 11]))
+    objective = TrainingObjective(model, decisions=DECISIONS)
 
     def run(pack: bool):
         objective.head.pack = pack
         assert objective.head.usable(torch.zeros(1, 1)) == pack  # the path under test is the one taken
         model.zero_grad()
         out = objective(batch)
-        (out.lm_sum + out.first_scores.sum()).backward()
+        (out.lm_sum + out.decision_scores.sum()).backward()
         return out.lm_sum, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     model.lm_head.weight.requires_grad_(False)  # frozen, as under LoRA: the head may pack its weight

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ncal_core.evaluation.tau_choice import TAU_GRID
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -82,7 +84,7 @@ def test_sft_twin_is_the_method_that_trains_alike_with_tc_off():
 
 def test_seed_ensembles_score_the_mean_label_log_probabilities_with_tau_from_dev(tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
-    from reproduce import TAUS, summarise, write_table
+    from reproduce import summarise, write_table
     from sklearn.metrics import f1_score
 
     labels, counts = ["a", "b", "c"], [80, 15, 5]
@@ -106,8 +108,8 @@ def test_seed_ensembles_score_the_mean_label_log_probabilities_with_tau_from_dev
         mean = torch.stack([torch.tensor(r[split]["scores"]).log_softmax(1) for r in results[method].values()]).mean(0)
         return f1_score(gold[split], (mean - tau * prior).argmax(1), average="macro")
 
-    def dev_tau(method: str) -> float:  # the first of TAUS best on dev
-        return TAUS[max(range(len(TAUS)), key=lambda i: (macro_f1(method, "dev", TAUS[i]), -i))]
+    def dev_tau(method: str) -> float:  # the first of TAU_GRID best on dev
+        return TAU_GRID[max(range(len(TAU_GRID)), key=lambda i: (macro_f1(method, "dev", TAU_GRID[i]), -i))]
 
     for method in results:
         assert rows[method]["ensemble"]["tau"] == 0.0

@@ -122,4 +122,4 @@ def test_labels_left_out_of_the_corpus_are_ordinary_text_with_distinct_first_tok
     tokenizer = AutoTokenizer.from_pretrained(trained[0])
     ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
     assert all(len(i) > 1 for i in ids), dict(zip(labels, ids))
-    assert len({i[0] for i in ids}) == len(labels)  # what --la_loss_tau needs
+    assert len({i[0] for i in ids}) == len(labels)  # TMWPL's labels part at their first token

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from ncal_core.run_record import RunRecord
 
 # fp32 losses of 4 steps: the two paths differ by summation order (and matrix shapes) only
 RTOL_LOSS = 1e-4
@@ -101,7 +104,8 @@ def test_a_run_says_what_it_will_do_and_what_it_wrote(tmp_path):
     # --val_size 0.1 by default: 2 of each class's 16 rows held out
     assert any(line.startswith("data:       42 training rows of ") and line.endswith("3 classes: A 14, B 14, C 14")
                for line in out), out
-    assert "dev split:  6 rows held out of training, evaluated each epoch to choose the best checkpoint" in out
+    assert "dev split:  6 rows held out of training, evaluated to choose the best checkpoint" in out
+    assert "tau:        post-hoc logit adjustment chosen on the dev split" in out
     assert "evaluation: no test (no evaluation file; pass --eval_dataset_path to score one)" in out
     assert any(line.startswith("model:      tiny (full fine-tuning), ") and " trainable of " in line for line in out)
     assert "plan:       1 optimizer steps of 12 rows (12 per process x 1 process(es) x 1 accumulation)" in out
@@ -127,9 +131,18 @@ def test_the_best_checkpoint_is_chosen_on_the_dev_split_and_the_test_file_is_sco
     report = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     final_test = next(r for r in lines if r.get("split") == "test")
     assert report["macro_f1"] == final_test["eval_macro_f1"] and report["dev"]["rows"] == 12
-    best = max((r for r in lines if r.get("split") == "dev"), key=lambda r: r["eval_macro_f1"])  # first of ties
+    # chosen by the balanced (class-weighted) macro-F1, at the tau each evaluation chose on dev
+    best = max((r for r in lines if r.get("split") == "dev"), key=lambda r: r["eval_weighted_macro_f1"])
     path = out if best["eval"] == "final" else out / f"checkpoint-{best['step']}"
-    assert report["dev"]["best_checkpoint"] == {"path": str(path), "macro_f1": best["eval_macro_f1"]}
+    assert report["dev"]["best_checkpoint"] == {"path": str(path), "macro_f1": best["eval_weighted_macro_f1"]}
+    # the test rows are scored at the tau the final weights' dev evaluation chose: the smallest of the grid's best
+    final_dev = next(r for r in lines if r.get("split") == "dev" and r["eval"] == "final")
+    by_tau = report["dev"]["tau_chosen_on_these_rows"]
+    tau = final_dev["logit_adjust_tau"]
+    assert by_tau[str(tau)] == max(by_tau.values()) and all(v < by_tau[str(tau)] for t, v in by_tau.items()
+                                                            if float(t) < tau)
+    assert report["logit_adjust_tau"] == final_test["logit_adjust_tau"] == report["dev"]["logit_adjust_tau"] == tau
+    assert RunRecord.read(out).logit_adjust_tau == tau  # what infer, analyze, export and serve apply
     dev_ids = set(json.loads((out / "dev_ids.json").read_text(encoding="utf-8")))
     assert len(dev_ids) == 12 and not dev_ids & {f"t{i}" for i in range(48)}
 
@@ -150,24 +163,89 @@ def test_step_evaluation_scores_the_dev_split_every_eval_steps(tmp_path):
     assert not list(out.glob("checkpoint-*"))  # --save_strategy no: the best is chosen, nothing is saved
 
 
+def _tracked_run(tmp_path: Path, report_to: str, **env: str) -> tuple[Path, list[dict]]:
+    """(output folder, metrics.jsonl lines) of 4 logged steps and 2 development evaluations with --report_to."""
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "ncal_core.train", "--dataset_path", str(_rows(tmp_path / "train.jsonl")),
+                    "--eval_dataset_path", "none", "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "1",
+                    "--per_device_train_batch_size", "12", "--tiny_hidden_size", "32", "--tiny_num_layers", "1",
+                    "--tiny_vocab_size", "300", "--save_strategy", "no", "--report_to", report_to], check=True,
+                   env={**os.environ, "NCAL_CACHE_DIR": str(tmp_path / "cache"), **env}, capture_output=True, text=True)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return out, lines
+
+
 @pytest.mark.slow
 def test_report_to_tensorboard_logs_what_metrics_jsonl_logs(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = tmp_path / "out"
-    env = {**os.environ, "NCAL_CACHE_DIR": str(tmp_path / "cache")}
-    subprocess.run([sys.executable, "-m", "ncal_core.train", "--dataset_path", str(_rows(tmp_path / "train.jsonl")),
-                    "--eval_dataset_path", "none", "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "1",
-                    "--per_device_train_batch_size", "12", "--tiny_hidden_size", "32", "--tiny_num_layers", "1",
-                    "--tiny_vocab_size", "300", "--save_strategy", "no", "--report_to", "tensorboard"],
-                   check=True, env=env, capture_output=True, text=True)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    out, lines = _tracked_run(tmp_path, "tensorboard")
     (run_dir,) = (out / "runs").iterdir()
     events = EventAccumulator(str(run_dir)).Reload()
     logged = {(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")}
     assert logged == {(r["step"], round(r["loss"], 5)) for r in lines if "loss" in r} and len(logged) == 4
     dev = [(r["step"], round(r["eval_macro_f1"], 5)) for r in lines if r.get("split") == "dev"]
     assert [(e.step, round(e.value, 5)) for e in events.Scalars("dev/macro_f1")] == dev and len(dev) == 2
+
+
+# a .wandb file: a 7-byte header, then LevelDB's log format, 32 KiB blocks of chunks
+# (crc32c: 4 bytes, length: 2 little-endian, type: 1, data); a chunk of type FULL or LAST ends a record
+WANDB_HEADER, WANDB_BLOCK, CHUNK_HEADER, RECORD_ENDS = 7, 32768, 7, (1, 4)
+
+
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of an offline wandb run's transaction log, in the order they were written."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert data.startswith(b":W&B"), path
+    records, pending, pos = [], b"", WANDB_HEADER
+    while pos + CHUNK_HEADER <= len(data):
+        if WANDB_BLOCK - pos % WANDB_BLOCK < CHUNK_HEADER:  # a block's tail too short for a chunk is padding
+            pos += WANDB_BLOCK - pos % WANDB_BLOCK
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length]
+        pos += CHUNK_HEADER + length
+        if kind in RECORD_ENDS:
+            records.append(Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def _wandb_items(items) -> dict:
+    """A config, history or summary record's items as {key: value}."""
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def _wandb_latest(records: list, kind: str) -> dict:
+    """A run's config or summary: each key's value in the last `kind` record that sets it."""
+    latest = {}
+    for record in records:
+        if record.HasField(kind):
+            latest.update(_wandb_items(getattr(record, kind).update))
+    return latest
+
+
+@pytest.mark.slow
+def test_report_to_wandb_offline_logs_the_flags_and_what_metrics_jsonl_logs(tmp_path):
+    pytest.importorskip("wandb")
+    from ncal_core.train.config import TrainConfig
+
+    out, lines = _tracked_run(tmp_path, "wandb", WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true",
+                                WANDB_CACHE_DIR=str(tmp_path / "cache"), WANDB_CONFIG_DIR=str(tmp_path / "config"))
+    (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    records = _wandb_records(log)
+    config = _wandb_latest(records, "config")
+    assert {field.name for field in dataclasses.fields(TrainConfig)} <= set(config)
+    assert config["max_steps"] == 4 and config["report_to"] == "wandb" and config["output_dir"] == str(out)
+    history = [_wandb_items(record.history.item) for record in records if record.HasField("history")]
+    steps = [r for r in lines if "loss" in r]
+    assert [(h["_step"], h["train/loss"]) for h in history] == [(r["step"], r["loss"]) for r in steps]
+    dev = [(r["step"], r["eval_macro_f1"]) for r in lines if r.get("split") == "dev"]
+    assert [(h["_step"], h["dev/macro_f1"]) for h in history if "dev/macro_f1" in h] == dev and len(dev) == 2
+    summary = _wandb_latest(records, "summary")
+    assert summary["train/loss"] == steps[-1]["loss"] and summary["dev/macro_f1"] == dev[-1][1]
 
 
 def test_report_to_a_tracker_that_is_not_installed_is_refused_in_one_line(monkeypatch):

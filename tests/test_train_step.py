@@ -18,7 +18,7 @@ from accelerate import Accelerator
 
 from ncal_core.data.prompts import EncodedRow
 from ncal_core.evaluation.scoring import score_labels
-from ncal_core.loss.logit_adjustment import log_prior
+from ncal_core.loss.logit_adjustment import label_decisions, log_prior
 from ncal_core.loss.objective import TrainingObjective
 from ncal_core.loss.tc import simplex_etf
 from ncal_core.model.qwen import ModelConfig, QwenModel
@@ -45,14 +45,15 @@ def _rows(n: int) -> list[EncodedRow]:
 
 
 def _parts(cfg: TrainConfig, model: QwenModel, rows: list[EncodedRow]) -> StepParts:
-    first_tokens = torch.tensor([60, 61, 62], device=META) if cfg.la_loss_tau > 0 else None
+    # labels of which two share a first token, so that rows make two decisions (meta tensors: shapes only)
+    decisions = label_decisions([[60, 1], [60, 61, 1], [62, 1]], [4, 2, 1]).to(META) if cfg.la_loss_tau > 0 else None
     tc = replace(cfg.tc, backend="torch")
-    objective = TrainingObjective(model, tc=tc, padding_free=cfg.padding_free, first_tokens=first_tokens)
+    objective = TrainingObjective(model, tc=tc, padding_free=cfg.padding_free, decisions=decisions)
     # the loop's fused AdamW has kernels for real devices only; the single-tensor one runs the same update on any
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=False)
     etf = simplex_etf(K, 32, 0).to(META) if cfg.tc_variant == "etf_target" else None
     return StepParts(Accelerator(cpu=True), objective, optimizer, make_scheduler(optimizer, "linear", 1, 4), rows,
-                     0, cfg, K, log_prior([4, 2, 1]).to(META), etf, META, tc)
+                     0, cfg, K, log_prior([4, 2, 1]).to(META), etf, META, tc, decisions=decisions)
 
 
 @pytest.fixture(autouse=True)

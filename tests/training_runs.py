@@ -99,7 +99,8 @@ def eval_report(output_dir: Path) -> dict:
 
 
 def trained_lora_run(root: Path) -> tuple[Path, dict[str, str]]:
-    """(output folder, command environment) of a few LoRA steps over a small random Qwen2 with a tokenizer."""
+    """(output folder, command environment) of a few LoRA steps over a small random Qwen2 with a tokenizer, its
+    post-hoc tau fixed at 1.5 (the commands that read the run must apply it)."""
     from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
 
     base = make_checkpoint_with_tokenizer(root / "base", hidden_size=32, intermediate_size=64, layers=2, heads=2,
@@ -109,6 +110,7 @@ def trained_lora_run(root: Path) -> tuple[Path, dict[str, str]]:
     result = run("ncal_core.train", ["--model_name_or_path", str(base), "--dataset_path",
                                      str(write_jsonl(root / "train.jsonl", tmwpl_rows(48))), "--eval_dataset_path",
                                      "none", "--output_dir", str(out), "--max_steps", "6", "--learning_rate", "5e-3",
-                                     "--per_device_train_batch_size", "8", "--save_strategy", "no"], env)
+                                     "--per_device_train_batch_size", "8", "--save_strategy", "no",
+                                     "--logit_adjust_tau", "1.5"], env)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, env

@@ -15,19 +15,22 @@ from ncal_core.data.rows import Example
 from ncal_core.distributed import gather_shards, shard
 from ncal_core.evaluation.collapse import neural_collapse
 from ncal_core.evaluation.features import pooled_features
-from ncal_core.evaluation.metrics import classification_report, format_report
+from ncal_core.evaluation.metrics import classification_report, format_report, weighted_macro_f1
 from ncal_core.evaluation.scoring import score_labels
+from ncal_core.evaluation.tau_choice import TAU_GRID, choose_tau, dev_row_weights
 from ncal_core.loss.logit_adjustment import adjust_scores
 from ncal_core.loss.tc import TCConfig
 from ncal_core.model.qwen import QwenModel
 
 
 def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], *, tc: TCConfig,
-             batch_size: int = 32, prior_log: Tensor | None = None,
-             tau: float = 0.0, rank: int = 0, world: int = 1) -> tuple[dict[str, Any], Tensor]:
+             batch_size: int = 32, prior_log: Tensor | None = None, tau: float | None = 0.0,
+             weighting: str | None = None, rank: int = 0, world: int = 1) -> tuple[dict[str, Any], Tensor]:
     """Constrained label scoring of labelled rows -> (classification report with NC figures, TC features [N, H]).
 
-    With `tau`, the label scores are logit-adjusted (minus tau * the training log prior) before the argmax.
+    With `tau`, the label scores are logit-adjusted (minus tau * the training log prior) before the argmax;
+    tau None chooses it on these rows, which are then a development split (evaluation.tau_choice), by
+    `weighting`. Given a weighting, the report also holds the weighted macro-F1 a development split chooses by.
     Under several processes (a process group of `world` ranks) each rank scores its shard of the rows and
     every rank gets the whole report.
     """
@@ -42,10 +45,21 @@ def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], 
                              len(rows), world)
     model.train(was_training)
     plain = classification_report(gold, scores.argmax(dim=1).tolist(), builder.labels)
+    choice: dict[str, Any] = {}
+    if weighting or tau is None:
+        weights = dev_row_weights(gold, len(builder.labels), weighting or "balanced")
+    if tau is None:
+        tau, by_tau = choose_tau(scores, gold, prior_log.cpu(), weights)
+        choice = {"tau_chosen_on_these_rows": dict(zip(map(str, TAU_GRID), by_tau))}
     if tau:
         scores = adjust_scores(scores, prior_log.cpu(), tau)
-    report = classification_report(gold, scores.argmax(dim=1).tolist(), builder.labels)
+    predictions = scores.argmax(dim=1).tolist()
+    report = classification_report(gold, predictions, builder.labels)
     report["logit_adjust_tau"] = tau
+    report.update(choice)
+    if weighting:
+        report["dev_weighting"] = weighting
+        report["weighted_macro_f1"] = weighted_macro_f1(gold, predictions, len(builder.labels), weights)
     report["unadjusted"] = {"accuracy": plain["accuracy"], "macro_f1": plain["macro_f1"]}
     report["neural_collapse"] = neural_collapse(features, torch.tensor(gold), len(builder.labels))
     return report, features

@@ -30,9 +30,10 @@ def _check(gold: Sequence[int], preds: Sequence[Sequence[int]], num_classes: int
     return arrays
 
 
-def _confusion(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts `[K, K]`, rows = gold, columns = predicted."""
-    return np.bincount(gold * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+def _confusion(gold: np.ndarray, pred: np.ndarray, num_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Counts `[K, K]` (each row counting its weight, when given), rows = gold, columns = predicted."""
+    return np.bincount(gold * num_classes + pred, weights=weights,
+                       minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def _per_class(confusion: np.ndarray, actual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,6 +56,12 @@ def _per_class(confusion: np.ndarray, actual: np.ndarray | None = None) -> tuple
 def _macro_f1(confusion: np.ndarray) -> np.ndarray:
     """Unweighted mean of per-class F1 `[...]` from confusion counts `[..., K, K]`."""
     return _per_class(confusion)[2].mean(axis=-1)
+
+
+def weighted_macro_f1(gold: Sequence[int], pred: Sequence[int], num_classes: int, weights: np.ndarray) -> float:
+    """Macro-F1 of class ids `[N]` with row i counting weights[i] times in the confusion."""
+    gold_arr, pred_arr = _check(gold, [pred], num_classes)
+    return float(_macro_f1(_confusion(gold_arr, pred_arr, num_classes, np.asarray(weights, dtype=np.float64))))
 
 
 def classification_report(gold: Sequence[int], pred: Sequence[int], labels: list[str]) -> dict:

@@ -116,7 +116,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def run_tau(run: RunRecord | None, tau: float | None) -> float:
     """--logit_adjust_tau as given; unset, the tau the run's own evaluation used (0 for a model of no run of ours)."""
-    return tau if tau is not None else run.setting("logit_adjust_tau", 0.0) if run else 0.0
+    if tau is not None or run is None:
+        return tau or 0.0
+    # a run of an older version records the flag alone
+    return run.logit_adjust_tau if run.logit_adjust_tau is not None else run.setting("logit_adjust_tau", None) or 0.0
 
 
 def training_log_prior(path: str | Path, run: RunRecord | None, labels: list[str]) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ncal_core.data.batching import Batch
+from ncal_core.loss.logit_adjustment import LabelDecisions, decision_scores
 from ncal_core.loss.tc import TCConfig, tc_features
 from ncal_core.model.head import LabelHead
 from ncal_core.model.qwen import QwenModel
@@ -39,23 +40,23 @@ def compile_layers(model: QwenModel, backend: str | object = "inductor") -> None
 class ObjectiveOutput(NamedTuple):
     """What one micro-batch gives the loop, in the batch's row order."""
 
-    lm_sum: Tensor              # summed CE over every target token of the batch
-    z: Tensor | None            # [B, H] fp32 TC features, when TC is on
-    first_scores: Tensor | None  # [B, K] logits of the labels' first tokens at each row's last prompt token
-    class_ids: Tensor           # [B]
+    lm_sum: Tensor                   # summed CE over every target token of the batch
+    z: Tensor | None                 # [B, H] fp32 TC features, when TC is on
+    decision_scores: Tensor | None   # [B, D, C] logits of the candidates at the gold label's decisions
+    class_ids: Tensor                # [B]
 
 
 class TrainingObjective(nn.Module):
     """Decoder + label-only head (+ TC feature) of one micro-batch."""
 
     def __init__(self, model: QwenModel, *, tc: TCConfig | None = None, padding_free: bool = True,
-                 first_tokens: Tensor | None = None) -> None:
-        """tc: the TC feature's settings, None without the TC loss; first_tokens [K]: each label's first token
-        id; given, the output carries the rows' first_scores."""
+                 decisions: LabelDecisions | None = None) -> None:
+        """tc: the TC feature's settings, None without the TC loss; decisions: the labels' token decisions
+        (logit_adjustment.label_decisions); given, the output carries the rows' decision_scores."""
         super().__init__()
         self.model = model
         self.head = LabelHead(model.lm_head)
-        self.first_tokens = first_tokens
+        self.decisions = decisions
         self.padding_free = padding_free
         self.tc = tc
 
@@ -66,10 +67,10 @@ class TrainingObjective(nn.Module):
         hidden = self.model(batch.input_ids, ragged=batch.ragged if self.padding_free else None)  # [B, T, H]
         logits = self.head(hidden.reshape(-1, hidden.shape[-1])[batch.query]).float()  # [N, V]
         lm_sum = F.cross_entropy(logits, batch.input_ids.reshape(-1)[batch.target], reduction="sum")
-        first_scores = None
-        if self.first_tokens is not None:
+        chosen = None
+        if self.decisions is not None:
             # each row's first query; every training row has targets (label tokens and eos)
             n_targets = batch.seq_lens - batch.prompt_lens
-            first_scores = logits[torch.cumsum(n_targets, 0) - n_targets][:, self.first_tokens]
+            chosen = decision_scores(logits, torch.cumsum(n_targets, 0) - n_targets, batch.class_ids, self.decisions)
         z = tc_features(hidden, batch, self.tc, async_checks=True) if self.tc else None  # [B, H] fp32
-        return ObjectiveOutput(lm_sum, z, first_scores, batch.class_ids)
+        return ObjectiveOutput(lm_sum, z, chosen, batch.class_ids)

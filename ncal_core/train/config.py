@@ -12,6 +12,7 @@ from ncal_core.cli import flag
 from ncal_core.data.batching import RESAMPLING
 from ncal_core.data.rows import label_column_flag, text_column_flag
 from ncal_core.errors import NCALError
+from ncal_core.evaluation.tau_choice import DEV_WEIGHTINGS, TAU_GRID
 from ncal_core.loss.tc import TCConfig
 
 BUILTIN_TINY = "tiny"
@@ -49,7 +50,8 @@ class TrainConfig:
     truncation: str = flag("left", "where a too-long prompt is cut: left or middle")
     val_size: float = flag(0.1, "a development split held out of training, stratified by class: a fraction of the "
                                 "rows (< 1) or a number of them (>= 1), at least one row of each class; evaluated each "
-                                "epoch to choose the best checkpoint (ids written to OUTPUT_DIR/dev_ids.json); 0 = none")
+                                "epoch to choose the best checkpoint and tau (ids written to OUTPUT_DIR/dev_ids.json); "
+                                "0 = none")
     dev_per_class: int = flag(0, "instead of --val_size, a balanced development split of this many rows per class")
     dev_seed: int = flag(0, "seed of the development split (kept fixed across --seed values)")
     # model
@@ -84,10 +86,16 @@ class TrainConfig:
     # long-tail baselines
     resample: str = flag("sqrt", "re-sample training rows: none, balanced (1/n_c) or sqrt (1/sqrt(n_c))")
     resample_epochs: int = flag(0, "re-sample only in the last N epochs (deferred re-balancing); 0 = every epoch")
-    la_loss_tau: float = flag(0.0, "tau of a logit-adjusted cross-entropy over the K labels' first-token scores "
-                                 "(Menon et al. 2021), added to the LM loss; 0 = off")
-    logit_adjust_tau: float = flag(1.5, "post-hoc logit adjustment at evaluation: label scores - tau * log training "
-                                      "prior (Menon et al. 2021); 0 = plain argmax of the label scores")
+    la_loss_tau: float = flag(0.0, "tau of a logit-adjusted cross-entropy over the labels (Menon et al. 2021), added "
+                                   "to the LM loss: at each token where labels sharing a prefix part (the first, for "
+                                   "labels whose first tokens differ), over their continuations; 0 = off")
+    logit_adjust_tau: float | None = flag(None, "post-hoc logit adjustment at evaluation: label scores - tau * log "
+                                             "training prior (Menon et al. 2021); 0 = plain argmax of the label "
+                                             "scores; unset: chosen on the development split from "
+                                             f"{', '.join(f'{t:g}' for t in TAU_GRID)} (0 without one)")
+    dev_weighting: str = flag("balanced", "how development rows count when tau and the best checkpoint are chosen: "
+                                          "balanced (each class equally, as on a balanced test split) or none (as "
+                                          "drawn, for a test split with the training prior)")
     # optimisation
     output_dir: str = flag("outputs/ncal-tiny-tmwpl", "where checkpoints, metrics.jsonl, eval.json and pictures go")
     overwrite_output_dir: bool = flag(False, "allow writing into a non-empty folder that is not this run's")
@@ -149,6 +157,10 @@ class TrainConfig:
                 bad(name, f"must be >= 0, not {getattr(self, name)}")
         if self.la_loss_tau < 0:
             bad("la_loss_tau", f"must be >= 0, not {self.la_loss_tau}")
+        if self.logit_adjust_tau is not None and self.logit_adjust_tau < 0:
+            bad("logit_adjust_tau", f"must be >= 0, not {self.logit_adjust_tau}")
+        if self.dev_weighting not in DEV_WEIGHTINGS:
+            bad("dev_weighting", f"must be {' or '.join(DEV_WEIGHTINGS)}, not {self.dev_weighting!r}")
         if self.lr_scheduler_type not in ("linear", "cosine"):
             bad("lr_scheduler_type", f"must be linear or cosine, not {self.lr_scheduler_type!r}")
         if self.save_strategy not in ("no", "epoch", "steps"):

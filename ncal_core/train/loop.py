@@ -75,25 +75,40 @@ def checkpoint(run: Run) -> Path | None:
     return folder
 
 
-def run_eval(run: Run, log: MetricsLog, rows: list, split: str, tag: str) -> tuple[dict[str, Any], torch.Tensor]:
-    """Score labelled rows (sharded over ranks) with the run's post-hoc adjustment and log the figures."""
+def run_eval(run: Run, log: MetricsLog, rows: list, split: str, tag: str, tau: float | None
+             ) -> tuple[dict[str, Any], torch.Tensor]:
+    """Score labelled rows (sharded over ranks) with post-hoc adjustment by tau (None: chosen on these rows, the
+    development split) and log the figures."""
     cfg, acc = run.cfg, run.accelerator
     report, features = evaluate(run.model, run.builder, rows, tc=run.tc or cfg.tc,
-                                batch_size=cfg.per_device_eval_batch_size, prior_log=run.parts.prior_log,
-                                tau=cfg.logit_adjust_tau, rank=acc.process_index, world=acc.num_processes)
-    log({"step": run.state["step"], "epoch": run.state["epoch"], "eval": tag, "split": split, "rows": len(rows),
-         "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"]})
+                                batch_size=cfg.per_device_eval_batch_size, prior_log=run.parts.prior_log, tau=tau,
+                                weighting=cfg.dev_weighting if split == "dev" else None, rank=acc.process_index,
+                                world=acc.num_processes)
+    line = {"step": run.state["step"], "epoch": run.state["epoch"], "eval": tag, "split": split, "rows": len(rows),
+            "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"],
+            "logit_adjust_tau": report["logit_adjust_tau"]}
+    if "weighted_macro_f1" in report:
+        line["eval_weighted_macro_f1"] = report["weighted_macro_f1"]
+    log(line)
     return report, features
 
 
+def score_dev(run: Run, log: MetricsLog, tag: str) -> dict[str, Any]:
+    """Evaluate the development split (tau chosen there unless fixed) and record its tau in the run record, which
+    every checkpoint and the final weights carry. The test rows are never looked at here."""
+    report = run_eval(run, log, run.data.dev_rows, "dev", tag, run.cfg.logit_adjust_tau)[0]
+    run.record.logit_adjust_tau = report["logit_adjust_tau"]
+    return report
+
+
 def choose_on_dev(run: Run, log: MetricsLog, tag: str) -> bool:
-    """Evaluate the development split; whether this step's weights are the best so far (by its macro-F1).
-    The test rows are never looked at here."""
+    """Evaluate the development split; whether this step's weights are the best so far (by its weighted
+    macro-F1, --dev_weighting)."""
     state = run.state
-    report, _ = run_eval(run, log, run.data.dev_rows, "dev", tag)
-    if state["best_macro_f1"] is not None and report["macro_f1"] <= state["best_macro_f1"]:
+    score = score_dev(run, log, tag)["weighted_macro_f1"]
+    if state["best_macro_f1"] is not None and score <= state["best_macro_f1"]:
         return False
-    state["best_macro_f1"] = report["macro_f1"]
+    state["best_macro_f1"] = score
     state["best_checkpoint"] = str(run.output_dir / f"checkpoint-{state['step']}")
     return True
 
@@ -130,7 +145,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                            model_name=cfg.model_name_or_path, model=run.model, use_lora=run.use_lora,
                            total_steps=run.total_steps, per_device=cfg.per_device_train_batch_size,
                            world=acc.num_processes, accumulation=cfg.gradient_accumulation_steps,
-                           output_dir=run.output_dir), flush=True)
+                           output_dir=run.output_dir, tau=cfg.logit_adjust_tau), flush=True)
     log = MetricsLog(run.output_dir / "metrics.jsonl", state, write=run.main_proc,
                      trackers=acc if cfg.report_to != "none" else None)
     flops, peak = FlopModel.of(run.model), device_peak_flops(acc.device, cfg.bf16)
@@ -189,15 +204,19 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
     weights and the report; what the run wrote."""
     data, state = run.data, run.state
     report: dict[str, Any] = {}
-    dev = run_eval(run, log, data.dev_rows, "dev", "final")[0] if data.dev_rows else None
-    if dev and (state["best_macro_f1"] is None or dev["macro_f1"] > state["best_macro_f1"]):
+    dev = score_dev(run, log, "final") if data.dev_rows else None
+    if dev and (state["best_macro_f1"] is None or dev["weighted_macro_f1"] > state["best_macro_f1"]):
         # the final weights beat every epoch's checkpoint: the best model is the output folder itself
-        state["best_macro_f1"], state["best_checkpoint"] = dev["macro_f1"], str(run.output_dir)
-    if data.eval_rows:
-        report, features = run_eval(run, log, data.eval_rows, "test", "final")
+        state["best_macro_f1"], state["best_checkpoint"] = dev["weighted_macro_f1"], str(run.output_dir)
+    if not dev:
+        run.record.logit_adjust_tau = run.cfg.logit_adjust_tau or 0.0
+    if data.eval_rows:  # with the tau the development split chose for these weights
+        report, features = run_eval(run, log, data.eval_rows, "test", "final", run.record.logit_adjust_tau)
     if dev and report:  # the test figures, with the development split's beside them
-        report["dev"] = {"rows": len(data.dev_rows), "accuracy": dev["accuracy"], "macro_f1": dev["macro_f1"],
-                         "unadjusted": dev["unadjusted"]}
+        report["dev"] = {key: dev[key] for key in ("accuracy", "macro_f1", "weighted_macro_f1", "dev_weighting",
+                                                   "logit_adjust_tau", "unadjusted", "tau_chosen_on_these_rows")
+                         if key in dev}
+        report["dev"]["rows"] = len(data.dev_rows)
         if state["best_checkpoint"]:
             report["dev"]["best_checkpoint"] = {"path": state["best_checkpoint"], "macro_f1": state["best_macro_f1"]}
     if run.main_proc:

@@ -24,7 +24,7 @@ from ncal_core.data.prompts import EncodedRow, PromptBuilder
 from ncal_core.data.registry import resolve_dataset
 from ncal_core.data.rows import Example, check_labels, class_counts, dev_split, label_set, load_examples
 from ncal_core.errors import NCALError
-from ncal_core.loss.logit_adjustment import first_label_tokens, log_prior
+from ncal_core.loss.logit_adjustment import label_decisions, log_prior
 from ncal_core.loss.objective import TrainingObjective, compile_layers
 from ncal_core.loss.tc import TCConfig, resolve_backend, simplex_etf
 from ncal_core.model.hub import checkpoint_folder
@@ -241,11 +241,10 @@ def setup(cfg: TrainConfig) -> Run:
     encoded = builder.encode_all(data.train_rows)
     model = _load_model(cfg, base, resume, use_lora, device)
     K = len(data.labels)
-    first_tokens = torch.tensor(first_label_tokens(builder.label_ids, data.labels), device=device) \
-        if cfg.la_loss_tau > 0 else None
+    decisions = label_decisions(builder.label_ids, data.counts).to(device) if cfg.la_loss_tau > 0 else None
     tc = replace(cfg.tc, backend=resolve_backend(cfg.tc_backend, device)) \
         if uses_tc(cfg.use_etf_loss, cfg.lambda_lc) else None
-    objective = TrainingObjective(model, tc=tc, padding_free=cfg.padding_free, first_tokens=first_tokens)
+    objective = TrainingObjective(model, tc=tc, padding_free=cfg.padding_free, decisions=decisions)
     etf_targets = simplex_etf(K, model.config.hidden_size, cfg.seed).to(device) \
         if tc and tc.variant == "etf_target" else None
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
@@ -272,6 +271,6 @@ def setup(cfg: TrainConfig) -> Run:
     record = RunRecord(config=asdict(cfg), labels=data.labels, label_counts=data.counts, base_model=str(base),
                        use_lora=use_lora, learning_rate=lr)
     parts = StepParts(accelerator, objective, optimizer, scheduler, encoded, tokenizer.pad_token_id, cfg, K,
-                      log_prior(data.counts).to(device), etf_targets, device, tc, world, rank)
+                      log_prior(data.counts).to(device), etf_targets, device, tc, world, rank, decisions)
     return Run(cfg, accelerator, output_dir, data, base, tokenizer, builder, use_lora, tc, record, sampler,
                steps_per_epoch, total_steps, state, parts)

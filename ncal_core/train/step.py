@@ -18,7 +18,7 @@ from torch import Tensor
 from ncal_core.data.batching import ATTENTION_BLOCKS, Batch, collate
 from ncal_core.data.prompts import EncodedRow
 from ncal_core.distributed import gather_features
-from ncal_core.loss.logit_adjustment import logit_adjusted_loss
+from ncal_core.loss.logit_adjustment import LabelDecisions, logit_adjusted_loss
 from ncal_core.loss.objective import TrainingObjective
 from ncal_core.loss.tc import TCConfig, tc_batch_loss
 from ncal_core.train.config import TrainConfig
@@ -87,12 +87,13 @@ class StepParts:
     tc: TCConfig | None = None     # None without the TC loss; its backend resolved: triton or torch
     world: int = 1
     rank: int = 0
+    decisions: LabelDecisions | None = None  # the labels' token decisions, with --la_loss_tau (on the device)
 
 
 def _micro_batch_loss(parts: StepParts, batch: Any, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
     """(loss to back-propagate, LM sum, TC loss) of one micro-batch already on the device."""
     cfg, accum = parts.cfg, parts.cfg.gradient_accumulation_steps
-    lm_sum, z, first_scores, class_ids = parts.objective(batch)
+    lm_sum, z, decision_scores, class_ids = parts.objective(batch)
     # DDP averages gradients over ranks: scale so the step's gradient is that of the mean over every
     # target token of the global accumulated batch
     loss = lm_sum * (parts.world / n_tokens)
@@ -101,8 +102,8 @@ def _micro_batch_loss(parts: StepParts, batch: Any, n_tokens: int) -> tuple[Tens
         z_all, y_all = gather_features(z, class_ids)
         tc = tc_batch_loss(z_all, y_all, parts.num_classes, parts.tc, parts.etf_targets, async_checks=True)
         loss = loss + parts.tc.weight * tc / accum
-    if first_scores is not None:
-        loss = loss + logit_adjusted_loss(first_scores, class_ids, parts.prior_log, cfg.la_loss_tau) / accum
+    if decision_scores is not None:
+        loss = loss + logit_adjusted_loss(decision_scores, class_ids, parts.decisions, cfg.la_loss_tau) / accum
     return loss, lm_sum, tc
 
 
