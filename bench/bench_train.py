@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -537,23 +538,28 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
                 levers=not args.quick and (default_levers if args.levers is None else args.levers), dtype=args.dtype)
 
 
+def run_and_write(json_path: Path, workdir: Path | None, run: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """run(folder) in workdir (None: a temporary folder, removed after), its report timed and written as JSON."""
+    started = time.perf_counter()
+    folder = Path(tempfile.mkdtemp(prefix="ncal-bench-")) if workdir is None else workdir
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        report = run(folder)
+    finally:
+        if workdir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    report["bench_wall_s"] = time.perf_counter() - started
+    write_report(json_path, report)
+    print(f"\nwrote {json_path} ({report['bench_wall_s']:.0f} s)")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build, run both sides per shape and batch, run the levers, print the tables and write JSON."""
     args = parse_args(argv)
     plan = resolve_plan(args)
     torch.set_num_threads(plan.threads)
-    started = time.perf_counter()
-    owned = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="ncal-bench-")) if owned else args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        report = run_all(args, plan, workdir)
-    finally:
-        if owned:
-            shutil.rmtree(workdir, ignore_errors=True)
-    report["bench_wall_s"] = time.perf_counter() - started
-    write_report(args.json, report)
-    print(f"\nwrote {args.json} ({report['bench_wall_s']:.0f} s)")
+    run_and_write(args.json, args.workdir, lambda workdir: run_all(args, plan, workdir))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,9 @@ class InferConfig:
                                          "label), or CSV/TSV by a .csv/.tsv suffix, a header row and the columns "
                                          "id, prediction, score:<label> for each label, label (--generate: valid in "
                                          "place of the scores; no gold label: an empty cell)")
-    metrics_file: str | None = flag(None, "write the report (accuracy, macro_f1, per class, confusion) as JSON")
+    metrics_file: str | None = flag(None, "write the report (accuracy, macro_f1, per class, confusion, and "
+                                          "predict_seconds: the time the predictions took, loading the model(s) not "
+                                          "counted) as JSON")
     labels: list[str] | None = flag(None, "the class names, when the model folder does not record them "
                                         "(default: the sorted gold labels of --prompts_file)")
     instruction: str | None = flag(None, "system turn before each prompt (default: the training run's)")
@@ -175,12 +178,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{labels[best]}\t{probs[best]:.4f}", flush=True)
         return 0
 
+    predict_seconds = 0.0
     if cfg.generate:
+        started = time.perf_counter()
         builder = predictor.prompt_builder(labels, cfg.instruction)
         texts = [predictor.tokenizer.decode(greedy_generate(predictor.model, builder.prompt_ids(row),
                                                             predictor.eos_ids, cfg.max_new_tokens),
                                             skip_special_tokens=True).strip()
                  for row in tqdm(rows, desc="generating", unit="row", dynamic_ncols=True)]
+        predict_seconds = time.perf_counter() - started
         predictions = texts
         invalid = sum(text not in labels for text in texts)
         print(f"generated {len(texts)} outputs, {invalid} not a valid label")
@@ -192,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
             if i:
                 predictor = None  # freed before the next model is read
                 predictor = load_folder(folders[i], dtype=dtype, device=device)
+            started = time.perf_counter()
             with progress(predictor.model, -(-len(rows) // cfg.batch_size), f"scoring with {path}"):
-                log_probs.append(label_scorer(predictor, labels, offset, cfg.instruction, cfg.batch_size)(rows))
-        probs = ensemble_log_probs(log_probs).exp().cpu()  # one copy to the host, then plain lists
+                # on the host before the clock stops, so that the time holds the device's work
+                log_probs.append(label_scorer(predictor, labels, offset, cfg.instruction, cfg.batch_size)(rows).cpu())
+            predict_seconds += time.perf_counter() - started
+        probs = ensemble_log_probs(log_probs).exp()
         predictions = [labels[i] for i in probs.argmax(dim=1).tolist()]
         outputs = [{"id": row.id, "prediction": pred,
                     "scores": {label: float(p) for label, p in zip(labels, row_probs.tolist())}, "label": row.label}
@@ -211,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         # an invalid generated output counts as wrong: it is mapped to no class index
         pred_index = [labels.index(p) if p in labels else -1 for p in predictions]
         report = classification_report([labels.index(r.label) for r in rows], pred_index, labels)
+        report["predict_seconds"] = predict_seconds
         if cfg.generate:
             report["invalid_outputs"] = invalid
         else:

@@ -68,6 +68,7 @@ def test_probabilities_and_metrics_of_a_base_checkpoint_match_transformers_and_s
     pred = [p["prediction"] for p in predictions]
     assert report["accuracy"] == pytest.approx(accuracy_score(gold, pred))
     assert report["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=labels, average="macro", zero_division=0))
+    assert report["predict_seconds"] > 0  # the scoring alone, loading not counted
 
 
 @pytest.mark.parametrize("suffix,delimiter", [(".csv", ","), (".tsv", "\t")])
