@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["sft", "ncal"] if args.quick else args.methods.split(",")
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     train_path, test_path = resolve_dataset(args.train, "train"), resolve_dataset(args.test, "test")
-    common = ["--dataset_path", str(train_path), "--dev_per_class", str(args.dev_per_class), *args.extra]
+    # the flag as given: a run records it, and a cached run is reused while its recorded flags are unchanged
+    common = ["--dataset_path", args.train, "--dev_per_class", str(args.dev_per_class), *args.extra]
     if args.quick:
         common += ["--max_steps", "30", "--tiny_hidden_size", "64", "--tiny_num_layers", "1"]
     out = Path(args.out)
