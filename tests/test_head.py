@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ncal_core.model.head import LabelHead, packing_available
+from ncal_core.model.head import LabelHead, packing_available, packing_pays
 
 REL_TOL = 1e-5
 needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN packed linear")
@@ -77,3 +77,16 @@ def test_head_is_plain_lm_head_where_packing_does_not_apply(case: str) -> None:
 def test_head_refuses_a_biased_lm_head() -> None:
     with pytest.raises(ValueError, match="bias-free"):
         LabelHead(nn.Linear(4, 10))
+
+
+@pytest.mark.parametrize(("hidden", "layers", "intermediate", "heads", "kv", "packs"), [
+    (256, 4, 1024, 4, 2, True),     # the bench's small model with Qwen's vocabulary: the head is 91% of it
+    (896, 24, 4864, 14, 2, False),  # Qwen2.5-0.5B: 28%, where the packs measured no faster and held 1.09 GB
+])
+def test_packing_is_asked_for_only_where_the_head_holds_most_of_the_weights(hidden, layers, intermediate, heads,
+                                                                             kv, packs) -> None:
+    from ncal_core.model.qwen import ModelConfig, QwenModel
+
+    config = ModelConfig("qwen2", 151_936, hidden, intermediate, layers, heads, kv, hidden // heads, 1e6, 1e-6,
+                         True, True, 4096)
+    assert packing_pays(QwenModel(config, device="meta")) is packs

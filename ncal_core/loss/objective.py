@@ -3,7 +3,7 @@
 Wrapping both in one module means DDP sees a single forward that uses every trainable weight.
 The LM head runs only at the positions that predict label tokens, so the [B, T, V] logits
 tensor never exists (with Qwen's 151,936-token vocabulary it dominates time and memory); on the CPU its
-weight is pre-packed (model.head.LabelHead).
+weight is pre-packed where that pays (model.head).
 With padding_free the decoder skips the micro-batch's padding (layout.Ragged), so a random batch
 costs its real tokens, not its rows times its longest row.
 """
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ncal_core.data.batching import Batch
 from ncal_core.loss.logit_adjustment import LabelDecisions, decision_scores
 from ncal_core.loss.tc import TCConfig, tc_features
-from ncal_core.model.head import LabelHead
+from ncal_core.model.head import LabelHead, packing_pays
 from ncal_core.model.qwen import QwenModel
 
 
@@ -55,7 +55,7 @@ class TrainingObjective(nn.Module):
         (logit_adjustment.label_decisions); given, the output carries the rows' decision_scores."""
         super().__init__()
         self.model = model
-        self.head = LabelHead(model.lm_head)
+        self.head = LabelHead(model.lm_head, pack=packing_pays(model))
         self.decisions = decisions
         self.padding_free = padding_free
         self.tc = tc
