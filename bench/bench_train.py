@@ -334,20 +334,25 @@ def rates(steps: list[dict[str, Any]], a: memory_model.Arch, full_head: bool) ->
             "model_gflops_per_s": flops / seconds / 1e9}
 
 
+def train_flags(shape: Shape, batch: int, steps: int, out_dir: Path, flags: list[str]) -> list[str]:
+    """The flags of `python -m ncal_core.train` that train the shape as the baseline does, then `flags`."""
+    return ["--model_name_or_path", str(shape.folder),
+            "--dataset_path", str(shape.train_file), "--label_types", ",".join(shape.labels),
+            "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
+            "--output_dir", str(out_dir), "--overwrite_output_dir", "true", "--use_lora", "true",
+            "--lora_r", str(LORA_R), "--lora_alpha", "32", "--lora_dropout", "0.1",
+            "--target_modules", "q_proj,k_proj,v_proj,o_proj", "--lambda_lc", str(LAMBDA_LC),
+            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
+            "--max_steps", str(steps), "--logging_steps", "1", "--torch_dtype", shape.dtype, "--seed", str(SEED),
+            # uniform rows, as the baseline's sampler (and our_plan) draws them; TC on one token, as the baseline's
+            "--resample", "none", "--pooling", "last", *flags]
+
+
 def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str], tag: str, workdir: Path,
              threads: int, timeout: float) -> dict[str, Any]:
     """`python -m ncal_core.train` on the shape; per-step rates from its metrics.jsonl after the warm-up lines."""
     out_dir = workdir / f"ours-{tag}"
-    cmd = [sys.executable, "-m", "ncal_core.train", "--model_name_or_path", str(shape.folder),
-           "--dataset_path", str(shape.train_file), "--label_types", ",".join(shape.labels),
-           "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
-           "--output_dir", str(out_dir), "--overwrite_output_dir", "true", "--use_lora", "true",
-           "--lora_r", str(LORA_R), "--lora_alpha", "32", "--lora_dropout", "0.1",
-           "--target_modules", "q_proj,k_proj,v_proj,o_proj", "--lambda_lc", str(LAMBDA_LC),
-           "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
-           "--max_steps", str(steps), "--logging_steps", "1", "--torch_dtype", shape.dtype, "--seed", str(SEED),
-           # uniform rows, as the baseline's sampler (and our_plan) draws them; TC on one token, as the baseline's
-           "--resample", "none", "--pooling", "last", *flags]
+    cmd = [sys.executable, "-m", "ncal_core.train", *train_flags(shape, batch, steps, out_dir, flags)]
     proc = run_measured(cmd, workdir / f"ours-{tag}", threads, timeout)
     logged = logged_steps(out_dir / "metrics.jsonl")
     if len(logged) != steps:

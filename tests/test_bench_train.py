@@ -104,3 +104,19 @@ def test_quick_benchmark_runs_both_sides_and_writes_every_section_of_the_report(
     assert report["head_microbench"][0]["vocab"] == 4096
     assert report["memory_model"]["computed_not_measured"] is True
     assert "Ours / baseline" in out.stdout and "computed, not measured" in out.stdout
+
+
+def test_memory_profile_records_every_phase_of_a_real_training_run(tmp_path, tmwpl_dir, qwen3_tokenizer_dir):
+    # the bench model (hidden 256, 4 layers, Qwen's vocabulary), 2 steps: about 30 s; no figure is asserted but
+    # what the phases must add up to
+    out = _run("memory_profile.py", "--model", "bench", "--steps", "2", "--json", str(tmp_path / "m.json"),
+               timeout=900, env={"NCAL_DATA_DIR": str(tmwpl_dir), "NCAL_SHARED_DIR": str(qwen3_tokenizer_dir.parents[1])})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "m.json").read_text())["runs"]
+    probe, summary = run["probe"], run["summary"]
+    assert [row["phase"].split(" (")[0] for row in run["phases"]][:3] == ["imports", "load weights", "rest of setup"]
+    assert len(probe["steps"]) == 2 and all(step["saved_activation_mb"] > 0 for step in probe["steps"])
+    assert probe["weights"]["parameters"] > probe["trainable"]["parameters"] > 0
+    phase_peaks = [row["peak_mb"] for row in run["phases"][:-1]]
+    assert summary["peak_rss_mb"] >= max(phase_peaks) * 0.99  # the kernel's mark of the whole run holds each phase's
+    assert summary["floor_mb"] > summary["weights_mb"] > 0

@@ -131,6 +131,8 @@ CASES = [
          "train.jsonl:1: cutoff_len 4 is too small"),
     Case("lora_target_matches_nothing", "train", ["--model_name_or_path", "{models}/ok", "--target_modules", "qkv"],
          "target_modules: ['qkv'] match no linear layer"),
+    Case("lora_target_is_the_head", "train", ["--model_name_or_path", "{models}/ok", "--target_modules",
+                                              "q_proj,lm_head"], "target_modules: lm_head cannot be adapted"),
     # the output folder
     Case("output_dir_under_a_file", "train", ["--output_dir", "{tmp}/a_file/out"],
          "--output_dir {tmp}/a_file/out: cannot write there", {"a_file": "not a folder"}),

@@ -272,3 +272,6 @@ def test_inject_refuses_bad_rank_and_unmatched_targets(bases: dict[str, Path]) -
         inject_lora(model, r=0, alpha=1, dropout=0.0, target_modules=["q_proj"])
     with pytest.raises(NCALError, match="target_modules.*match no linear layer"):
         inject_lora(model, r=2, alpha=1, dropout=0.0, target_modules=["qproj"])
+    # the label-only head and the scorer read lm_head.weight, so an update beside it would be ignored
+    with pytest.raises(NCALError, match="target_modules: lm_head cannot be adapted"):
+        inject_lora(model, r=2, alpha=1, dropout=0.0, target_modules=["q_proj", "lm_head"])

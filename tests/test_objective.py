@@ -10,6 +10,7 @@ from random_checkpoints import make_hf_checkpoint
 
 from ncal_core.data.batching import collate
 from ncal_core.data.prompts import EncodedRow
+from ncal_core.evaluation import features
 from ncal_core.loss.logit_adjustment import label_decisions
 from ncal_core.loss.objective import TrainingObjective
 from ncal_core.loss.tc import TCConfig
@@ -77,6 +78,22 @@ def test_tc_feature_is_pooled_where_method_md_says(model, pooling, padding_free)
                                   padding_free=padding_free)
     with torch.no_grad():
         z = objective(batch).z
+        for i, row in enumerate(rows):
+            hidden = model(torch.tensor([row.input_ids]))[0]
+            expected = {"last": hidden[row.prompt_len - 1], "seq_last": hidden[-1],
+                        "mean": hidden[:row.prompt_len].mean(0)}[pooling]
+            assert torch.allclose(z[i], expected, atol=ATOL_FP32)
+
+
+@pytest.mark.parametrize("pooling", ["last", "seq_last", "mean"])
+@pytest.mark.parametrize("feature_tokens", [1024, 10])
+def test_evaluation_pools_each_row_as_training_does(model, pooling, feature_tokens, monkeypatch):
+    rows, _ = _batch()
+    tc = TCConfig(pooling=pooling, e_w=1e6)
+    # batches of 3 rows and of 1; at 10 tokens a forward the batch of 3 is split too
+    monkeypatch.setattr(features, "FEATURE_TOKENS", feature_tokens)
+    with torch.no_grad():
+        z = features.pooled_features(model, rows, pad_id=0, tc=tc, batch_size=3)
         for i, row in enumerate(rows):
             hidden = model(torch.tensor([row.input_ids]))[0]
             expected = {"last": hidden[row.prompt_len - 1], "seq_last": hidden[-1],

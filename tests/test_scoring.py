@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.rows import Example
+from ncal_core.evaluation import scoring
 from ncal_core.evaluation.scoring import score_labels
 from ncal_core.model.qwen import load_model
 from ncal_core.model.tokenizer import load_tokenizer
@@ -44,3 +45,34 @@ def test_label_probabilities_equal_transformers_with_the_chat_template(setup):
                                         LABELS)
     ours = torch.softmax(score_labels(load_model(path).eval(), prompts, builder.label_ids), dim=1)
     assert torch.allclose(ours, reference, atol=ATOL_FP32)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_token_log_probs_equal_the_whole_log_softmax(monkeypatch, dtype, atol):
+    # bf16 weights: both sides take the same bf16 logits up to fp32; only the log-sum-exp's order differs
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(9, 16, dtype=dtype), torch.randn(203, 16, dtype=dtype)
+    targets = torch.tensor([0, 202, 100, 99, 150, 1, 201, 64, 63])  # both ends, and either side of a chunk edge
+    expected = torch.log_softmax((hidden @ weight.T).float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_BYTES", 4 * 9 * 64)  # chunks of 64 vocabulary rows, the last of 11
+    assert torch.allclose(scoring.token_log_probs(hidden, weight, targets), expected, atol=atol, rtol=0)
+
+
+def test_scoring_never_holds_a_batch_of_full_vocabulary_logits(setup, monkeypatch):
+    path, _, builder, prompts, _ = setup
+    model = load_model(path).eval()
+    expected = score_labels(model, prompts, builder.label_ids, batch_size=4)
+    chunks, linear = [], scoring.F.linear
+    head = model.lm_head.weight.untyped_storage().data_ptr()
+
+    def spy(x, weight, bias=None):  # torch.nn.functional.linear itself: every layer's call passes here too
+        out = linear(x, weight, bias)
+        if weight.untyped_storage().data_ptr() == head:
+            chunks.append(out.shape)
+        return out
+
+    budget = 4 * 64 * 10  # bytes of fp32 logits per chunk
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_BYTES", budget)
+    monkeypatch.setattr(scoring.F, "linear", spy)
+    assert torch.allclose(score_labels(model, prompts, builder.label_ids, batch_size=4), expected, atol=ATOL_FP32)
+    assert chunks and all(4 * rows * cols <= budget < 4 * rows * model.config.vocab_size for rows, cols in chunks)

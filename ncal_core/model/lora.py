@@ -134,6 +134,9 @@ def inject_lora(
     replaced = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and targeted(name)]
     if not replaced:
         raise NCALError(f"lora target_modules: {sorted(targets)} match no linear layer of the model")
+    if "lm_head" in replaced:
+        raise NCALError("lora target_modules: lm_head cannot be adapted (the label-only head and the scorer read "
+                        "its weight directly); adapt the decoder's projections")
     for name in replaced:
         owner, _, leaf = name.rpartition(".")
         parent = model.get_submodule(owner)

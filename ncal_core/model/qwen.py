@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ncal_core.errors import NCALError, at
 from ncal_core.layout import Ragged
+from ncal_core.model.swiglu import silu_mul
 from ncal_core.model.weights import (
     assign_parameters,
     checkpoint_files,
@@ -276,7 +277,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, T, H] -> [B, T, H]"""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
