@@ -2,7 +2,7 @@
 
     python bench/memory_probe.py OUT.json TRAIN_FLAGS...
 
-The run is ncal_core.train's own, unchanged: three of the loop's functions are wrapped, not rewritten
+The run is ncal_core.train's own, unchanged: four of the loop's functions are wrapped, not rewritten
 (`load_model` in setup; `setup`, `train_step` and `finish` in the loop). Phases: the imports; loading the
 weights; the rest of setup; each optimizer step, split where the backward first reads a tensor the forward
 saved; the end of the run (the development and test evaluations, saving).
@@ -129,7 +129,6 @@ class Probe:
             self.report["steps"].append(record)
             return out
         return wrapped
-
 
     def wrap_finish(self, finish: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:

@@ -36,6 +36,7 @@ from bench_train import (  # noqa: E402
     ARCHS,
     DTYPES,
     LORA_R,
+    REPO,
     prepare_shape,
     print_table,
     run_and_write,
@@ -45,7 +46,6 @@ from bench_train import (  # noqa: E402
 
 from ncal_core.data.registry import resolve_dataset  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
 TARGET = 1.3
 BATCH = 8
@@ -70,12 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def floor(arch: memory_model.Arch, probe: dict[str, Any], act_bytes: int) -> dict[str, float]:
-    """The memory model's terms for the probe's widest step, MiB: weights and LoRA + AdamW as the run holds
-    them, the activations computed for that step's real tokens."""
+    """The memory model's terms for the probe's widest step, MiB: the base weights as loaded and LoRA + AdamW as
+    the run holds them, the activations computed for that step's real tokens."""
     widest = max(probe["steps"], key=lambda s: s["tokens"])
-    lora = probe["trainable"]["parameters"]
-    terms = {"weights_mb": (probe["weights"]["bytes"] - probe["trainable"]["bytes"]) / MIB,
-             "lora_and_adamw_mb": 16 * lora / MIB,
+    terms = {"weights_mb": probe["weights"]["bytes"] / MIB,  # loaded before LoRA is added
+             "lora_and_adamw_mb": 16 * probe["trainable"]["parameters"] / MIB,
              "activations_mb": arch.layers * memory_model.layer_activation_bytes(arch, 1, widest["tokens"], LORA_R,
                                                                                 act_bytes) / MIB}
     terms["floor_mb"] = sum(terms.values())
