@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncal_core.data.batching import Batch, LengthGroupedBatches, block_bounds, collate, row_weights
+from ncal_core.data.batching import Batch, LengthGroupedBatches, block_bounds, collate, row_weights, token_bounded
 from ncal_core.data.prompts import EncodedRow
 from ncal_core.data.rows import class_counts
 
@@ -169,6 +169,30 @@ def test_evaluation_order_is_sorted_by_length_without_shuffling():
     lengths = [3, 9, 1, 9, 5, 2, 7]
     batches = epoch(LengthGroupedBatches(lengths, 3, shuffle=False), 5)
     assert batches == [[1, 3, 6], [4, 0, 5], [2]]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_token_bounded_runs_are_consecutive_within_budget_and_each_as_long_as_it_can_be(padded, seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 60, 40).tolist()
+    index = rng.permutation(40).tolist()
+    budget = 100
+
+    def cost(run):
+        return len(run) * max(lengths[i] for i in run) if padded else sum(lengths[i] for i in run)
+
+    runs = token_bounded(index, lengths, budget, padded=padded)
+    assert [i for run in runs for i in run] == index
+    assert all(cost(run) <= budget or len(run) == 1 for run in runs)
+    assert all(cost(run + nxt[:1]) > budget for run, nxt in zip(runs, runs[1:]))
+
+
+def test_token_bounded_counts_padding_only_when_padded():
+    assert token_bounded([0, 1], [1, 5], 6) == [[0, 1]]
+    assert token_bounded([0, 1], [1, 5], 6, padded=True) == [[0], [1]]
+    assert token_bounded([0, 1, 2], [1, 9, 1], 6) == [[0], [1], [2]]  # a row over the budget goes alone
+    assert token_bounded([], [], 6) == []
 
 
 def test_balanced_resampling_draws_classes_about_equally():

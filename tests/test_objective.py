@@ -91,7 +91,7 @@ def test_evaluation_pools_each_row_as_training_does(model, pooling, feature_toke
     rows, _ = _batch()
     tc = TCConfig(pooling=pooling, e_w=1e6)
     # batches of 3 rows and of 1; at 10 tokens a forward the batch of 3 is split too
-    monkeypatch.setattr(features, "FEATURE_TOKENS", feature_tokens)
+    monkeypatch.setattr(features, "EVAL_TOKENS", feature_tokens)
     with torch.no_grad():
         z = features.pooled_features(model, rows, pad_id=0, tc=tc, batch_size=3)
         for i, row in enumerate(rows):

@@ -76,3 +76,21 @@ def test_scoring_never_holds_a_batch_of_full_vocabulary_logits(setup, monkeypatc
     monkeypatch.setattr(scoring.F, "linear", spy)
     assert torch.allclose(score_labels(model, prompts, builder.label_ids, batch_size=4), expected, atol=ATOL_FP32)
     assert chunks and all(4 * rows * cols <= budget < 4 * rows * model.config.vocab_size for rows, cols in chunks)
+
+
+def test_scoring_forwards_hold_at_most_eval_tokens_padded_tokens(setup, monkeypatch):
+    path, _, builder, prompts, _ = setup
+    model = load_model(path).eval()
+    expected = score_labels(model, prompts, builder.label_ids, batch_size=4)
+    widths, forward = [], model.forward
+
+    def spy(input_ids, **kwargs):
+        widths.append(input_ids.shape)
+        return forward(input_ids, **kwargs)
+
+    budget = 2 * max(len(p) for p in prompts) + 2 * sum(len(label) for label in builder.label_ids)
+    monkeypatch.setattr(scoring, "EVAL_TOKENS", budget)  # two of the longest packed rows a forward
+    monkeypatch.setattr(model, "forward", spy)
+    assert torch.allclose(score_labels(model, prompts, builder.label_ids, batch_size=4), expected, atol=ATOL_FP32)
+    assert len(widths) > 2 and all(rows * width <= budget for rows, width in widths)
+    assert max(rows for rows, _ in widths) == 2

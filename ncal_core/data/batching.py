@@ -20,6 +20,10 @@ ATTENTION_BLOCKS = 4  # at most this many attention blocks per training micro-ba
 # What one more attention block costs, in units of one row's attention over one squared token: a block is cut
 # off only where the padding it saves costs more. (Measured on the built-in tiny model on CPU.)
 BLOCK_COST = 8192
+# Tokens a forward of the evaluation passes (TC features, label scoring) takes at most, padding included where
+# the pass pads: the MLP's temporaries of a forward are ~3 * I fp32 values a token (at Qwen2.5-0.5B's shapes
+# 57 KB), so 1,024 tokens keep them near a training step's, where 32 long rows took 310 MB more.
+EVAL_TOKENS = 1024
 
 
 @dataclass
@@ -82,6 +86,23 @@ def collate(rows: list[EncodedRow], pad_id: int, attention_blocks: int = 1, bloc
         target=target,
         ragged=ragged_layout(seq_lens.tolist(), width, attention_blocks, block_cost),
     )
+
+
+def token_bounded(index: Sequence[int], lengths: Sequence[int], budget: int, *, padded: bool = False
+                  ) -> list[list[int]]:
+    """The rows of index, kept in order, in runs of consecutive rows of at most `budget` tokens (a longer row
+    alone): their lengths' sum, or with `padded` their number times the longest, as a padded batch holds."""
+    parts: list[list[int]] = []
+    longest = total = 0  # of the last run
+    for i in index:
+        n = lengths[i]
+        if parts and ((len(parts[-1]) + 1) * max(longest, n) if padded else total + n) <= budget:
+            parts[-1].append(i)
+            longest, total = max(longest, n), total + n
+        else:
+            parts.append([i])
+            longest = total = n
+    return parts
 
 
 def ragged_layout(seq_lens: list[int], width: int, max_blocks: int, block_cost: int) -> Ragged:

@@ -8,14 +8,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ncal_core.data.batching import ATTENTION_BLOCKS, LengthGroupedBatches, collate
+from ncal_core.data.batching import ATTENTION_BLOCKS, EVAL_TOKENS, LengthGroupedBatches, collate, token_bounded
 from ncal_core.data.prompts import EncodedRow
 from ncal_core.loss.tc import TCConfig, tc_features
 from ncal_core.model.qwen import QwenModel
-
-# tokens per forward: the MLP's temporaries of one forward are ~3 * I fp32 values a token (at Qwen2.5-0.5B's
-# shapes 57 KB), so 1,024 tokens keep them near a training step's, where 32 long rows took 310 MB more
-FEATURE_TOKENS = 1024
 
 
 @torch.no_grad()
@@ -27,8 +23,9 @@ def pooled_features(model: QwenModel, rows: Sequence[EncodedRow], pad_id: int, t
     """
     device = next(model.parameters()).device
     out = torch.empty(len(rows), model.config.hidden_size)
-    order = LengthGroupedBatches([len(r.input_ids) for r in rows], batch_size, shuffle=False)
-    for index in (part for batch in order for part in token_bounded(batch, rows)):
+    lengths = [len(r.input_ids) for r in rows]
+    order = LengthGroupedBatches(lengths, batch_size, shuffle=False)
+    for index in (part for batch in order for part in token_bounded(batch, lengths, EVAL_TOKENS)):
         # padding-free, as training runs: a padded batch of 32 long rows holds [32, T, I] MLP temporaries
         batch = collate([rows[i] for i in index], pad_id, ATTENTION_BLOCKS).to(device)
         hidden = model(batch.input_ids, ragged=batch.ragged)
@@ -36,16 +33,3 @@ def pooled_features(model: QwenModel, rows: Sequence[EncodedRow], pad_id: int, t
         out[torch.tensor(index)] = z.float().cpu()
     return out
 
-
-def token_bounded(index: list[int], rows: Sequence[EncodedRow]) -> list[list[int]]:
-    """The batch's rows in runs of consecutive rows of at most FEATURE_TOKENS tokens (a longer row alone)."""
-    parts: list[list[int]] = [[]]
-    tokens = 0
-    for i in index:
-        n = len(rows[i].input_ids)
-        if parts[-1] and tokens + n > FEATURE_TOKENS:
-            parts.append([])
-            tokens = 0
-        parts[-1].append(i)
-        tokens += n
-    return parts

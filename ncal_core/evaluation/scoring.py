@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ncal_core.data.batching import EVAL_TOKENS, token_bounded
 from ncal_core.model.qwen import QwenModel
 
 # fp32 logits per chunk of the vocabulary: small enough to stay near the cache, wide enough for a full-speed matmul
@@ -76,10 +77,13 @@ def score_labels(model: QwenModel, prompts: Sequence[list[int]], label_ids: Sequ
     targets = torch.tensor([t for label in label_ids for t in label], device=device)
     owner = torch.tensor([c for c, label in enumerate(label_ids) for _ in label], device=device)
     num_classes = len(label_ids)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    continuations = sum(len(label) - 1 for label in label_ids)
+    lengths = [len(prompt) + continuations for prompt in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     scores = torch.empty(len(prompts), num_classes, dtype=torch.float32, device=device)
-    for first in range(0, len(order), batch_size):
-        rows = order[first:first + batch_size]
+    # at most batch_size prompts and EVAL_TOKENS padded tokens a forward
+    for rows in (part for first in range(0, len(order), batch_size)
+                 for part in token_bounded(order[first:first + batch_size], lengths, EVAL_TOKENS, padded=True)):
         packed = [_pack_row(prompts[i], label_ids) for i in rows]
         width = max(len(ids) for ids, _, _ in packed)
         input_ids = torch.zeros(len(rows), width, dtype=torch.long)
