@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from random_checkpoints import make_hf_checkpoint, our_logits, rel_err
 from safetensors.torch import load_file, save_file
@@ -92,6 +93,47 @@ def test_lora_dropout_drops_inputs_of_the_update_and_scales_the_kept_ones() -> N
     expected = base(x) + 2.0 * (dropped @ lora.lora_A.T @ lora.lora_B.T)
     torch.testing.assert_close(out, expected)
     assert (dropped == 0).any() and not torch.equal(lora(x), out)  # dropout is on, and redrawn each call
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_lora_values_and_gradients_are_autograds_own(dtype: torch.dtype, dropout: float) -> None:
+    # the same ops in the same order: equal to the bit (measured), so no tolerance
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).to(dtype)
+    lora = LoRALinear(base, r=4, alpha=8.0, dropout=dropout).train()
+    randomise_lora_b(lora)
+    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 5, 48, dtype=dtype)
+    inputs = (x, lora.lora_A, lora.lora_B)
+    torch.manual_seed(7)
+    out = lora(x)
+    ours = torch.autograd.grad(out, inputs, grad)
+    torch.manual_seed(7)
+    dropped = x.float() * dropout_keep(x, dropout) if dropout else x.float()
+    update = F.linear(F.linear(dropped, lora.lora_A), lora.lora_B)
+    expected = F.linear(x, base.weight, base.bias) + (lora.scaling / (1 - dropout) * update).to(dtype)
+    assert torch.equal(out, expected)
+    for a, b in zip(ours, torch.autograd.grad(expected, inputs, grad)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_sharing_an_input_save_it_once_not_a_dropped_out_copy_each(dtype: torch.dtype) -> None:
+    # q, k and v read one input: the graph keeps that input and a bool mask per layer, nothing else its size
+    torch.manual_seed(0)
+    layers = [LoRALinear(nn.Linear(64, 48).to(dtype), r=4, alpha=8.0, dropout=0.1).train() for _ in range(3)]
+    x = torch.randn(40, 64, dtype=dtype, requires_grad=True)
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sum(layer(x).sum() for layer in layers).backward()
+    wide = [t for t in saved.values() if t.numel() == x.numel()]
+    assert sorted(str(t.dtype) for t in wide) == sorted([str(dtype)] + ["torch.bool"] * 3)
 
 
 def test_gradient_checkpointing_redraws_the_same_lora_dropout_masks(bases: dict[str, Path]) -> None:

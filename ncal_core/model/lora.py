@@ -52,6 +52,38 @@ def dropout_keep(x: Tensor, p: float) -> Tensor:
     return bits < round((1.0 - p) * 2**DROPOUT_BITS)
 
 
+class _LoRADown(torch.autograd.Function):
+    """F.linear(x.to(A's dtype) * keep, A), the LoRA path's first factor, saving x as it came and the bool mask
+    for the backward, not the dropped-out copy (keep None: no dropout).
+
+    q, k and v read one input: autograd's own graph kept three dropped-out fp32 copies of it a layer (on a
+    bf16 base, three fp32 casts even without dropout), where this keeps the shared input and a byte an
+    element a mask. The backward recomputes the copy with the same ops, so values and gradients are autograd's.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor | None, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, keep, weight)
+        return F.linear(_dropped(x, keep, weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        x, keep, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(weight)
+            grad_x = (grad_x if keep is None else grad_x * keep).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_weight = grad.flatten(0, -2).T.mm(_dropped(x, keep, weight.dtype).flatten(0, -2))
+        return grad_x, None, grad_weight
+
+
+def _dropped(x: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """x in dtype, zeroed where keep is False."""
+    x = x.to(dtype)
+    return x if keep is None else x * keep
+
+
 class LoRALinear(nn.Module):
     """y = x W^T + b + scaling * B(A(dropout(x))), keeping the base layer's `weight` and `bias` parameters.
 
@@ -82,10 +114,10 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        x, scaling = x.to(self.lora_A.dtype), self.scaling
+        keep, scaling = None, self.scaling
         if self.training and self.dropout > 0:
-            x, scaling = x * dropout_keep(x, self.dropout), scaling / (1.0 - self.dropout)
-        update = F.linear(F.linear(x, self.lora_A), self.lora_B)
+            keep, scaling = dropout_keep(x, self.dropout), scaling / (1.0 - self.dropout)
+        update = F.linear(_LoRADown.apply(x, keep, self.lora_A), self.lora_B)
         return y + (scaling * update).to(y.dtype)
 
     def delta(self) -> Tensor:
