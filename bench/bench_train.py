@@ -338,7 +338,8 @@ def train_flags(shape: Shape, batch: int, steps: int, out_dir: Path, flags: list
     """The flags of `python -m ncal_core.train` that train the shape as the baseline does, then `flags`."""
     return ["--model_name_or_path", str(shape.folder),
             "--dataset_path", str(shape.train_file), "--label_types", ",".join(shape.labels),
-            "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
+            # every row trained on, as the baseline does: no development split and no evaluation of it
+            "--val_size", "0", "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
             "--output_dir", str(out_dir), "--overwrite_output_dir", "true", "--use_lora", "true",
             "--lora_r", str(LORA_R), "--lora_alpha", "32", "--lora_dropout", "0.1",
             "--target_modules", "q_proj,k_proj,v_proj,o_proj", "--lambda_lc", str(LAMBDA_LC),

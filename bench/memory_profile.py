@@ -47,6 +47,9 @@ from bench_train import (  # noqa: E402
 from ncal_core.data.registry import resolve_dataset  # noqa: E402
 
 MIB = 2**20
+# the default's development split and its evaluation after training, as a user's run has them (bench_train's
+# flags leave them out, as its baseline has neither)
+USER_RUN = ["--val_size", "0.1"]
 TARGET = 1.3
 BATCH = 8
 
@@ -102,7 +105,7 @@ def run_variant(name: str, flags: list[str], shape: Any, args: argparse.Namespac
     """One probed training run; its phases, the floor and the peak against it."""
     out = workdir / f"probe-{name}.json"
     cmd = [sys.executable, str(Path(__file__).with_name("memory_probe.py")), str(out),
-           *train_flags(shape, BATCH, args.steps, workdir / f"run-{name}", flags)]
+           *train_flags(shape, BATCH, args.steps, workdir / f"run-{name}", USER_RUN + flags)]
     proc = run_measured(cmd, workdir / f"probe-{name}", args.threads, args.timeout)
     probe = json.loads(out.read_text())
     terms = floor(shape.arch, probe, DTYPES[args.dtype].itemsize)

@@ -87,9 +87,13 @@ def test_the_bench_model_keeps_its_full_and_quick_plans(bench_train):
 def test_quick_benchmark_runs_both_sides_and_writes_every_section_of_the_report(tmp_path, tmwpl_dir):
     # Shape bpe4k only, 10 steps of batch 8 on 1 thread: about 20 s on this 2-core machine, loaded or not.
     # Timings are never asserted.
-    out = _run("bench_train.py", "--quick", "--json", str(tmp_path / "b.json"), timeout=900,
-               env={"NCAL_DATA_DIR": str(tmwpl_dir)})
+    out = _run("bench_train.py", "--quick", "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "w"),
+               timeout=900, env={"NCAL_DATA_DIR": str(tmwpl_dir)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # ours trains on every row the baseline reads: no development split held out, none scored after training
+    (ours_dir,) = [d for d in (tmp_path / "w").glob("ours-*") if (d / "metrics.jsonl").exists()]
+    assert not (ours_dir / "dev_ids.json").exists()
+    assert not any('"eval"' in line for line in (ours_dir / "metrics.jsonl").read_text().splitlines())
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["mode"] == "quick"
     assert {"machine", "runs", "comparisons", "levers", "head_microbench", "memory_model"} <= set(report)
