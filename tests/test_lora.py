@@ -95,24 +95,27 @@ def test_lora_dropout_drops_inputs_of_the_update_and_scales_the_kept_ones() -> N
     assert (dropped == 0).any() and not torch.equal(lora(x), out)  # dropout is on, and redrawn each call
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_lora_values_and_gradients_are_autograds_own(dtype: torch.dtype, dropout: float) -> None:
-    # the same ops in the same order: equal to the bit (measured), so no tolerance
+def test_lora_values_and_gradients_are_autograds_own(dtype: torch.dtype, autocast: bool, dropout: float) -> None:
+    # the same ops in the same order: equal to the bit (measured), so no tolerance; autocast: --bf16 on an fp32 base
     torch.manual_seed(0)
     base = nn.Linear(64, 48).to(dtype)
     lora = LoRALinear(base, r=4, alpha=8.0, dropout=dropout).train()
     randomise_lora_b(lora)
-    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
-    grad = torch.randn(3, 5, 48, dtype=dtype)
-    inputs = (x, lora.lora_A, lora.lora_B)
-    torch.manual_seed(7)
-    out = lora(x)
-    ours = torch.autograd.grad(out, inputs, grad)
-    torch.manual_seed(7)
-    dropped = x.float() * dropout_keep(x, dropout) if dropout else x.float()
-    update = F.linear(F.linear(dropped, lora.lora_A), lora.lora_B)
-    expected = F.linear(x, base.weight, base.bias) + (lora.scaling / (1 - dropout) * update).to(dtype)
+    source = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+    x = source * 1  # an activation, as in a model: autocast would cache its casts of a leaf and share them
+    inputs = (source, lora.lora_A, lora.lora_B)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.manual_seed(7)
+        out = lora(x)
+        torch.manual_seed(7)
+        dropped = x.float() * dropout_keep(x, dropout) if dropout else x.float()
+        update = F.linear(F.linear(dropped, lora.lora_A), lora.lora_B)
+        base_out = F.linear(x, base.weight, base.bias)
+        expected = base_out + (lora.scaling / (1 - dropout) * update).to(base_out.dtype)
+    grad = torch.randn(out.shape, dtype=out.dtype)
+    ours = torch.autograd.grad(out, inputs, grad, retain_graph=True)  # x * 1 is shared with expected
     assert torch.equal(out, expected)
     for a, b in zip(ours, torch.autograd.grad(expected, inputs, grad)):
         assert torch.equal(a, b)

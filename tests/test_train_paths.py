@@ -99,6 +99,13 @@ def test_forgetting_the_model_flag_says_that_the_built_in_tiny_model_is_trained(
 
 
 @pytest.mark.slow
+def test_lora_trains_under_bf16_autocast(tmp_path):
+    # --bf16 on a fp32 base with adapters, as on a GPU: LoRA's own backward meets bf16 gradients and fp32 factors
+    out = _tiny_run(tmp_path, "tmwpl_rows.jsonl", "--bf16", "true", "--use_lora", "true", "--lora_dropout", "0.1")
+    assert any(line.startswith("model:      tiny (LoRA") for line in out.splitlines()), out
+
+
+@pytest.mark.slow
 def test_a_run_says_what_it_will_do_and_what_it_wrote(tmp_path):
     out = _tiny_run(tmp_path, "tmwpl_rows.jsonl").splitlines()
     # --val_size 0.1 by default: 2 of each class's 16 rows held out

@@ -59,22 +59,27 @@ class _LoRADown(torch.autograd.Function):
     q, k and v read one input: autograd's own graph kept three dropped-out fp32 copies of it a layer (on a
     bf16 base, three fp32 casts even without dropout), where this keeps the shared input and a byte an
     element a mask. The backward recomputes the copy with the same ops, so values and gradients are autograd's.
+    Under autocast the forward's matmul runs in the autocast dtype and the backward, which autocast does not
+    reach, runs its matmuls in that dtype too, casting back where autograd's graph would.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor | None, weight: Tensor) -> Tensor:
         ctx.save_for_backward(x, keep, weight)
-        return F.linear(_dropped(x, keep, weight.dtype), weight)
+        out = F.linear(_dropped(x, keep, weight.dtype), weight)
+        ctx.compute_dtype = out.dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         x, keep, weight = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.matmul(weight)
+            grad_x = grad.matmul(weight.to(ctx.compute_dtype)).to(weight.dtype)
             grad_x = (grad_x if keep is None else grad_x * keep).to(x.dtype)
         if ctx.needs_input_grad[2]:
-            grad_weight = grad.flatten(0, -2).T.mm(_dropped(x, keep, weight.dtype).flatten(0, -2))
+            dropped = _dropped(x, keep, weight.dtype).to(ctx.compute_dtype)
+            grad_weight = grad.flatten(0, -2).T.mm(dropped.flatten(0, -2)).to(weight.dtype)
         return grad_x, None, grad_weight
 
 
