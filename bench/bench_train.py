@@ -98,8 +98,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FULL_RUNS = {("bpe4k", 8): (60, 10), ("bpe4k", 32): (30, 5), ("qwen", 8): (30, 5), ("qwen", 32): (12, 3)}
 QUICK_RUNS = {("bpe4k", 8): (10, 3)}
 QUICK_ROWS = 480
-# a Qwen2.5 architecture on 2 CPU threads at fp32 (bf16 runs faster): a 0.5B step ~7 s ours, ~16 s the baseline's;
-# 6 steady steps are enough for a rate and keep the 1.5B pair to about ten minutes
+# a Qwen2.5 architecture on 2 CPU threads at fp32 (bf16 runs faster): a 0.5B step ~3 s ours, ~6 s the baseline's;
+# 6 steady steps are enough for a rate and keep the 1.5B pair to about seven minutes
 QWEN_RUNS = {("qwen", 8): (8, 2)}
 # our loop with one flag changed, at batch 8
 LEVERS = {"group_by_length": ["--group_by_length", "true"], "one padded batch": ["--padding_free", "false"],

@@ -70,6 +70,13 @@ def test_label_only_head_equals_masked_cross_entropy_over_full_logits(model, pad
         assert torch.allclose(ours[name], param.grad, atol=ATOL_FP32), name
 
 
+def pooled_alone(model, row, pooling: str) -> torch.Tensor:
+    """The TC feature METHOD.md defines, from a forward of the row alone."""
+    hidden = model(torch.tensor([row.input_ids]))[0]
+    pooled = {"last": hidden[row.prompt_len - 1], "seq_last": hidden[-1], "mean": hidden[:row.prompt_len].mean(0)}
+    return pooled[pooling]
+
+
 @pytest.mark.parametrize("pooling", ["last", "seq_last", "mean"])
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_tc_feature_is_pooled_where_method_md_says(model, pooling, padding_free):
@@ -79,10 +86,7 @@ def test_tc_feature_is_pooled_where_method_md_says(model, pooling, padding_free)
     with torch.no_grad():
         z = objective(batch).z
         for i, row in enumerate(rows):
-            hidden = model(torch.tensor([row.input_ids]))[0]
-            expected = {"last": hidden[row.prompt_len - 1], "seq_last": hidden[-1],
-                        "mean": hidden[:row.prompt_len].mean(0)}[pooling]
-            assert torch.allclose(z[i], expected, atol=ATOL_FP32)
+            assert torch.allclose(z[i], pooled_alone(model, row, pooling), atol=ATOL_FP32)
 
 
 @pytest.mark.parametrize("pooling", ["last", "seq_last", "mean"])
@@ -95,10 +99,7 @@ def test_evaluation_pools_each_row_as_training_does(model, pooling, feature_toke
     with torch.no_grad():
         z = features.pooled_features(model, rows, pad_id=0, tc=tc, batch_size=3)
         for i, row in enumerate(rows):
-            hidden = model(torch.tensor([row.input_ids]))[0]
-            expected = {"last": hidden[row.prompt_len - 1], "seq_last": hidden[-1],
-                        "mean": hidden[:row.prompt_len].mean(0)}[pooling]
-            assert torch.allclose(z[i], expected, atol=ATOL_FP32)
+            assert torch.allclose(z[i], pooled_alone(model, row, pooling), atol=ATOL_FP32)
 
 
 @pytest.mark.parametrize("pooling", ["last", "seq_last", "mean"])

@@ -21,6 +21,7 @@ from ncal_core.evaluation.scoring import score_labels
 from ncal_core.loss.logit_adjustment import label_decisions, log_prior
 from ncal_core.loss.objective import TrainingObjective
 from ncal_core.loss.tc import simplex_etf
+from ncal_core.model.lora import inject_lora
 from ncal_core.model.qwen import ModelConfig, QwenModel
 from ncal_core.train.config import TrainConfig
 from ncal_core.train.schedule import make_scheduler
@@ -68,10 +69,13 @@ def no_host_reads(monkeypatch):
     dict(),                                                        # the default: padding-free, mean pooling
     dict(padding_free=False, pooling="last", la_loss_tau=1.0),    # padded batch, the logit-adjusted loss
     dict(tc_variant="etf_target", pooling="seq_last", max_grad_norm=0.0),
+    dict(use_lora=True, lora_dropout=0.1),                        # adapters: LoRA's own forward and backward
 ])
 def test_a_training_step_keeps_every_tensor_on_the_device(flags):
     cfg = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, **flags)
     model = _model()
+    if cfg.use_lora:
+        inject_lora(model, r=4, alpha=8, dropout=cfg.lora_dropout)
     parts = _parts(cfg, model, _rows(8))
     record = train_step(parts, [[0, 1, 2, 3], [4, 5, 6, 7]], StepRecord.zero(META))
     record = train_step(parts, [[7, 6, 5, 4], [3, 2, 1, 0]], record)
