@@ -8,7 +8,8 @@ LoRA r 8 on q/k/v/o, TC lambda 1, batch 8, the widest batch first) with `python 
 bench/memory_probe.py, which records each phase: the imports, loading the weights, the rest of setup, each
 step's forward and its backward + update (RSS after, high-water mark during, anonymous and file-backed), the
 tensors autograd saved, and what glibc's allocator held at the end. The run's kernel high-water mark as a
-whole (ru_maxrss, as bench_train.py reports it) is taken too.
+whole is the largest of the phases' marks and ru_maxrss (as bench_train.py reports it; resetting VmHWM resets
+the mark it is taken from).
 
 The floor is the memory model's (bench/memory_model.py) for the widest step's real tokens in the weights'
 dtype: every parameter, the LoRA factors with their gradients and AdamW moments, and the activations one
@@ -87,7 +88,9 @@ def floor(arch: memory_model.Arch, probe: dict[str, Any], act_bytes: int) -> dic
 
 
 def phase_rows(name: str, probe: dict[str, Any], maxrss_mb: float) -> list[dict[str, Any]]:
-    """One table row per phase of one run."""
+    """One table row per phase of one run, and one for the whole run: the largest of the phases' marks and the
+    kernel's ru_maxrss (resetting VmHWM resets the mark ru_maxrss is taken from, so alone it holds only the
+    mark since the last phase began)."""
     rows = [{"run": name, "phase": "imports", **probe["imports"]},
             {"run": name, "phase": "load weights", **probe["load_weights"]},
             {"run": name, "phase": "rest of setup", **probe["rest_of_setup"]}]
@@ -96,8 +99,9 @@ def phase_rows(name: str, probe: dict[str, Any], maxrss_mb: float) -> list[dict[
                      "saved_mb": step["saved_activation_mb"]})
         rows.append({"run": name, "phase": f"step {i} backward + update", **step["backward_and_update"]})
     rows.append({"run": name, "phase": "final evaluation and saving", **probe["finish"]})
-    rows.append({"run": name, "phase": "the whole run (ru_maxrss); RSS after malloc_trim",
-                 "rss_mb": probe["malloc_trim"]["rss_after_mb"], "peak_mb": maxrss_mb})
+    peak_mb = max([maxrss_mb] + [row["peak_mb"] for row in rows])
+    rows.append({"run": name, "phase": "the whole run; RSS after malloc_trim",
+                 "rss_mb": probe["malloc_trim"]["rss_after_mb"], "peak_mb": peak_mb})
     return rows
 
 
@@ -110,13 +114,15 @@ def run_variant(name: str, flags: list[str], shape: Any, args: argparse.Namespac
     probe = json.loads(out.read_text())
     terms = floor(shape.arch, probe, DTYPES[args.dtype].itemsize)
     widest = max(probe["steps"], key=lambda s: s["tokens"])
-    summary = {"run": name, "flags": " ".join(flags), "peak_rss_mb": proc["peak_rss_mb"], **terms,
-               "peak_over_floor": proc["peak_rss_mb"] / terms["floor_mb"],
+    phases = phase_rows(name, probe, proc["peak_rss_mb"])
+    peak = phases[-1]["peak_mb"]
+    summary = {"run": name, "flags": " ".join(flags), "peak_rss_mb": peak, "ru_maxrss_mb": proc["peak_rss_mb"], **terms,
+               "peak_over_floor": peak / terms["floor_mb"],
                "saved_activations_mb": widest["saved_activation_mb"],
                "framework_mb": probe["imports"]["rss_mb"],
                "allocator_held_mb": probe["malloc_trim"]["rss_before_mb"] - probe["malloc_trim"]["rss_after_mb"],
                "wall_s": proc["wall_s"]}
-    return {"summary": summary, "phases": phase_rows(name, probe, proc["peak_rss_mb"]), "probe": probe}
+    return {"summary": summary, "phases": phases, "probe": probe}
 
 
 def profile(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
