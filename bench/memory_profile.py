@@ -4,7 +4,8 @@
         [--steps 3] [--threads 2] [--json PATH] [--workdir DIR] [--variant NAME=FLAGS ...]
 
 Trains bench_train.py's shape `qwen` (a random model of --model's architecture, Qwen's tokenizer, TMWPL rows,
-LoRA r 8 on q/k/v/o, TC lambda 1, batch 8, the widest batch first) with `python -m ncal_core.train` under
+LoRA r 8 on q/k/v/o, TC lambda 1, batch 8, the widest batch first; the default's 10% development split held
+out and evaluated after training) with `python -m ncal_core.train` under
 bench/memory_probe.py, which records each phase: the imports, loading the weights, the rest of setup, each
 step's forward and its backward + update (RSS after, high-water mark during, anonymous and file-backed), the
 tensors autograd saved, and what glibc's allocator held at the end. The run's kernel high-water mark as a
@@ -48,8 +49,8 @@ from bench_train import (  # noqa: E402
 from ncal_core.data.registry import resolve_dataset  # noqa: E402
 
 MIB = 2**20
-# the default's development split and its evaluation after training, as a user's run has them (bench_train's
-# flags leave them out, as its baseline has neither)
+# the default's development split and its evaluation after training, as a user's run has them: given after
+# bench_train's `--val_size 0` (its baseline has neither), the later value wins
 USER_RUN = ["--val_size", "0.1"]
 TARGET = 1.3
 BATCH = 8

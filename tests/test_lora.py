@@ -121,6 +121,19 @@ def test_lora_values_and_gradients_are_autograds_own(dtype: torch.dtype, autocas
         assert torch.equal(a, b)
 
 
+def test_a_single_vector_goes_through_lora_as_through_nn_linear() -> None:
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(16, 8), r=2, alpha=4.0, dropout=0.25).train()
+    randomise_lora_b(lora)
+    x = torch.randn(16, requires_grad=True)
+    torch.manual_seed(1)
+    grads = torch.autograd.grad(lora(x).sum(), (x, lora.lora_A))
+    torch.manual_seed(1)
+    batched = torch.autograd.grad(lora(x[None]).sum(), (x, lora.lora_A))
+    for a, b in zip(grads, batched):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layers_sharing_an_input_save_it_once_not_a_dropped_out_copy_each(dtype: torch.dtype) -> None:
     # q, k and v read one input: the graph keeps that input and a bool mask per layer, nothing else its size

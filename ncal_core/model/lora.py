@@ -58,7 +58,8 @@ class _LoRADown(torch.autograd.Function):
 
     q, k and v read one input: autograd's own graph kept three dropped-out fp32 copies of it a layer (on a
     bf16 base, three fp32 casts even without dropout), where this keeps the shared input and a byte an
-    element a mask. The backward recomputes the copy with the same ops, so values and gradients are autograd's.
+    element a mask. The backward recomputes the copy with the same ops, so values and gradients are autograd's
+    (bitwise on the CPU, tested; a GPU's matmuls may sum in another order).
     Under autocast the forward's matmul runs in the autocast dtype and the backward, which autocast does not
     reach, runs its matmuls in that dtype too, casting back where autograd's graph would.
     """
@@ -79,7 +80,7 @@ class _LoRADown(torch.autograd.Function):
             grad_x = (grad_x if keep is None else grad_x * keep).to(x.dtype)
         if ctx.needs_input_grad[2]:
             dropped = _dropped(x, keep, weight.dtype).to(ctx.compute_dtype)
-            grad_weight = grad.flatten(0, -2).T.mm(dropped.flatten(0, -2)).to(weight.dtype)
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T.mm(dropped.reshape(-1, dropped.shape[-1])).to(weight.dtype)
         return grad_x, None, grad_weight
 
 
