@@ -60,26 +60,25 @@ class _LoRADown(torch.autograd.Function):
     bf16 base, three fp32 casts even without dropout), where this keeps the shared input and a byte an
     element a mask. The backward recomputes the copy with the same ops, so values and gradients are autograd's
     (bitwise on the CPU, tested; a GPU's matmuls may sum in another order).
-    Under autocast the forward's matmul runs in the autocast dtype and the backward, which autocast does not
-    reach, runs its matmuls in that dtype too, casting back where autograd's graph would.
+    Under autocast the forward's matmul runs in the autocast dtype, which the incoming gradient has; the
+    backward, which autocast does not reach, runs its matmuls in that dtype too, casting back where autograd's
+    graph would.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor | None, weight: Tensor) -> Tensor:
         ctx.save_for_backward(x, keep, weight)
-        out = F.linear(_dropped(x, keep, weight.dtype), weight)
-        ctx.compute_dtype = out.dtype
-        return out
+        return F.linear(_dropped(x, keep, weight.dtype), weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         x, keep, weight = ctx.saved_tensors
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.matmul(weight.to(ctx.compute_dtype)).to(weight.dtype)
+            grad_x = grad.matmul(weight.to(grad.dtype)).to(weight.dtype)
             grad_x = (grad_x if keep is None else grad_x * keep).to(x.dtype)
         if ctx.needs_input_grad[2]:
-            dropped = _dropped(x, keep, weight.dtype).to(ctx.compute_dtype)
+            dropped = _dropped(x, keep, weight.dtype).to(grad.dtype)
             grad_weight = grad.reshape(-1, grad.shape[-1]).T.mm(dropped.reshape(-1, dropped.shape[-1])).to(weight.dtype)
         return grad_x, None, grad_weight
 
