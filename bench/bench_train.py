@@ -338,8 +338,7 @@ def train_flags(shape: Shape, batch: int, steps: int, out_dir: Path, flags: list
     """The flags of `python -m ncal_core.train` that train the shape as the baseline does, then `flags`."""
     return ["--model_name_or_path", str(shape.folder),
             "--dataset_path", str(shape.train_file), "--label_types", ",".join(shape.labels),
-            # every row trained on, as the baseline does: no development split and no evaluation of it
-            "--val_size", "0", "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
+            "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
             "--output_dir", str(out_dir), "--overwrite_output_dir", "true", "--use_lora", "true",
             "--lora_r", str(LORA_R), "--lora_alpha", "32", "--lora_dropout", "0.1",
             "--target_modules", "q_proj,k_proj,v_proj,o_proj", "--lambda_lc", str(LAMBDA_LC),
@@ -353,7 +352,9 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
              threads: int, timeout: float) -> dict[str, Any]:
     """`python -m ncal_core.train` on the shape; per-step rates from its metrics.jsonl after the warm-up lines."""
     out_dir = workdir / f"ours-{tag}"
-    cmd = [sys.executable, "-m", "ncal_core.train", *train_flags(shape, batch, steps, out_dir, flags)]
+    # every row trained on, as the baseline does: no development split and no evaluation of it
+    every_row = ["--val_size", "0", *flags]
+    cmd = [sys.executable, "-m", "ncal_core.train", *train_flags(shape, batch, steps, out_dir, every_row)]
     proc = run_measured(cmd, workdir / f"ours-{tag}", threads, timeout)
     logged = logged_steps(out_dir / "metrics.jsonl")
     if len(logged) != steps:

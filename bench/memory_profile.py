@@ -49,9 +49,6 @@ from bench_train import (  # noqa: E402
 from ncal_core.data.registry import resolve_dataset  # noqa: E402
 
 MIB = 2**20
-# the default's development split and its evaluation after training, as a user's run has them: given after
-# bench_train's `--val_size 0` (its baseline has neither), the later value wins
-USER_RUN = ["--val_size", "0.1"]
 TARGET = 1.3
 BATCH = 8
 
@@ -110,7 +107,7 @@ def run_variant(name: str, flags: list[str], shape: Any, args: argparse.Namespac
     """One probed training run; its phases, the floor and the peak against it."""
     out = workdir / f"probe-{name}.json"
     cmd = [sys.executable, str(Path(__file__).with_name("memory_probe.py")), str(out),
-           *train_flags(shape, BATCH, args.steps, workdir / f"run-{name}", USER_RUN + flags)]
+           *train_flags(shape, BATCH, args.steps, workdir / f"run-{name}", flags)]
     proc = run_measured(cmd, workdir / f"probe-{name}", args.threads, args.timeout)
     probe = json.loads(out.read_text())
     terms = floor(shape.arch, probe, DTYPES[args.dtype].itemsize)
