@@ -2,6 +2,7 @@
 
     python bench/bench_infer.py [--quick] [--model tiny|Qwen2.5-0.5B] [--model_path DIR] [--rows N]
         [--single_rows N] [--batch_size B] [--threads N] [--json PATH] [--workdir DIR]
+        [--reference_code DIR [--reference_python PY]]
 
 Three ways to predict the label of each TMWPL test question, with the same model on the CPU in fp32:
 - ours: `python -m ncal_core.infer` (constrained label scoring: every label's tokens scored in one forward
@@ -12,6 +13,12 @@ Three ways to predict the label of each TMWPL test question, with the same model
   is the prediction if it is exactly a label, else it is "no label" (and wrong);
 - generate, one prompt at a time: the same with batch 1, as the reference's inference.py runs (greedy here,
   not its sampling, so that the run is deterministic; that script is not part of this project).
+- with --reference_code DIR, a fourth: the paper's own inference.py from DIR under --reference_python
+  (bench/paper_code.py), one prompt at a time with its sampling and fp16 weights as it ships, its new tokens
+  capped as the generate sides' are; it reads the questions as text (its chat template, no instruction). It
+  clocks nothing itself, so it runs on the first fifth of the one-at-a-time rows (once to warm up,
+  discarded), on all of them and on the fifth again; its prompts/s is the extra prompts over the extra wall
+  time (its `predict_s` is the time that rate gives).
 Both generate sides read the prompt ids ncal_core's PromptBuilder gives with the model's run settings, which
 are the ids infer scores after; ours encodes its prompts inside its timed loop (tens of ms for 350
 rows), the others read ids.
@@ -52,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_model  # noqa: E402
 from bench_train import build_checkpoint, print_table, run_and_write, run_measured, write_tokenizer  # noqa: E402
+from paper_code import code_script, differenced_runs, inference_command, read_responses, write_prompts  # noqa: E402
 
 from ncal_core.data.prompts import PromptBuilder  # noqa: E402
 from ncal_core.data.registry import resolve_dataset  # noqa: E402
@@ -69,7 +77,8 @@ QUICK_ROWS = 30
 QWEN_SINGLE_ROWS = 50
 HOW = {"ours": "constrained label scoring (python -m ncal_core.infer)",
        "generate_batched": "transformers generate, batched, left padding",
-       "generate_single": "one prompt at a time, as the reference's inference.py runs (greedy here, not its sampling)"}
+       "generate_single": "one prompt at a time, as the reference's inference.py runs (greedy here, not its sampling)",
+       "paper_inference": "the paper's own inference.py: one prompt at a time, sampling, fp16 (rate differenced)"}
 RANDOM_NOTE = ("random weights (untrained): macro-F1 is chance and generated text is mostly no label; "
                "the point here is speed")
 
@@ -170,6 +179,27 @@ def run_generate(side: str, case: Case, batch: int, workdir: Path, threads: int,
     return side_result(side, case, log["texts"], log["predict_s"], proc)
 
 
+def run_paper_inference(case: Case, workdir: Path, threads: int, timeout: float, code: Path,
+                        python: str) -> dict[str, Any]:
+    """The paper's inference.py on the first fifth of the case's rows and on all of them (paper_code's
+    differenced_runs); prompts/s differenced."""
+    questions = [e.messages[-1]["content"] for e in load_examples(case.prompts_file)]
+    short, everything = max(1, len(questions) // 5), len(questions)
+
+    def run(n: int) -> dict[str, float]:
+        prompts = workdir / f"paper-prompts-{n}.txt"
+        write_prompts(questions[:n], prompts)
+        cmd = inference_command(python, code, case.folder, prompts, workdir / f"paper-responses-{n}.json",
+                                case.max_new_tokens)
+        return run_measured(cmd, workdir / f"paper-inference-{n}", threads, timeout)
+
+    rate, measured_short, measured_long = differenced_runs(run, short, everything)
+    responses = read_responses(workdir / f"paper-responses-{everything}.json", everything)
+    return {**side_result("paper_inference", case, responses, everything / rate, measured_long),
+            "code": f"{code / 'inference.py'} under {python}", "wall_s_short": measured_short["wall_s"],
+            "rows_short": short}
+
+
 def compare(ours: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Ratios ours / one baseline."""
     return {"baseline": base["side"], "rows_ours": ours["rows"], "rows_baseline": base["rows"],
@@ -197,7 +227,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "bench_infer.json")
     parser.add_argument("--workdir", type=Path, help="keep the model, rows and logs here (default: a temporary folder)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+    parser.add_argument("--reference_code", type=Path, help="the paper's code/ folder: its inference.py runs as a "
+                                                            "fourth side (bench/paper_code.py)")
+    parser.add_argument("--reference_python", default=sys.executable,
+                        help="the interpreter that runs --reference_code, with its stack (default: this one)")
     args = parser.parse_args(argv)
+    if args.reference_code is not None:
+        code_script(args.reference_code, "inference.py")
     if args.quick and (args.model != "tiny" or args.model_path is not None):
         parser.error("--quick trains its own very small tiny model")
     if args.model_path is not None and args.model != "tiny":
@@ -233,6 +269,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     sides = [run_ours(case, args.batch_size, workdir, args.threads, args.timeout),
              run_generate("generate_batched", case, args.batch_size, workdir, args.threads, args.timeout),
              run_generate("generate_single", single, 1, workdir, args.threads, args.timeout)]
+    if args.reference_code is not None:
+        sides.append(run_paper_inference(single, workdir, args.threads, args.timeout, args.reference_code,
+                                         args.reference_python))
     comparisons = [compare(sides[0], base) for base in sides[1:]]
     note = RANDOM_NOTE if args.model == "Qwen2.5-0.5B" else "trained"
     print_table(f"Prediction on the CPU, fp32, model {model}: {note}", sides,

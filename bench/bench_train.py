@@ -1,7 +1,8 @@
 """Training speed and memory of our loop against the reference's way (HF Trainer + PEFT + full logits), side by side.
 
     python bench/bench_train.py [--quick] [--json PATH] [--workdir DIR] [--repeats N] [--[no-]levers]
-        [--model bench|Qwen2.5-0.5B|Qwen2.5-1.5B] [--dtype float32|bfloat16]
+        [--model bench|Qwen2.5-0.5B|Qwen2.5-1.5B] [--dtype float32|bfloat16] [--reference_code DIR
+        [--reference_python PY]]
 
 Both sides train the same random Qwen2 (by default hidden 256, 4 layers, MLP 1024, 4 heads, 2 KV heads,
 tied head; built here once with transformers' save_pretrained) on the same TMWPL rows encoded by
@@ -41,6 +42,12 @@ are reported apart. MFU = model FLOP/s (stalled steps left out) / the machine's 
 weights' dtype on the same thread count: its fastest single call of 1024^3 and 2048^3, before and after the
 runs (the sustained rate over 2 s, which other processes' load lowers, is reported too).
 
+The baseline is the project's re-creation of the reference (bench/reference_baseline.py), or with
+--reference_code DIR the paper's own train.py from DIR run by --reference_python (bench/paper_code.py).
+That script stamps no steps, so it runs for the warm-up steps and for all of them (after one warm-up-length
+run that warms the page cache), and its samples/s is the extra rows over the extra wall time; its tokens and
+FLOPs per sample are the mean row's. The report's `baseline` says which one ran.
+
 --quick runs shape bpe4k only (batch 8, 10 steps, 480 rows, one repeat, no levers, 1 thread): a smoke test of
 the whole path that other processes' load slows least.
 """
@@ -72,6 +79,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_model  # noqa: E402
+from paper_code import (  # noqa: E402
+    code_script,
+    differenced_runs,
+    train_command,
+    write_conversations,
+    write_slow_tokenizer_files,
+)
 
 from ncal_core.data.batching import (  # noqa: E402
     ATTENTION_BLOCKS,
@@ -113,6 +127,9 @@ STALL = 3.0
 # of the available memory, and the whole step (weights and activations too) in MEMORY_SHARE
 LOGITS_MEMORY_SHARE = 0.4
 MEMORY_SHARE = 0.7
+
+
+RECREATION = "the project's re-creation: bench/reference_baseline.py"
 
 
 # ---------------------------------------------------------------- set-up: checkpoints and rows
@@ -380,7 +397,8 @@ def widest_batch_fits(shape: Shape, batch: int) -> bool:
 
 def run_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, workdir: Path, threads: int,
                  timeout: float) -> dict[str, Any]:
-    """bench/reference_baseline.py on the same rows; per-step rates after `warmup` steps."""
+    """bench/reference_baseline.py (the project's re-creation) on the same rows; per-step rates after `warmup`
+    steps."""
     out = workdir / f"baseline-{tag}.json"
     longest_first = widest_batch_fits(shape, batch)
     cmd = [sys.executable, str(Path(__file__).with_name("reference_baseline.py")), "--model", str(shape.folder),
@@ -395,10 +413,41 @@ def run_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, wo
         raise RuntimeError(f"baseline logged {len(ends)} step ends and {len(batches)} batches for {steps} steps")
     steady = [{**b, "padded": b["rows"] * b["width"], "padded_sq": b["rows"] * b["width"] ** 2,  # one padded batch
                "seconds": end - before} for b, end, before in zip(batches, ends, [log["train_begin"], *ends])]
-    return {"side": "baseline", "shape": shape.name, "vocab": shape.arch.vocab, "dtype": shape.dtype,
-            "batch": batch, "steps": steps, "warmup_steps": warmup,
+    return {"side": "baseline", "code": RECREATION, "shape": shape.name, "vocab": shape.arch.vocab,
+            "dtype": shape.dtype, "batch": batch, "steps": steps, "warmup_steps": warmup,
             "flags": "--longest_first" if longest_first else "", "longest_first": longest_first,
+            "rss_note": "" if longest_first else "the baseline's widest batch would not fit",
             "max_width": max(b["width"] for b in batches), **proc, **rates(steady[warmup:], shape.arch, full_head=True)}
+
+
+def run_paper_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, workdir: Path, threads: int,
+                       timeout: float, code: Path, python: str) -> dict[str, Any]:
+    """The paper's own train.py on the same rows, run for `warmup` steps (once to warm up, discarded), `steps`
+    and `warmup` again: samples/s is the extra rows over the extra wall time, peak RSS the longer run's. It logs
+    no per-step batches, so its tokens and model FLOPs per sample are the mean row's (the expectation under its
+    uniform sampler)."""
+    data = workdir / f"paper-rows-{shape.name}.json"
+    if not data.exists():
+        write_conversations(load_examples(shape.train_file), data)
+        write_slow_tokenizer_files(shape.folder)
+
+    def run(n: int) -> dict[str, float]:
+        cmd = train_command(python, code, shape.folder, data, workdir / f"paper-{tag}-{n}", shape.labels, batch, n,
+                            shape.dtype, LORA_R, LAMBDA_LC)
+        return run_measured(cmd, workdir / f"paper-{tag}-{n}", threads, timeout)
+
+    steps_per_s, short, long = differenced_runs(run, warmup, steps)
+    samples_per_s = batch * steps_per_s
+    mean = {key: statistics.mean(batch_stats([r])[key] for r in shape.rows) for key in ("tokens", "sq_tokens",
+                                                                                        "targets")}
+    return {"side": "baseline", "code": f"the paper's code: {code / 'train.py'} under {python}", "shape": shape.name,
+            "vocab": shape.arch.vocab, "dtype": shape.dtype, "batch": batch, "steps": steps, "warmup_steps": warmup,
+            "flags": "", "longest_first": False,
+            "rss_note": "the paper's code meets its widest batch at a random step, which a short run may miss",
+            **long, "wall_s_short": short["wall_s"], "samples_per_s": samples_per_s,
+            "samples_per_s_all_steps": samples_per_s, "real_tokens_per_s": samples_per_s * mean["tokens"],
+            "model_gflops_per_step": batch * model_flops(mean, shape.arch) / 1e9,
+            "model_gflops_per_s": samples_per_s * model_flops(mean, shape.arch) / 1e9}
 
 
 # ---------------------------------------------------------------- the label-only head, in process
@@ -481,8 +530,8 @@ def compare(ours: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         checks["rss_ratio"] = row["rss_ratio"] <= target["rss_ratio"]
     row["targets_met"] = checks
     row["verdict"] = ", ".join(f"{k} {'ok' if v else 'MISS'}" for k, v in checks.items())
-    if not base["longest_first"]:
-        row["verdict"] += " (rss not like for like: the baseline's widest batch would not fit)"
+    if base["rss_note"]:
+        row["verdict"] += f" (rss not like for like: {base['rss_note']})"
     return row
 
 
@@ -529,7 +578,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads of every run and of the matmul measurement "
                         "(default 2, quick 1: one thread is not stalled by other processes' load)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+    parser.add_argument("--reference_code", type=Path, help="the paper's code/ folder: its train.py is the baseline "
+                        "instead of the project's re-creation (bench/paper_code.py)")
+    parser.add_argument("--reference_python", default=sys.executable,
+                        help="the interpreter that runs --reference_code, with its stack (default: this one)")
     args = parser.parse_args(argv)
+    if args.reference_code is not None:
+        code_script(args.reference_code, "train.py")
     if args.quick and args.model != "bench":
         parser.error("--quick is the bench model's smoke test; a Qwen2.5 model has its own short plan")
     return args
@@ -591,8 +646,11 @@ def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, An
         for repeat in range(plan.repeats):
             tag = f"{name}-b{batch}-r{repeat}"
             tried["ours"].append(run_ours(shape, batch, steps, warmup, [], tag, workdir, plan.threads, args.timeout))
-            tried["baseline"].append(run_baseline(shape, batch, steps, warmup, tag, workdir, plan.threads,
-                                                  args.timeout))
+            tried["baseline"].append(
+                run_baseline(shape, batch, steps, warmup, tag, workdir, plan.threads, args.timeout)
+                if args.reference_code is None else
+                run_paper_baseline(shape, batch, steps, warmup, tag, workdir, plan.threads, args.timeout,
+                                   args.reference_code, args.reference_python))
             load.append(os.getloadavg()[0])
             print(f"{tag}: ours {tried['ours'][-1]['samples_per_s']:.1f}/s {tried['ours'][-1]['peak_rss_mb']:.0f} MB, "
                   f"baseline {tried['baseline'][-1]['samples_per_s']:.1f}/s "
@@ -638,6 +696,8 @@ def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, An
                 ["side", "shape", "batch", "steady_steps", "stalled_steps", "samples_per_s",
                  "samples_per_s_all_steps", "real_tokens_per_s", "pad_fraction", "max_width", "peak_rss_mb", "model_gflops_per_step",
                  "executed_gflops_per_step", "mfu", "wall_s", "cpu_s"])
+    baseline = RECREATION if args.reference_code is None else next(r["code"] for r in runs if r["side"] == "baseline")
+    print(f"\nbaseline: {baseline}")
     print_table("Ours / baseline", comparisons,
                 ["shape", "batch", "samples_ratio", "samples_ratio_all_steps", "real_tokens_ratio", "rss_ratio",
                  "mfu_ours", "mfu_baseline", "verdict"])
@@ -662,7 +722,8 @@ def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, An
                     "mfu_denominator_gflops": peak, "mfu_denominator_dtype": plan.dtype,
                     "sustained_mm_gflops": sustained, "loadavg": load},
         "model": {name: asdict(shape.arch) for name, shape in shapes.items()}, "lora_r": LORA_R, "dtype": plan.dtype,
-        "lambda_lc": LAMBDA_LC, "repeats": plan.repeats, "runs": runs, "comparisons": comparisons,
+        "lambda_lc": LAMBDA_LC, "repeats": plan.repeats, "baseline": baseline, "runs": runs,
+        "comparisons": comparisons,
         "levers": levers, "head_microbench": heads,
         "memory_model": {"computed_not_measured": True, "rows": memory_rows},
     }

@@ -37,21 +37,73 @@ def test_the_one_prompt_at_a_time_side_is_capped_for_qwen25_only_and_quick_train
             bench_infer.parse_args(refused)
 
 
+# Stands in for the paper's code/inference.py: its argument names, one prompt a line in, {"results": [{"prompt",
+# "response"}]} out; it answers "not a label" to the first prompt and 回忆 to the others, holds 256 MB and sleeps
+# 0.1 s a prompt.
+PAPER_INFERENCE_STANDIN = """
+import argparse, json, time
+parser = argparse.ArgumentParser()
+for flag in ("--model_path", "--base_model_path", "--prompt", "--prompts_file", "--output_file"):
+    parser.add_argument(flag)
+parser.add_argument("--max_length", type=int, default=512)
+parser.add_argument("--temperature", type=float, default=0.7)
+parser.add_argument("--top_p", type=float, default=0.9)
+args = parser.parse_args()
+prompts = [line.strip() for line in open(args.prompts_file, encoding="utf-8") if line.strip()]
+held = b"x" * (256 * 2**20)  # written, so resident
+time.sleep(0.1 * len(prompts))
+results = [{"prompt": p, "response": " not a label " if i == 0 else "回忆"} for i, p in enumerate(prompts)]
+json.dump({"results": results, "parameters": {"max_length": args.max_length}}, open(args.output_file, "w"))
+json.dump({"max_length": args.max_length, "model_path": args.model_path},
+          open(args.prompts_file + ".args.json", "w"))
+"""
+
+
 @pytest.mark.slow
-def test_quick_benchmark_runs_the_three_sides_on_the_same_rows_and_writes_the_report(tmp_path, tmwpl_dir):
-    # A tiny model of 20 steps, 30 rows on 1 thread: about 20 s on this 2-core machine. Timings are never asserted.
-    out = subprocess.run([sys.executable, str(BENCH / "bench_infer.py"), "--quick", "--json", str(tmp_path / "b.json")],
+def test_quick_benchmark_runs_every_side_on_the_same_rows_and_writes_the_report(tmp_path, tmwpl_dir, bench_infer):
+    # A tiny model of 20 steps, 30 rows on 1 thread: about 20 s on this 2-core machine. Timings are never asserted,
+    # but for the stand-in's bound. The paper's inference.py is a stand-in that keeps its command line.
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "inference.py").write_text(PAPER_INFERENCE_STANDIN)
+    out = subprocess.run([sys.executable, str(BENCH / "bench_infer.py"), "--quick", "--json", str(tmp_path / "b.json"),
+                          "--workdir", str(tmp_path / "w"), "--reference_code", str(code)],
                          capture_output=True, text=True, timeout=900,
                          env={**os.environ, "NCAL_DATA_DIR": str(tmwpl_dir)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "b.json").read_text())
     assert (report["mode"], report["rows"], report["single_rows"]) == ("quick", 30, 30)
-    assert [side["side"] for side in report["sides"]] == ["ours", "generate_batched", "generate_single"]
+    assert [side["side"] for side in report["sides"]] == ["ours", "generate_batched", "generate_single",
+                                                          "paper_inference"]
     for side in report["sides"]:
         assert side["rows"] == 30
         assert side["prompts_per_s"] > 0 and side["peak_rss_mb"] > 0
         assert 0 <= side["macro_f1"] <= 1 and 0 <= side["no_label"] <= 30
     assert report["sides"][0]["no_label"] == 0  # scoring always picks a label
-    assert [c["baseline"] for c in report["comparisons"]] == ["generate_batched", "generate_single"]
+    assert [c["baseline"] for c in report["comparisons"]] == ["generate_batched", "generate_single",
+                                                              "paper_inference"]
     assert all(c["prompts_per_s_ratio"] > 0 for c in report["comparisons"])
     assert "Ours / baseline" in out.stdout and "as the reference's inference.py runs" in out.stdout
+
+    paper = report["sides"][3]
+    # 6 then 30 prompts: 24 extra over the extra wall time, which holds 24 x 0.1 s of sleep (and some jitter)
+    assert paper["rows_short"] == 6
+    assert paper["prompts_per_s"] == pytest.approx(24 / (paper["wall_s"] - paper["wall_s_short"]))
+    assert 0 < paper["prompts_per_s"] <= 1.25 * 24 / 2.4
+    assert paper["peak_rss_mb"] > 256 and paper["code"].startswith(str(code / "inference.py"))
+    # its responses are read back in the rows' order: the first is no label, the others 回忆
+    rows = [json.loads(line) for line in (tmwpl_dir / "TMWPL_test.jsonl").read_text(encoding="utf-8").splitlines()]
+    gold = [rows[i]["class"] for i in bench_infer.spaced(len(rows), 30)]
+    assert paper["no_label"] == 1 and paper["accuracy"] == pytest.approx(gold[1:].count("回忆") / 30)
+    for n in (6, 30):
+        prompts = (tmp_path / "w" / f"paper-prompts-{n}.txt").read_text(encoding="utf-8").splitlines()
+        assert len(prompts) == n and all(p.strip() for p in prompts)
+        given = json.loads((tmp_path / "w" / f"paper-prompts-{n}.txt.args.json").read_text())
+        assert given["max_length"] == report["max_new_tokens"]
+
+
+def test_reference_code_without_inference_py_is_refused_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "bench_infer.py"), "--quick", "--reference_code", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.strip() == f"--reference_code {tmp_path}: no inference.py there; give the paper's code/ folder"

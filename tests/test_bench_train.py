@@ -125,3 +125,111 @@ def test_memory_profile_records_every_phase_of_a_real_training_run(tmp_path, tmw
     # each VmHWM reset also resets the mark ru_maxrss is taken from: the run's peak is the larger of the two
     assert summary["peak_rss_mb"] >= max(phase_peaks) and summary["peak_rss_mb"] >= summary["ru_maxrss_mb"] > 0
     assert summary["floor_mb"] > summary["weights_mb"] > 0
+
+
+# Stands in for the paper's code/train.py: it parses the paper's argument names (its config.py dataclasses and
+# transformers' TrainingArguments, through HfArgumentParser, which refuses any other), checks the dataset it is
+# given, makes its output folder, holds 512 MB (more than its imports) and sleeps 0.25 s a step, and records
+# what it was given.
+PAPER_TRAIN_STANDIN = '''
+import json, os, sys, time
+from dataclasses import dataclass, field
+from transformers import HfArgumentParser, TrainingArguments
+
+@dataclass
+class Data:
+    dataset_path: str
+    label_types: list[str] = field(default_factory=list)
+
+@dataclass
+class Model:
+    model_name_or_path: str = ""
+    torch_dtype: str = "float16"
+    device_map: str = "auto"
+
+@dataclass
+class LoRA:
+    use_lora: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+
+@dataclass
+class ETF:
+    use_etf_loss: bool = True
+    lambda_lc: float = 0.1
+
+parser = HfArgumentParser((Data, Model, LoRA, ETF, TrainingArguments))
+data, model, lora, etf, training = parser.parse_args_into_dataclasses()
+rows = json.load(open(data.dataset_path, encoding="utf-8"))
+assert all(set(r) == {"conversation", "label"} and r["label"] in data.label_types for r in rows)
+assert all(m["role"] == "user" and m["content"] for r in rows for m in r["conversation"])
+held = b"x" * (512 * 2**20)  # written, so resident
+os.makedirs(training.output_dir, exist_ok=True)  # as the paper's check_arguments does
+time.sleep(0.25 * training.max_steps)
+with open(training.output_dir + "/standin.json", "w") as out:
+    json.dump({"argv": sys.argv[1:], "rows": len(rows), "max_steps": training.max_steps,
+               "torch_dtype": model.torch_dtype,
+               "lora_r": lora.lora_r, "lambda_lc": etf.lambda_lc, "use_cpu": training.use_cpu,
+               "batch": training.per_device_train_batch_size, "model": model.model_name_or_path}, out)
+'''
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_path, tmwpl_dir):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "train.py").write_text(PAPER_TRAIN_STANDIN)
+    out = _run("bench_train.py", "--quick", "--reference_code", str(code), "--json", str(tmp_path / "b.json"),
+               "--workdir", str(tmp_path / "w"), timeout=900, env={"NCAL_DATA_DIR": str(tmwpl_dir)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["baseline"].startswith(f"the paper's code: {code / 'train.py'}")
+    base = next(run for run in report["runs"] if run["side"] == "baseline")
+    # the quick plan: 3 warm-up steps and 10 in all, batch 8, so 56 extra rows over the extra wall time, which
+    # holds 7 x 0.25 s of sleep (and some jitter)
+    assert base["steps"] == 10 and base["warmup_steps"] == 3
+    assert base["samples_per_s"] == pytest.approx(56 / (base["wall_s"] - base["wall_s_short"]))
+    assert 0 < base["samples_per_s"] <= 1.25 * 56 / (7 * 0.25)
+    assert base["peak_rss_mb"] > 512 and base["mfu"] > 0 and base["real_tokens_per_s"] > 0
+    runs = {json.loads(p.read_text())["max_steps"]: json.loads(p.read_text())
+            for p in (tmp_path / "w").glob("paper-*/standin.json")}
+    assert sorted(runs) == [3, 10]
+    given = runs[10]
+    assert (given["rows"], given["batch"], given["lora_r"], given["lambda_lc"], given["torch_dtype"]) == (
+        480, 8, 8, 1.0, "float32")
+    assert given["use_cpu"] is True
+    # its tokenizer loads with use_fast=False: vocab.json and merges.txt beside tokenizer.json, the same ids
+    from transformers import AutoTokenizer, Qwen2Tokenizer
+
+    folder = Path(given["model"])
+    slow = Qwen2Tokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    fast = AutoTokenizer.from_pretrained(folder)
+    texts = [json.loads(line)["question"] for line in (tmwpl_dir / "TMWPL_test.jsonl").read_text().splitlines()[:100]]
+    assert len(slow) == len(fast) and [slow.encode(t) for t in texts] == [fast.encode(t) for t in texts]
+    assert "rss not like for like: the paper's code meets its widest batch at a random step" in out.stdout
+
+
+def test_reference_code_without_train_py_is_refused_in_one_line(tmp_path):
+    out = _run("bench_train.py", "--quick", "--reference_code", str(tmp_path), timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.strip() == f"--reference_code {tmp_path}: no train.py there; give the paper's code/ folder"
+
+
+def test_a_differenced_rate_discards_the_cold_first_run_and_needs_the_longer_run_to_take_longer(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from paper_code import differenced_rate, differenced_runs
+
+    assert differenced_rate({"wall_s": 10.0}, {"wall_s": 14.0}, 16, 48) == 8.0
+    with pytest.raises(RuntimeError, match="must do more work and take longer"):
+        differenced_rate({"wall_s": 10.0}, {"wall_s": 9.0}, 16, 48)
+    # a cold first run 5 s slower than the same run warm; 0.5 s a unit plus 10 s of start-up when warm
+    calls = []
+
+    def run(n: int) -> dict[str, float]:
+        calls.append(n)
+        return {"wall_s": 10.0 + 0.5 * n + (5.0 if len(calls) == 1 else 0.0), "call": len(calls)}
+
+    rate, short, long = differenced_runs(run, 2, 6)
+    assert calls == [2, 6, 2] and (short["call"], long["call"]) == (3, 2)
+    assert rate == 2.0  # 4 units over 2 s; the cold run would have given 4 units over -3 s
