@@ -68,16 +68,19 @@ def test_lora_linear_computes_base_plus_scaled_low_rank_update() -> None:
     assert lora.weight is base.weight and set(dict(lora.named_parameters())) == {"weight", "bias", "lora_A", "lora_B"}
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_keeps_each_element_independently_with_probability_one_minus_p(p: float) -> None:
+def test_dropout_keeps_each_element_independently_with_probability_one_minus_p(p: float, compiled: bool) -> None:
+    # compiled: traced by torch.compile (its torch.randint path; the captured graph runs as traced)
+    draw = torch.compile(dropout_keep, backend="eager", fullgraph=True) if compiled else dropout_keep
     torch.manual_seed(0)
-    keep = dropout_keep(torch.empty(1000, 2000), p).double()
+    keep = draw(torch.empty(1000, 2000), p).double()
     sigma = (p * (1 - p) / keep.numel()) ** 0.5
     assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
     # independent across elements: neighbours agree as often as two independent draws would
     agree = (keep[:, 1:] == keep[:, :-1]).double().mean().item()
     assert abs(agree - ((1 - p) ** 2 + p**2)) < 10 * sigma
-    assert not torch.equal(dropout_keep(torch.empty(1000, 2000), p), keep.bool())  # a fresh mask per call
+    assert not torch.equal(draw(torch.empty(1000, 2000), p), keep.bool())  # a fresh mask per call
 
 
 def test_lora_dropout_drops_inputs_of_the_update_and_scales_the_kept_ones() -> None:
