@@ -59,7 +59,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_model  # noqa: E402
 from bench_train import build_checkpoint, print_table, run_and_write, run_measured, write_tokenizer  # noqa: E402
-from paper_code import code_script, differenced_runs, inference_command, read_responses, write_prompts  # noqa: E402
+from paper_code import (  # noqa: E402
+    code_script,
+    differenced_runs,
+    inference_command,
+    read_responses,
+    write_prompts,
+    write_slow_tokenizer_files,
+)
 
 from ncal_core.data.prompts import PromptBuilder  # noqa: E402
 from ncal_core.data.registry import resolve_dataset  # noqa: E402
@@ -185,6 +192,7 @@ def run_paper_inference(case: Case, workdir: Path, threads: int, timeout: float,
     differenced_runs); prompts/s differenced."""
     questions = [e.messages[-1]["content"] for e in load_examples(case.prompts_file)]
     short, everything = max(1, len(questions) // 5), len(questions)
+    write_slow_tokenizer_files(case.folder)
 
     def run(n: int) -> dict[str, float]:
         prompts = workdir / f"paper-prompts-{n}.txt"
@@ -242,6 +250,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_single = QWEN_SINGLE_ROWS if args.model == "Qwen2.5-0.5B" else None
     args.single_rows = args.single_rows or default_single
     args.threads = args.threads or (1 if args.quick else min(2, os.cpu_count() or 1))
+    if args.reference_code is not None and min(filter(None, (args.single_rows, args.rows)), default=2) < 2:
+        parser.error("--reference_code: its rate is differenced between a fifth of the one-at-a-time rows and all "
+                     "of them, so --single_rows and --rows must be at least 2")
     return args
 
 

@@ -80,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_model  # noqa: E402
 from paper_code import (  # noqa: E402
+    as_flags,
     code_script,
     differenced_runs,
     train_command,
@@ -102,6 +103,9 @@ QWEN_VOCAB = 151_936  # Qwen2.5's embedding rows
 SEED = 42
 LAMBDA_LC = 1.0
 LORA_R = 8
+# the training both sides run, by the flag names ours shares with the paper's train.py
+TRAINING = {"lora_r": LORA_R, "lora_alpha": 32, "lora_dropout": 0.1, "lambda_lc": LAMBDA_LC, "learning_rate": 2e-4,
+            "seed": SEED}
 # the default model; its vocab is the qwen shape's, and bpe4k's checkpoint replaces it with its tokenizer's size
 BENCH_ARCH = memory_model.Arch("bench", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024,
                                vocab=QWEN_VOCAB, tied=True)
@@ -357,10 +361,10 @@ def train_flags(shape: Shape, batch: int, steps: int, out_dir: Path, flags: list
             "--dataset_path", str(shape.train_file), "--label_types", ",".join(shape.labels),
             "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
             "--output_dir", str(out_dir), "--overwrite_output_dir", "true", "--use_lora", "true",
-            "--lora_r", str(LORA_R), "--lora_alpha", "32", "--lora_dropout", "0.1",
-            "--target_modules", "q_proj,k_proj,v_proj,o_proj", "--lambda_lc", str(LAMBDA_LC),
+            *as_flags(TRAINING),
+            "--target_modules", "q_proj,k_proj,v_proj,o_proj",
             "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
-            "--max_steps", str(steps), "--logging_steps", "1", "--torch_dtype", shape.dtype, "--seed", str(SEED),
+            "--max_steps", str(steps), "--logging_steps", "1", "--torch_dtype", shape.dtype,
             # uniform rows, as the baseline's sampler (and our_plan) draws them; TC on one token, as the baseline's
             "--resample", "none", "--pooling", "last", *flags]
 
@@ -427,13 +431,12 @@ def run_paper_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: s
     no per-step batches, so its tokens and model FLOPs per sample are the mean row's (the expectation under its
     uniform sampler)."""
     data = workdir / f"paper-rows-{shape.name}.json"
-    if not data.exists():
-        write_conversations(load_examples(shape.train_file), data)
-        write_slow_tokenizer_files(shape.folder)
+    write_conversations(load_examples(shape.train_file), data)
+    write_slow_tokenizer_files(shape.folder)
 
     def run(n: int) -> dict[str, float]:
         cmd = train_command(python, code, shape.folder, data, workdir / f"paper-{tag}-{n}", shape.labels, batch, n,
-                            shape.dtype, LORA_R, LAMBDA_LC)
+                            shape.dtype, TRAINING)
         return run_measured(cmd, workdir / f"paper-{tag}-{n}", threads, timeout)
 
     steps_per_s, short, long = differenced_runs(run, warmup, steps)
@@ -696,7 +699,7 @@ def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, An
                 ["side", "shape", "batch", "steady_steps", "stalled_steps", "samples_per_s",
                  "samples_per_s_all_steps", "real_tokens_per_s", "pad_fraction", "max_width", "peak_rss_mb", "model_gflops_per_step",
                  "executed_gflops_per_step", "mfu", "wall_s", "cpu_s"])
-    baseline = RECREATION if args.reference_code is None else next(r["code"] for r in runs if r["side"] == "baseline")
+    baseline = next(r["code"] for r in runs if r["side"] == "baseline")
     print(f"\nbaseline: {baseline}")
     print_table("Ours / baseline", comparisons,
                 ["shape", "batch", "samples_ratio", "samples_ratio_all_steps", "real_tokens_ratio", "rss_ratio",

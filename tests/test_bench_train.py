@@ -170,13 +170,15 @@ time.sleep(0.25 * training.max_steps)
 with open(training.output_dir + "/standin.json", "w") as out:
     json.dump({"argv": sys.argv[1:], "rows": len(rows), "max_steps": training.max_steps,
                "torch_dtype": model.torch_dtype,
-               "lora_r": lora.lora_r, "lambda_lc": etf.lambda_lc, "use_cpu": training.use_cpu,
+               "lora_r": lora.lora_r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+               "lambda_lc": etf.lambda_lc, "learning_rate": training.learning_rate, "seed": training.seed,
+               "use_cpu": training.use_cpu,
                "batch": training.per_device_train_batch_size, "model": model.model_name_or_path}, out)
 '''
 
 
 @pytest.mark.slow
-def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_path, tmwpl_dir):
+def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_path, tmwpl_dir, bench_train):
     code = tmp_path / "code"
     code.mkdir()
     (code / "train.py").write_text(PAPER_TRAIN_STANDIN)
@@ -186,18 +188,17 @@ def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["baseline"].startswith(f"the paper's code: {code / 'train.py'}")
     base = next(run for run in report["runs"] if run["side"] == "baseline")
-    # the quick plan: 3 warm-up steps and 10 in all, batch 8, so 56 extra rows over the extra wall time, which
-    # holds 7 x 0.25 s of sleep (and some jitter)
+    # the quick plan: 3 warm-up steps and 10 in all, batch 8, so 56 extra rows over the extra wall time
     assert base["steps"] == 10 and base["warmup_steps"] == 3
     assert base["samples_per_s"] == pytest.approx(56 / (base["wall_s"] - base["wall_s_short"]))
-    assert 0 < base["samples_per_s"] <= 1.25 * 56 / (7 * 0.25)
     assert base["peak_rss_mb"] > 512 and base["mfu"] > 0 and base["real_tokens_per_s"] > 0
     runs = {json.loads(p.read_text())["max_steps"]: json.loads(p.read_text())
             for p in (tmp_path / "w").glob("paper-*/standin.json")}
     assert sorted(runs) == [3, 10]
     given = runs[10]
-    assert (given["rows"], given["batch"], given["lora_r"], given["lambda_lc"], given["torch_dtype"]) == (
-        480, 8, 8, 1.0, "float32")
+    assert (given["rows"], given["batch"], given["torch_dtype"]) == (480, 8, "float32")
+    # the training ours runs, by the flag names both share
+    assert {name: given[name] for name in bench_train.TRAINING} == bench_train.TRAINING
     assert given["use_cpu"] is True
     # its tokenizer loads with use_fast=False: vocab.json and merges.txt beside tokenizer.json, the same ids
     from transformers import AutoTokenizer, Qwen2Tokenizer
@@ -205,7 +206,7 @@ def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_
     folder = Path(given["model"])
     slow = Qwen2Tokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
     fast = AutoTokenizer.from_pretrained(folder)
-    texts = [json.loads(line)["question"] for line in (tmwpl_dir / "TMWPL_test.jsonl").read_text().splitlines()[:100]]
+    texts = [json.loads(line)["question"] for line in (tmwpl_dir / "TMWPL_test.jsonl").read_text(encoding="utf-8").splitlines()[:100]]
     assert len(slow) == len(fast) and [slow.encode(t) for t in texts] == [fast.encode(t) for t in texts]
     assert "rss not like for like: the paper's code meets its widest batch at a random step" in out.stdout
 
@@ -233,3 +234,22 @@ def test_a_differenced_rate_discards_the_cold_first_run_and_needs_the_longer_run
     rate, short, long = differenced_runs(run, 2, 6)
     assert calls == [2, 6, 2] and (short["call"], long["call"]) == (3, 2)
     assert rate == 2.0  # 4 units over 2 s; the cold run would have given 4 units over -3 s
+
+
+def test_the_slow_tokenizer_files_keep_those_a_model_folder_has_and_fill_in_the_missing(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from paper_code import write_slow_tokenizer_files
+
+    vocab = {"a": 0, "b": 1, "ab": 2}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab,
+                                                                   "merges": [["a", "b"]]}}))
+    (tmp_path / "vocab.json").write_text('{"own": 0}')
+    write_slow_tokenizer_files(tmp_path)
+    assert (tmp_path / "vocab.json").read_text() == '{"own": 0}'
+    assert (tmp_path / "merges.txt").read_text() == "#version: 0.2\na b\n"
+    (tmp_path / "vocab.json").unlink()
+    write_slow_tokenizer_files(tmp_path)
+    assert json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8")) == vocab
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}}))
+    with pytest.raises(ValueError, match="needs a BPE model, not Unigram"):
+        write_slow_tokenizer_files(tmp_path)
