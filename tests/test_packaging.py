@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -30,13 +31,24 @@ def test_wheel_provides_no_top_level_kernels_module(tmp_path):
     assert len(modules) > 30 and modules <= names, sorted(modules - names)
 
 
-def test_kernels_import_under_their_own_name_and_transformers_sees_no_kernels_package(tmp_path):
-    code = ("import ncal_kernels.pool_norm, ncal_kernels.etf_gram, ncal_data\n"
+def test_kernels_import_under_their_own_name_and_never_stand_for_hugging_faces_kernels(tmp_path):
+    """transformers 5.25 and later install Hugging Face's `kernels` package; with it or without it, what
+    transformers sees as `kernels` is that distribution or nothing, never the repository's kernels/ folder."""
+    code = ("import importlib.metadata, importlib.util, json\n"
+            "import ncal_kernels.pool_norm, ncal_kernels.etf_gram, ncal_data\n"
             "from transformers.utils.import_utils import is_kernels_available\n"
-            "import importlib.util\n"
-            "print(is_kernels_available(), importlib.util.find_spec('kernels') is None)\n")
+            "try:\n"
+            "    installed = importlib.metadata.version('kernels')\n"
+            "except importlib.metadata.PackageNotFoundError:\n"
+            "    installed = None\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print(json.dumps({'available': is_kernels_available(), 'installed': installed,\n"
+            "                  'locations': list(spec.submodule_search_locations or []) if spec else []}))\n")
+    ours = (REPO / "kernels").resolve()
     # run from the repository root too, where the kernels/ folder sits on sys.path[0]
     for cwd in (tmp_path, REPO):
         out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True)
-        available = out.stdout.split()[0]
-        assert available == "False", (cwd, out.stdout, out.stderr)
+        seen = json.loads(out.stdout)
+        assert seen["available"] == (seen["installed"] is not None), (cwd, seen)
+        if seen["installed"] is not None:  # `import kernels` is Hugging Face's package, not a part of ours
+            assert all(Path(p).resolve() != ours for p in seen["locations"]), (cwd, seen)
