@@ -431,7 +431,8 @@ def run_paper_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: s
     no per-step batches, so its tokens and model FLOPs per sample are the mean row's (the expectation under its
     uniform sampler)."""
     data = workdir / f"paper-rows-{shape.name}.json"
-    write_conversations(load_examples(shape.train_file), data)
+    if not data.exists():  # the same rows for every repeat
+        write_conversations(load_examples(shape.train_file), data)
     write_slow_tokenizer_files(shape.folder)
 
     def run(n: int) -> dict[str, float]:

@@ -74,9 +74,10 @@ def train_command(python: str, code: Path, model: Path, data: Path, out_dir: Pat
     return [python, str(code_script(code, "train.py")), "--dataset_path", str(data),
             "--model_name_or_path", str(model), "--output_dir", str(out_dir), "--label_types", *labels,
             "--torch_dtype", dtype, "--device_map", "cpu", "--use_cpu", "true", "--fp16", "false", "--bf16", "false",
-            "--use_lora", "true", "--use_etf_loss", "true", *as_flags(training), "--per_device_train_batch_size", str(batch),
-            "--gradient_accumulation_steps", "1", "--max_steps", str(steps), "--save_strategy", "no",
-            "--report_to", "none", "--remove_unused_columns", "false", "--dataloader_drop_last", "true"]
+            "--use_lora", "true", "--use_etf_loss", "true", *as_flags(training),
+            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
+            "--max_steps", str(steps), "--save_strategy", "no", "--report_to", "none",
+            "--remove_unused_columns", "false", "--dataloader_drop_last", "true"]
 
 
 def write_prompts(questions: list[str], path: Path) -> None:

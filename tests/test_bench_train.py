@@ -206,7 +206,8 @@ def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_
     folder = Path(given["model"])
     slow = Qwen2Tokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
     fast = AutoTokenizer.from_pretrained(folder)
-    texts = [json.loads(line)["question"] for line in (tmwpl_dir / "TMWPL_test.jsonl").read_text(encoding="utf-8").splitlines()[:100]]
+    lines = (tmwpl_dir / "TMWPL_test.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["question"] for line in lines[:100]]
     assert len(slow) == len(fast) and [slow.encode(t) for t in texts] == [fast.encode(t) for t in texts]
     assert "rss not like for like: the paper's code meets its widest batch at a random step" in out.stdout
 

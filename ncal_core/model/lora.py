@@ -48,7 +48,8 @@ def dropout_keep(x: Tensor, p: float) -> Tensor:
     step were 7% of the bench's LoRA step. Drawn from the default generator, so gradient checkpointing's
     RNG replay redraws the same mask.
     Under torch.compile the bits come from torch.randint instead: Tensor.random_ is a graph break (one a mask:
-    three in attention_in, for q, k and v, one in attention_out, for o), randint is traced. It is another stream than random_'s, which eager runs keep.
+    three in attention_in, for q, k and v, one in attention_out, for o), randint is traced. It is another stream
+    than random_'s, which eager runs keep.
     """
     if torch.compiler.is_compiling():
         bits = torch.randint(0, 2**DROPOUT_BITS, x.shape, dtype=torch.int32, device=x.device)
