@@ -91,10 +91,11 @@ METHODS: dict[str, list[str]] = {
                            "--la_loss_tau", "1.0"],
 }
 TAIL = 3  # report per-class F1 of the three smallest training classes
-# settings that do not change the trained weights (where files go, speed paths, evaluation-time options)
+# settings that do not change the weights a run of this script ends with (where files go, speed paths,
+# evaluation-time options; with --save_strategy no there is no earlier checkpoint to load back)
 NOT_TRAINING = {"output_dir", "overwrite_output_dir", "eval_dataset_path", "eval_strategy", "save_strategy",
-                "save_steps", "save_total_limit", "logging_steps", "resume_from_checkpoint", "logit_adjust_tau",
-                "per_device_eval_batch_size", "padding_free", "tc_backend", "torch_compile"}
+                "save_steps", "save_total_limit", "load_best_model_at_end", "logging_steps", "resume_from_checkpoint",
+                "logit_adjust_tau", "per_device_eval_batch_size", "padding_free", "tc_backend", "torch_compile"}
 
 
 # settings of a part of training that is off: they change nothing (TC with its weight at 0, LoRA in full fine-tuning)
@@ -138,7 +139,8 @@ def _run(method: str, seed: int, out: Path, common: list[str]) -> Path:
     """Train one (method, seed) unless its run folder already holds a model trained with these settings."""
     run_dir = out / "runs" / f"{method}-s{seed}"
     flags = ["--output_dir", str(run_dir), "--seed", str(seed), "--overwrite_output_dir", "true",
-             "--eval_dataset_path", "none", "--save_strategy", "no", *PINNED, *common, *METHODS[method]]
+             "--eval_dataset_path", "none", "--save_strategy", "no", "--load_best_model_at_end", "false", *PINNED,
+             *common, *METHODS[method]]
     record = RunRecord.read(run_dir) if run_dir.is_dir() else None
     if record and record.labels and (run_dir / "tokenizer_config.json").is_file():  # a finished run
         stale = stale_settings(record.config, flags)

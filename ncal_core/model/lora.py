@@ -275,11 +275,16 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir / CONFIG_FILE)
     inject_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), config["target_modules"])
-    weights = adapter_dir / WEIGHTS_FILE
+    load_adapter_weights(model, adapter_dir)
+    return config
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Copy a PEFT adapter folder's factors into the LoRA layers the model already has (same r and targets)."""
+    weights = Path(adapter_dir) / WEIGHTS_FILE
     # peft saves without the adapter name, but some tools keep it: ...q_proj.lora_A.default.weight
     tensors = ((file, key.replace(".default.", "."), t) for file, key, t in read_tensors([weights]))
-    assign_parameters(model, tensors, peft_key, source=weights, select=is_lora_param)
-    return config
+    assign_parameters(model, tensors, peft_key, source=weights, select=is_lora_param, in_place=True)
 
 
 def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:

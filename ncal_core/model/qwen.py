@@ -431,6 +431,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
     return model.eval()  # like transformers: dropout (of LoRA layers added later) is off until .train()
 
 
+def load_weights_into(model: QwenModel, path: str | Path) -> None:
+    """Copy a Hugging Face folder's weights into the model's own parameters (kept in their dtype and device)."""
+    files, source = checkpoint_files(Path(path))
+    assign_parameters(model, read_tensors(files), hf_name, source=source, in_place=True)
+
+
 def save_model(
     model: QwenModel, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9
 ) -> None:

@@ -80,11 +80,14 @@ def assign_parameters(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     select: Callable[[str], bool] = lambda name: True,
+    in_place: bool = False,
 ) -> None:
     """Replace every selected parameter of `model` (possibly on the meta device) with the checkpoint's tensor.
 
     `key_of` maps our parameter name to its checkpoint key. Tied parameters are filled once; a checkpoint
     copy under the tied alias's key is skipped, as transformers does. dtype/device None keep the parameter's.
+    in_place copies into the parameters the model has (which an optimizer, a compiled graph or a wrapper may hold)
+    instead of putting new ones in their place.
     """
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -101,6 +104,10 @@ def assign_parameters(
         old = model.get_parameter(names[0])
         if tensor.shape != old.shape:
             raise NCALError(f"{at(file, None, key)}: shape {tuple(tensor.shape)}, the model needs {tuple(old.shape)}")
+        if in_place:
+            with torch.no_grad():
+                old.copy_(tensor)
+            continue
         new = nn.Parameter(
             tensor.to(device=device or old.device, dtype=dtype or old.dtype), requires_grad=old.requires_grad
         )

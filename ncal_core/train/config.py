@@ -38,8 +38,9 @@ class TrainConfig:
                                      "conversations, chat messages, alpaca, sharegpt or text/label columns: "
                                      "data/README.md), a datasets folder or cached dataset id, or a dataset name "
                                      "(tmwpl, pmtd)")
-    eval_dataset_path: str | None = flag(None, "test rows, scored once, by the final weights; default: the test split "
-                                             "when --dataset_path is a dataset name; 'none' for no test")
+    eval_dataset_path: str | None = flag(None, "test rows, scored once, by the weights the run ends with "
+                                             "(--load_best_model_at_end); default: the test split when --dataset_path "
+                                             "is a dataset name; 'none' for no test")
     text_column: str = text_column_flag()
     label_column: str = label_column_flag()
     dataset_split: str = flag("train", "the split trained on, of a datasets folder (save_to_disk) or a dataset id in "
@@ -132,6 +133,10 @@ class TrainConfig:
     save_strategy: str = flag("epoch", "when to write checkpoints: no, epoch or steps")
     save_steps: int = flag(500, "optimizer steps between checkpoints with --save_strategy steps")
     save_total_limit: int = flag(2, "checkpoints kept (oldest deleted first; the best by dev macro-F1 is kept too)")
+    load_best_model_at_end: bool = flag(True, "end with the weights the development split chose: a checkpoint that "
+                                              "beat the final weights there is loaded back, scored on the test rows "
+                                              "and saved as the output (with --save_strategy no none is kept, and the "
+                                              "final weights stay); false: always the final weights")
     resume_from_checkpoint: str | None = flag(None, "a checkpoint folder, or 'latest' for the newest in --output_dir")
 
     @property

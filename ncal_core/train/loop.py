@@ -3,7 +3,7 @@
 The loop reads top to bottom in three phases: `setup` (flags -> data -> model -> optimizer -> plan),
 `train_step` over each group of micro-batches (a device-resident StepRecord), and at log steps one line of
 metrics.jsonl (train.log). Epochs end with the development split's evaluation, which picks the best checkpoint,
-and checkpoints; the run ends with the final weights scored once on the test rows.
+and checkpoints; the run ends with the weights that split chose scored once on the test rows.
 `accelerate launch -m ncal_core.train ...` runs it data-parallel.
 """
 
@@ -24,8 +24,8 @@ from ncal_core.durable import add_files
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.evaluate import evaluate, write_report
 from ncal_core.model.hub import is_hub_id
-from ncal_core.model.lora import save_adapter
-from ncal_core.model.qwen import save_model
+from ncal_core.model.lora import load_adapter_weights, save_adapter
+from ncal_core.model.qwen import load_weights_into, save_model
 from ncal_core.train.checkpoint import prune_checkpoints, save_checkpoint
 from ncal_core.train.config import TrainConfig
 from ncal_core.train.log import FlopModel, MetricsLog, device_peak_flops, step_line
@@ -199,15 +199,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return finish(run, log)
 
 
+def restore_best(run: Run) -> bool:
+    """Load the weights of the checkpoint the development split chose back into the model; False (and a line
+    saying so) when that checkpoint was not written (--save_strategy no) or is gone."""
+    folder = Path(run.state["best_checkpoint"])
+    run.accelerator.wait_for_everyone()  # every rank reads the folder the main process wrote
+    if not folder.is_dir():
+        if run.main_proc:
+            print(f"the development split chose {folder.name} (weighted macro-F1 {run.state['best_macro_f1']:.4f}), "
+                  "which was not kept (--save_strategy no, or deleted): the final weights are scored and saved",
+                  flush=True)
+        return False
+    if run.use_lora:
+        load_adapter_weights(run.model, folder)
+    else:
+        load_weights_into(run.model, folder)
+    return True
+
+
 def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
-    """The final weights scored once on the test rows (with the development split's figures beside them), the
-    weights and the report; what the run wrote."""
+    """The weights the development split chose (the final ones, or with --load_best_model_at_end an earlier
+    checkpoint that beat them) scored once on the test rows, with that split's figures beside them; the weights and
+    the report; what the run wrote."""
     data, state = run.data, run.state
     report: dict[str, Any] = {}
     dev = score_dev(run, log, "final") if data.dev_rows else None
+    weights_from = "final"
     if dev and (state["best_macro_f1"] is None or dev["weighted_macro_f1"] > state["best_macro_f1"]):
         # the final weights beat every epoch's checkpoint: the best model is the output folder itself
         state["best_macro_f1"], state["best_checkpoint"] = dev["weighted_macro_f1"], str(run.output_dir)
+    elif dev and run.cfg.load_best_model_at_end and restore_best(run):
+        weights_from = state["best_checkpoint"]
+        dev = score_dev(run, log, f"best: {Path(weights_from).name}")  # its figures and tau, for these weights
     if not dev:
         run.record.logit_adjust_tau = run.cfg.logit_adjust_tau or 0.0
     if data.eval_rows:  # with the tau the development split chose for these weights
@@ -217,6 +240,7 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
                                                    "logit_adjust_tau", "unadjusted", "tau_chosen_on_these_rows")
                          if key in dev}
         report["dev"]["rows"] = len(data.dev_rows)
+        report["dev"]["weights_from"] = weights_from
         if state["best_checkpoint"]:
             report["dev"]["best_checkpoint"] = {"path": state["best_checkpoint"], "macro_f1": state["best_macro_f1"]}
     if run.main_proc:
