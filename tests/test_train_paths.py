@@ -133,19 +133,25 @@ def test_the_best_checkpoint_is_chosen_on_the_dev_split_and_the_test_file_is_sco
                     "--val_size", "0.25"], check=True, env=env, capture_output=True, text=True)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     evals = [(r["eval"], r["split"], r["rows"]) for r in lines if "eval" in r]
-    # 12 of 48 rows held out (4 a class); epochs 1 and 2 on dev, then the final weights on dev and on test
-    assert evals == [("epoch 1", "dev", 12), ("epoch 2", "dev", 12), ("final", "dev", 12), ("final", "test", 48)]
+    dev_lines = [r for r in lines if r.get("split") == "dev"]
+    # chosen by the balanced (class-weighted) macro-F1, at the tau each evaluation chose on dev; a tie keeps the earlier
+    best = max(dev_lines[:3], key=lambda r: r["eval_weighted_macro_f1"])
+    path = out if best["eval"] == "final" else out / f"checkpoint-{best['step']}"
+    # 12 of 48 rows held out (4 a class); epochs 1 and 2 on dev, the final weights on dev, an earlier checkpoint that
+    # beat them loaded back and scored on dev again, then the test rows once
+    restored = [] if path == out else [(f"best: {path.name}", "dev", 12)]
+    assert evals == [("epoch 1", "dev", 12), ("epoch 2", "dev", 12), ("final", "dev", 12), *restored,
+                     ("final", "test", 48)]
     report = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     final_test = next(r for r in lines if r.get("split") == "test")
     assert report["macro_f1"] == final_test["eval_macro_f1"] and report["dev"]["rows"] == 12
-    # chosen by the balanced (class-weighted) macro-F1, at the tau each evaluation chose on dev
-    best = max((r for r in lines if r.get("split") == "dev"), key=lambda r: r["eval_weighted_macro_f1"])
-    path = out if best["eval"] == "final" else out / f"checkpoint-{best['step']}"
     assert report["dev"]["best_checkpoint"] == {"path": str(path), "macro_f1": best["eval_weighted_macro_f1"]}
-    # the test rows are scored at the tau the final weights' dev evaluation chose: the smallest of the grid's best
-    final_dev = next(r for r in lines if r.get("split") == "dev" and r["eval"] == "final")
+    assert report["dev"]["weights_from"] == ("final" if path == out else str(path))
+    # the test rows are scored at the tau the scored weights' dev evaluation chose: the smallest of the grid's best
+    scored_dev = dev_lines[-1]
+    assert scored_dev["eval_weighted_macro_f1"] == best["eval_weighted_macro_f1"]
     by_tau = report["dev"]["tau_chosen_on_these_rows"]
-    tau = final_dev["logit_adjust_tau"]
+    tau = scored_dev["logit_adjust_tau"]
     assert by_tau[str(tau)] == max(by_tau.values()) and all(v < by_tau[str(tau)] for t, v in by_tau.items()
                                                             if float(t) < tau)
     assert report["logit_adjust_tau"] == final_test["logit_adjust_tau"] == report["dev"]["logit_adjust_tau"] == tau
