@@ -83,6 +83,7 @@ METHODS: dict[str, list[str]] = {
     "ncal_mean_l1_sqrt_e2": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
                              "--num_train_epochs", "2"],
     "sft_untied": ["--use_etf_loss", "false", "--tiny_tied_embeddings", "false"],
+    "sft_sqrt_untied": ["--use_etf_loss", "false", "--resample", "sqrt", "--tiny_tied_embeddings", "false"],
     "ncal_mean_l1_sqrt_untied": ["--lambda_lc", "1.0", "--pooling", "mean", *PAIRS, "--resample", "sqrt",
                                  "--tiny_tied_embeddings", "false"],
     "ncal_drw": ["--lambda_lc", "0.1", "--pooling", "last", *PAIRS, "--resample", "balanced",

@@ -78,6 +78,7 @@ def test_sft_twin_is_the_method_that_trains_alike_with_tc_off():
     assert sft_twin("ncal_mean_l1_sqrt") == sft_twin("ncal_sqrt") == "sft_sqrt"
     assert sft_twin("ncal_la_loss") == "sft_la_loss" and sft_twin("ncal_drw") == "sft_drw"
     assert sft_twin("ncal_mean_l1_sqrt_e5") == "sft_sqrt_e5"
+    assert sft_twin("ncal_mean_l1_sqrt_untied") == "sft_sqrt_untied"  # not sft_untied, which has no re-sampling
     assert sft_twin("ncal_mean_l1_sqrt_lr5e-4") is None  # no SFT run at that learning rate
     assert sft_twin("sft") is None and sft_twin("sft_sqrt") is None
 
