@@ -13,6 +13,7 @@ from torch import Tensor
 from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.rows import Example
 from ncal_core.distributed import gather_shards, shard
+from ncal_core.durable import write_text
 from ncal_core.evaluation.collapse import neural_collapse
 from ncal_core.evaluation.features import pooled_features
 from ncal_core.evaluation.metrics import classification_report, format_report, weighted_macro_f1
@@ -61,7 +62,12 @@ def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], 
         report["dev_weighting"] = weighting
         report["weighted_macro_f1"] = weighted_macro_f1(gold, predictions, len(builder.labels), weights)
     report["unadjusted"] = {"accuracy": plain["accuracy"], "macro_f1": plain["macro_f1"]}
-    report["neural_collapse"] = neural_collapse(features, torch.tensor(gold), len(builder.labels))
+    present = len(set(gold))
+    if present >= 2:
+        report["neural_collapse"] = neural_collapse(features, torch.tensor(gold), len(builder.labels))
+    else:  # accuracy and per-class figures still hold for rows of one class
+        report["skipped"] = {"neural_collapse": f"needs rows of at least 2 classes; these hold {present}",
+                             "sphere.png": "the class-mean sphere needs rows of at least 2 classes"}
     return report, features
 
 
@@ -74,15 +80,18 @@ def write_report(output_dir: Path, report: dict[str, Any], features: Tensor, gol
         training_curves,
     )
 
-    (output_dir / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_text(output_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
     print(format_report(report))
     if report.get("logit_adjust_tau"):
         print(f"(label scores logit-adjusted with tau {report['logit_adjust_tau']}; without: accuracy "
               f"{report['unadjusted']['accuracy']:.4f}, macro-F1 {report['unadjusted']['macro_f1']:.4f})")
-    nc = report["neural_collapse"]
-    print(f"NC1 {nc['nc1']:.4f}   NC2 cos {nc['nc2_cos_mean']:.4f} ± {nc['nc2_cos_std']:.4f} "
-          f"(ETF {nc['etf_cos']:.4f})   equinorm CV {nc['equinorm_cv']:.4f}")
-    sphere_plot(features, torch.tensor(list(gold)), labels, output_dir / "sphere.png")
+    if "neural_collapse" in report:
+        nc = report["neural_collapse"]
+        print(f"NC1 {nc['nc1']:.4f}   NC2 cos {nc['nc2_cos_mean']:.4f} ± {nc['nc2_cos_std']:.4f} "
+              f"(ETF {nc['etf_cos']:.4f})   equinorm CV {nc['equinorm_cv']:.4f}")
+        sphere_plot(features, torch.tensor(list(gold)), labels, output_dir / "sphere.png")
+    for what, why in report.get("skipped", {}).items():
+        print(f"skipped {what}: {why}")
     f1_bars(report, output_dir / "per_class_f1.png")
     if (output_dir / "metrics.jsonl").is_file():
         training_curves(output_dir / "metrics.jsonl", output_dir / "training_curves.png")

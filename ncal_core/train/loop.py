@@ -20,7 +20,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ncal_core.cli import parse_config
-from ncal_core.durable import add_files
+from ncal_core.durable import add_files, write_text
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.evaluate import evaluate, write_report
 from ncal_core.model.hub import is_hub_id
@@ -220,7 +220,41 @@ def restore_best(run: Run) -> bool:
 def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
     """The weights the development split chose (the final ones, or with --load_best_model_at_end an earlier
     checkpoint that beat them) scored once on the test rows, with that split's figures beside them; the weights and
-    the report; what the run wrote."""
+    the report; what the run wrote.
+
+    The final weights are written first: anything after training that fails (an evaluation, a picture, a tracker)
+    leaves them, the run record and one line saying what failed and how to do only that part again.
+    """
+    if run.main_proc:
+        add_files(run.output_dir, lambda folder: save_weights(run, folder))
+    phase = AfterTraining(run)
+    try:
+        report = evaluate_trained(run, log, phase)
+        phase.now = "ending the trackers"
+        run.accelerator.wait_for_everyone()
+        run.accelerator.end_training()
+    except Exception as err:  # noqa: BLE001 (the weights are saved: the failure becomes one line on how to go on)
+        raise NCALError(phase.failed(err)) from err
+    return report
+
+
+class AfterTraining:
+    """What a run is doing after its last step, for the line that says what failed and how to redo it."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.now = "scoring the development split"
+
+    def failed(self, err: Exception) -> str:
+        out, data = self.run.output_dir, self.run.data
+        redo = (f"python -m ncal_core.analyze --model_path {out} --prompts_file {data.eval_path} --output_dir "
+                f"{out / 'analysis'}") if data.eval_rows else f"python -m ncal_core.infer --model_path {out} ..."
+        return (f"{self.now} failed after training ({type(err).__name__}: {err}); the trained weights and run record "
+                f"are saved in {out}; redo only that part with: {redo}")
+
+
+def evaluate_trained(run: Run, log: MetricsLog, phase: AfterTraining) -> dict[str, Any]:
+    """finish's scoring: the development split's choice of weights and tau, then the test rows; their report."""
     data, state = run.data, run.state
     report: dict[str, Any] = {}
     dev = score_dev(run, log, "final") if data.dev_rows else None
@@ -233,7 +267,13 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
         dev = score_dev(run, log, f"best: {Path(weights_from).name}")  # its figures and tau, for these weights
     if not dev:
         run.record.logit_adjust_tau = run.cfg.logit_adjust_tau or 0.0
+    if run.main_proc:  # the chosen weights, and the tau chosen for them, replace what was written at the end
+        if weights_from == "final":
+            run.record.write(run.output_dir)
+        else:
+            add_files(run.output_dir, lambda folder: save_weights(run, folder))
     if data.eval_rows:  # with the tau the development split chose for these weights
+        phase.now = f"scoring the test rows of {data.eval_path}"
         report, features = run_eval(run, log, data.eval_rows, "test", "final", run.record.logit_adjust_tau)
     if dev and report:  # the test figures, with the development split's beside them
         report["dev"] = {key: dev[key] for key in ("accuracy", "macro_f1", "weighted_macro_f1", "dev_weighting",
@@ -244,13 +284,11 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
         if state["best_checkpoint"]:
             report["dev"]["best_checkpoint"] = {"path": state["best_checkpoint"], "macro_f1": state["best_macro_f1"]}
     if run.main_proc:
-        add_files(run.output_dir, lambda folder: save_weights(run, folder))
+        phase.now = "writing the report"
         if data.dev_rows:
-            (run.output_dir / "dev_ids.json").write_text(json.dumps([r.id for r in data.dev_rows], ensure_ascii=False))
+            write_text(run.output_dir / "dev_ids.json", json.dumps([r.id for r in data.dev_rows], ensure_ascii=False))
         if data.eval_rows:
             gold = [data.labels.index(row.label) for row in data.eval_rows]
             write_report(run.output_dir, report, features, gold, data.labels)
         print(outputs_summary(run.output_dir), flush=True)
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
     return report
