@@ -19,6 +19,7 @@ from ncal_core.evaluation.predictor import ModelFolder, open_model_folder
 from ncal_core.model.lora import CONFIG_FILE, WEIGHTS_FILE, merge_lora_weights, read_adapter_config
 from ncal_core.model.tokenizer import load_tokenizer
 from ncal_core.model.weights import checkpoint_files, read_json, read_tensors, write_json, write_safetensors
+from ncal_core.outputs import check_new_folder
 from ncal_core.run_record import RunRecord
 
 # what a tokenizer folder may hold (the run's own, saved by save_pretrained, else the base's)
@@ -46,9 +47,7 @@ class ExportConfig:
             raise NCALError("--output_dir: required")
         if self.dtype not in DTYPES:
             raise NCALError(f"--dtype: must be float32, bfloat16 or float16, not {self.dtype!r}")
-        out = Path(self.output_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise NCALError(f"--output_dir {out}: exists and is not an empty folder")
+        check_new_folder("--output_dir", self.output_dir)
 
 
 def merged_tensors(folder: ModelFolder) -> dict:
@@ -97,7 +96,6 @@ def export(cfg: ExportConfig) -> Path:
             replace(folder.run, base_model=None, use_lora=False).write(out)
 
     out = Path(cfg.output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_dir():
         out.rmdir()  # empty, as check() made sure
     return write_atomically(out.absolute(), fill)

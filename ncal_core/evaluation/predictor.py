@@ -157,12 +157,18 @@ def say_tau(taus: list[float], given: bool) -> None:
 
 @contextmanager
 def progress(model: torch.nn.Module, total: int | None, desc: str) -> Iterator[None]:
-    """A progress bar ticking once per forward pass of `model` (one per batch), on stderr."""
-    with tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True) as bar:
-        def tick(*_: Any) -> None:  # returns None: a forward hook's return value would replace the output
-            bar.update()
+    """A progress bar on stderr counting the rows of each forward pass of `model` towards `total`.
 
-        hook = model.register_forward_hook(tick)
+    Rows, not batches: a batch may be split into several passes to bound its tokens, so only rows can be counted
+    before the work starts.
+    """
+    with tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True) as bar:
+        def tick(_module: torch.nn.Module, args: tuple, kwargs: dict, _output: Any) -> None:
+            # returns None: a forward hook's return value would replace the output
+            ragged = kwargs.get("ragged")
+            bar.update(ragged.batch.rows if ragged is not None else (args[0] if args else kwargs["input_ids"]).shape[0])
+
+        hook = model.register_forward_hook(tick, with_kwargs=True)
         try:
             yield
         finally:
