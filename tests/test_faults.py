@@ -1,6 +1,6 @@
 """Bad input and faults around a trained model: nothing a user wrote or trained is lost.
 
-infer, analyze, export and serve run through tests/warm_commands.py (imports once, one forked child per command,
+infer, analyze, export, serve and train's output checks run through tests/warm_commands.py (imports once, one forked child per command,
 as `python -m` runs it) against one tiny trained run and broken copies of it. Each case ends in one `error:` line and
 exit 2 (or succeeds), and afterwards every input file and every trained weight holds the bytes it held before. The end
 of training runs in process, with a failure injected in each phase after the last step: the weights and the run record
@@ -59,7 +59,7 @@ class Fault:
     it succeeds, and `writes` names a file it must have written)."""
 
     id: str
-    command: str  # infer, analyze, export or serve
+    command: str  # infer, analyze, export, serve or train
     args: list[str]
     expect: str | None
     files: dict[str, str | None] = field(default_factory=dict)  # None: an empty folder
@@ -79,6 +79,8 @@ def analyze_args(*args: str) -> list[str]:
 
 
 P = {"p.jsonl": jsonl(*ROWS)}
+TRAIN_ARGS = ["--dataset_path", "{tmp}/t.jsonl", "--overwrite_output_dir", "true", "--max_steps", "1", "--val_size",
+              "0", "--per_device_train_batch_size", "2", "--save_strategy", "no"]
 FAULTS = [
     # infer: where it writes
     Fault("infer_output_in_a_new_folder", "infer", infer_args("--prompts_file", "{tmp}/p.jsonl", "--output_file",
@@ -175,6 +177,15 @@ FAULTS = [
           "neither a checkpoint (config.json) nor an adapter", {"notes/todo.txt": "mine"}),
     Fault("export_into_a_new_folder", "export", ["--model_path", "{models}/run", "--output_dir", "{tmp}/a/b"], None,
           writes="a/b/config.json"),
+    # train: the base model is an input
+    Fault("train_into_its_base_model", "train",
+          [*TRAIN_ARGS, "--model_name_or_path", "{tmp}/base", "--output_dir", "{tmp}/base"],
+          "--output_dir {tmp}/base: holds --model_name_or_path {tmp}/base", {"t.jsonl": jsonl(*tmwpl_rows(6))},
+          {"base": "plain"}),
+    Fault("train_over_the_checkpoint_it_starts_from", "train",
+          [*TRAIN_ARGS, "--model_name_or_path", "{tmp}/out/checkpoint-2", "--output_dir", "{tmp}/out"],
+          "--output_dir {tmp}/out: holds --model_name_or_path {tmp}/out/checkpoint-2",
+          {"t.jsonl": jsonl(*tmwpl_rows(6))}, {"out": "run", "out/checkpoint-2": "plain"}),
     # serve
     Fault("serve_port_taken", "serve", ["--model_path", "{models}/run", "--port", "{port}"],
           "--port: cannot listen on 127.0.0.1:{port} (Address already in use)"),
@@ -257,7 +268,7 @@ def test_no_case_changed_the_trained_run_or_a_model_folder(outcomes):
 
 def test_the_corpus_is_large_and_its_ids_unique():
     assert len(FAULTS) >= 30 and len({c.id for c in FAULTS}) == len(FAULTS)
-    assert {c.command for c in FAULTS} == {"infer", "analyze", "export", "serve"}
+    assert {c.command for c in FAULTS} == {"infer", "analyze", "export", "serve", "train"}
 
 
 @pytest.mark.parametrize("case", FAULTS, ids=[c.id for c in FAULTS])
