@@ -11,7 +11,7 @@ A method with TC is also compared with its SFT twin, the method that trains exac
 (the mean of their label log-probabilities, as `python -m ncal_core.infer --model_path A,B,C` scores
 them), and a TC method's ensemble is compared with its twin's.
 
-    python bench/reproduce.py                       # the table in README.md (several hours on 2 cores)
+    python bench/reproduce.py                       # every method (several hours on 2 cores)
     python bench/reproduce.py --methods sft,ncal --seeds 0,1,2
     python bench/reproduce.py --quick               # a CI-sized run: asserts nothing about who wins
 
@@ -268,8 +268,8 @@ def _delta_cell(delta: tuple[float, float, float] | None) -> str:
     return f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–"
 
 
-def write_table(rows: list[dict], path: Path) -> None:
-    """The markdown table the README quotes."""
+def results_table(rows: list[dict]) -> str:
+    """The markdown table of `summarise`'s rows (read back from results.json too); docs/results.md shows it."""
     tail_names = list(rows[0]["tail_f1"])
     head = ("| method | seeds | dev macro-F1 | accuracy | macro-F1 | Δ macro-F1 vs SFT scored alike [95% CI] | "
             "Δ vs its SFT twin: TC's share [95% CI] | " + " | ".join(f"F1 {n}" for n in tail_names)
@@ -284,7 +284,11 @@ def write_table(rows: list[dict], path: Path) -> None:
                  *(f"{row['tail_f1'][n]:.3f}" for n in tail_names),
                  f"{ensemble['macro_f1']:.3f}" if ensemble else "–", _delta_cell(ensemble.get("delta_vs_twin"))]
         lines.append("| " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    path.write_text(results_table(rows), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
