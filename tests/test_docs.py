@@ -1,0 +1,93 @@
+"""README.md stays a page, docs/ is what bench/make_docs.py writes now, and every link opens inside the repository."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bench import make_docs
+from ncal_core.analyze import AnalyzeConfig
+from ncal_core.export import ExportConfig
+from ncal_core.infer import InferConfig
+from ncal_core.serve import ServeConfig
+from ncal_core.train.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+@pytest.mark.parametrize("name", list(make_docs.PAGES))
+def test_generated_page_is_what_make_docs_writes_now(name):
+    written = (REPO / "docs" / name).read_text(encoding="utf-8")
+    assert written == make_docs.PAGES[name](), f"docs/{name} is stale: run `python -m bench.make_docs`"
+
+
+@pytest.mark.parametrize("config", [TrainConfig, InferConfig, AnalyzeConfig, ExportConfig, ServeConfig])
+def test_every_flag_is_in_flags_md_with_its_default(config):
+    page = make_docs.flags_page()
+    for field in dataclasses.fields(config):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        text = "—" if default is None else "`" + (
+            ",".join(default) if isinstance(default, list) else str(default).lower() if isinstance(default, bool)
+            else str(default)) + "`"
+        assert f"| `--{field.name}` | {text} |" in page, field.name
+
+
+def test_readme_is_one_page():
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail into docs/"
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    headings = re.findall(r"^#+\s+(.+?)\s*$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def _links(page: Path) -> list[str]:
+    return LINK.findall(FENCE.sub("", page.read_text(encoding="utf-8")))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_link_opens_a_file_of_the_repository(page):
+    for target in _links(page):
+        assert "://" not in target and not target.startswith("mailto:"), f"{page.name}: {target} leaves the repository"
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        assert file.is_relative_to(REPO), f"{page.name}: {target} points outside the repository"
+        assert file.exists(), f"{page.name}: {target} does not exist"
+        if anchor:
+            assert anchor in _anchors(file), f"{page.name}: no heading for #{anchor} in {file.name}"
+
+
+def test_link_check_sees_a_link_that_leaves_the_repository(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("See [the spec](../shared/METHOD.md) and [paper](https://example.org).\n"
+                    "```bash\n[not a link](nowhere.md)\n```\n## A heading, with `code`\n", encoding="utf-8")
+    assert _links(page) == ["../shared/METHOD.md", "https://example.org"]
+    assert _anchors(page) == {"a-heading-with-code"}
+
+
+def test_a_results_folder_nobody_describes_stops_the_script(tmp_path, monkeypatch):
+    (tmp_path / "reproduce_new").mkdir()
+    (tmp_path / "reproduce_new" / "results.json").write_text(json.dumps([]), encoding="utf-8")
+    monkeypatch.setattr(make_docs, "RESULTS", tmp_path)
+    with pytest.raises(SystemExit, match="reproduce_new.*EXPERIMENTS"):
+        make_docs.results_page()
+
+
+def test_check_names_a_stale_page_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(make_docs, "PAGES", {"flags.md": lambda: "now\n"})
+    monkeypatch.setattr(make_docs, "DOCS", tmp_path)
+    (tmp_path / "flags.md").write_text("before\n", encoding="utf-8")
+    assert make_docs.main(["--check"]) == 1
+    assert "docs/flags.md is stale: run python -m bench.make_docs" in capsys.readouterr().err
+    assert (tmp_path / "flags.md").read_text(encoding="utf-8") == "before\n"
+    assert make_docs.main([]) == 0 and make_docs.main(["--check"]) == 0
