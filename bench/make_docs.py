@@ -219,8 +219,11 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+GPU_CHECK = "gpu_check.json"  # what `python -m bench.gpu_check` writes on a CUDA machine
+
+
 def _sources() -> dict[str, tuple[Source, dict[str, Any]]]:
-    found = {p.name for p in RESULTS.glob("*.json")}
+    found = {p.name for p in RESULTS.glob("*.json")} - {GPU_CHECK}
     _unknown(found, {s.file for s in SOURCES}, "SOURCES")
     return {s.file: (s, _read(RESULTS / s.file)) for s in SOURCES if s.file in found}
 
@@ -340,7 +343,23 @@ def _memory_model_table(sources: dict[str, tuple[Source, dict[str, Any]]]) -> st
         rows.append(f"| {r['model']} | " + " | ".join(f"{r[k] / gib:.3f}" for k in keys) + " |")
     first = report["memory_model"]["rows"][0]
     return (f"Batch {first['batch']} × {first['seq']} tokens, LoRA r {first['lora_r']}, GiB ({_link(source)}; "
-            "`python -m bench.memory_model` prints it):\n\n" + "\n".join(rows) + "\n")
+            f"`python -m bench.memory_model --batch {first['batch']} --seq {first['seq']}` prints it):\n\n"
+            + "\n".join(rows) + "\n")
+
+
+def gpu_section(path: Path) -> str:
+    """The parts of the GPU check and how each went, or that none has run."""
+    if not path.is_file():
+        return ("No GPU run is recorded. `python -m bench.gpu_check` on a CUDA machine writes "
+                f"`bench/results/{GPU_CHECK}`, and this section then lists each of its parts and how it went; "
+                "[gpu.md](gpu.md) says what the CPU tests verify meanwhile.\n")
+    record = _read(path)
+    rows = ["| part | status | seconds |", "|---|---|---|"]
+    rows += [f"| {name} | {part['status']} | {part['seconds']} |" for name, part in record["parts"].items()]
+    state = f"{'complete' if record['complete'] else 'incomplete'}, {'passed' if record['passed'] else 'not passed'}"
+    return (f"[{GPU_CHECK}](../bench/results/{GPU_CHECK}), started {record['started']} on {record['device']} "
+            f"({record['gpu_count']} GPU, torch {record['torch']}): {state}; the figures of each part are in the "
+            "file.\n\n" + "\n".join(rows) + "\n")
 
 
 def speed_page() -> str:
@@ -378,6 +397,8 @@ def speed_page() -> str:
         "A training run under `bench/memory_probe.py`, phase by phase (RSS, so file-backed weight pages count "
         "when first touched), with the development split's evaluation after training:\n",
         *_memory_tables(sources),
+        "## On a GPU\n",
+        gpu_section(RESULTS / GPU_CHECK),
         "## GPU memory model (computed, not measured)\n",
         _memory_model_table(sources),
         "## Reproduce\n", _code(commands),

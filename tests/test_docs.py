@@ -91,3 +91,15 @@ def test_check_names_a_stale_page_and_writes_nothing(tmp_path, monkeypatch, caps
     assert "docs/flags.md is stale: run python -m bench.make_docs" in capsys.readouterr().err
     assert (tmp_path / "flags.md").read_text(encoding="utf-8") == "before\n"
     assert make_docs.main([]) == 0 and make_docs.main(["--check"]) == 0
+
+
+def test_speed_page_lists_the_parts_of_a_recorded_gpu_check(tmp_path):
+    assert "No GPU run is recorded" in make_docs.gpu_section(tmp_path / "gpu_check.json")
+    record = {"device": "NVIDIA H100", "gpu_count": 1, "torch": "2.13.0", "started": "2026-12-08T00:00:00+00:00",
+              "complete": True, "passed": False,
+              "parts": {"cuda_tests": {"status": "passed", "seconds": 61.5},
+                        "train_2proc": {"status": "skipped", "seconds": 0.0}}}
+    (tmp_path / "gpu_check.json").write_text(json.dumps(record), encoding="utf-8")
+    section = make_docs.gpu_section(tmp_path / "gpu_check.json")
+    assert "on NVIDIA H100 (1 GPU, torch 2.13.0): complete, not passed" in section
+    assert "| cuda_tests | passed | 61.5 |" in section and "| train_2proc | skipped | 0.0 |" in section
