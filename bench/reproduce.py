@@ -264,7 +264,8 @@ def _baseline(method: str) -> str:
     return "sft+LA" if method.endswith("+LA") and method != "sft+LA" else "sft"
 
 
-def _delta_cell(delta: tuple[float, float, float] | None) -> str:
+def delta_cell(delta: tuple[float, float, float] | None) -> str:
+    """A difference and its 95% interval, `+0.012 [-0.010, +0.034]`; – where there is none."""
     return f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–"
 
 
@@ -280,9 +281,9 @@ def results_table(rows: list[dict]) -> str:
         cells = [row["method"], str(len(row["seeds"])), f"{row['dev_macro_f1_mean']:.3f}",
                  f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}",
                  f"{row['macro_f1_mean']:.3f} ± {row['macro_f1_std']:.3f}",
-                 _delta_cell(row.get("delta_vs_sft")), _delta_cell(row.get("delta_vs_twin")),
+                 delta_cell(row.get("delta_vs_sft")), delta_cell(row.get("delta_vs_twin")),
                  *(f"{row['tail_f1'][n]:.3f}" for n in tail_names),
-                 f"{ensemble['macro_f1']:.3f}" if ensemble else "–", _delta_cell(ensemble.get("delta_vs_twin"))]
+                 f"{ensemble['macro_f1']:.3f}" if ensemble else "–", delta_cell(ensemble.get("delta_vs_twin"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

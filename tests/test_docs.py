@@ -103,3 +103,20 @@ def test_speed_page_lists_the_parts_of_a_recorded_gpu_check(tmp_path):
     section = make_docs.gpu_section(tmp_path / "gpu_check.json")
     assert "on NVIDIA H100 (1 GPU, torch 2.13.0): complete, not passed" in section
     assert "| cuda_tests | passed | 61.5 |" in section and "| train_2proc | skipped | 0.0 |" in section
+
+
+def test_screen_ranking_takes_a_method_once_and_orders_by_the_development_split(tmp_path, monkeypatch):
+    def row(method: str, dev: float, test: float) -> dict:
+        return {"method": method, "dev_macro_f1_mean": dev, "macro_f1_mean": test, "delta_vs_sft": [0.01, 0.0, 0.02]}
+
+    folders = {"a": [row("sft", 0.9, 0.9), row("sft+LA", 0.6, 0.7), row("x+LA", 0.8, 0.6)],
+               "b": [row("sft+LA", 0.99, 0.99), row("y+LA", 0.7, 0.8)]}
+    for name, rows in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(rows), encoding="utf-8")
+    monkeypatch.setattr(make_docs, "RESULTS", tmp_path)
+    page = make_docs._screen_ranking([make_docs.Experiment(n, n, "", "", "", screen=True) for n in folders])
+    ranked = [line.split(" | ")[1] for line in page.splitlines() if line.startswith("| ") and "`" in line[:8]]
+    assert ranked == ["`x+LA`", "`y+LA`", "`sft+LA`"]  # plain rows left out; b's sft+LA is a's run again
+    assert "| 3 | `sft+LA` | 0.600 | 0.700 | – | – |" in page  # sft+LA is not compared with itself
+    assert "Spearman correlation of their development and test macro-F1 is -0.50" in page
