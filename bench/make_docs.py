@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -139,6 +141,26 @@ def _code(command: str) -> str:
 # ---------------------------------------------------------------- flags
 
 
+def _sections(config: type) -> dict[str, str]:
+    """Each field's group: the `# comment` line above it in the dataclass body ('' before the first one)."""
+    section, sections = "", {}
+    for line in inspect.getsource(config).splitlines():
+        if comment := re.fullmatch(r"    # (.+)", line):
+            section = comment.group(1)
+        elif field := re.match(r"    (\w+): ", line):
+            sections[field.group(1)] = section
+    return sections
+
+
+def _flag_table(fields: list[dataclasses.Field]) -> str:
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for field in fields:
+        default = default_text(field)
+        rows.append(f"| `--{field.name}` | {'—' if default is None else f'`{_cell(default)}`'} | "
+                    f"{_cell(field.metadata.get('help', ''))} |")
+    return "\n".join(rows) + "\n"
+
+
 def flags_page() -> str:
     """Every flag of every command: its default and the help text --help prints."""
     parts = [GENERATED, "# Every flag\n",
@@ -150,12 +172,12 @@ def flags_page() -> str:
     for command, help_module, config_module, config_name in COMMANDS:
         config = getattr(importlib.import_module(config_module), config_name)
         description = importlib.import_module(help_module).__doc__.splitlines()[0]
-        rows = ["| flag | default | meaning |", "|---|---|---|"]
+        sections = _sections(config)
+        groups: dict[str, list[dataclasses.Field]] = {}
         for field in dataclasses.fields(config):
-            default = default_text(field)
-            rows.append(f"| `--{field.name}` | {'—' if default is None else f'`{_cell(default)}`'} | "
-                        f"{_cell(field.metadata.get('help', ''))} |")
-        parts.append(f"## `{command}`\n\n{description}\n\n" + "\n".join(rows) + "\n")
+            groups.setdefault(sections.get(field.name, ""), []).append(field)
+        tables = [(f"### {name[0].upper()}{name[1:]}\n\n" if name else "") + _flag_table(fields) for name, fields in groups.items()]
+        parts.append(f"## `{command}`\n\n{description}\n\n" + "\n".join(tables))
     return "\n".join(parts)
 
 

@@ -120,3 +120,10 @@ def test_screen_ranking_takes_a_method_once_and_orders_by_the_development_split(
     assert ranked == ["`x+LA`", "`y+LA`", "`sft+LA`"]  # plain rows left out; b's sft+LA is a's run again
     assert "| 3 | `sft+LA` | 0.600 | 0.700 | – | – |" in page  # sft+LA is not compared with itself
     assert "Spearman correlation of their development and test macro-F1 is -0.50" in page
+
+
+def test_train_flags_are_grouped_under_the_section_comments_of_their_dataclass():
+    train = make_docs.flags_page().split("## `python -m ncal_core.infer`")[0]
+    tc_section = train.split("### TC loss\n")[1].split("\n### ")[0]
+    assert "| `--lambda_lc` |" in tc_section and "| `--pooling` |" in tc_section
+    assert "| `--learning_rate` |" not in tc_section
