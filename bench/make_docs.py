@@ -110,6 +110,9 @@ EXPERIMENTS = [
                "column is TC's share in the untied default."),
 ]
 
+# folders of bench/results kept for the history docs/log.md tells, not shown as current results
+SUPERSEDED = {"reproduce", "reproduce_seeds345"}
+
 SOURCES = [
     Source("bench_train_qwen05b_fp32.json", "2026-12-03", "python -m bench.bench_train --model Qwen2.5-0.5B"),
     Source("bench_train_qwen05b_bf16.json", "2026-12-03",
@@ -136,6 +139,17 @@ def _cell(text: str) -> str:
 
 def _code(command: str) -> str:
     return f"```bash\n{command}\n```\n"
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _unknown(found: set[str], known: set[str], what: str) -> None:
+    """Stop, naming each results file or folder that the docs would otherwise show without saying what it is."""
+    unknown = sorted(found - known)
+    if unknown:
+        raise SystemExit(f"bench/make_docs.py: {', '.join(unknown)} in bench/results: describe it in {what}")
 
 
 # ---------------------------------------------------------------- flags
@@ -176,7 +190,8 @@ def flags_page() -> str:
         groups: dict[str, list[dataclasses.Field]] = {}
         for field in dataclasses.fields(config):
             groups.setdefault(sections.get(field.name, ""), []).append(field)
-        tables = [(f"### {name[0].upper()}{name[1:]}\n\n" if name else "") + _flag_table(fields) for name, fields in groups.items()]
+        tables = [(f"### {name[0].upper()}{name[1:]}\n\n" if name else "") + _flag_table(fields)
+                  for name, fields in groups.items()]
         parts.append(f"## `{command}`\n\n{description}\n\n" + "\n".join(tables))
     return "\n".join(parts)
 
@@ -184,21 +199,11 @@ def flags_page() -> str:
 # ---------------------------------------------------------------- results
 
 
-def _unknown(found: set[str], known: set[str], what: str) -> None:
-    unknown = sorted(found - known)
-    if unknown:
-        raise SystemExit(f"bench/make_docs.py: {', '.join(unknown)} in bench/results: add it to {what} "
-                         "(or to SUPERSEDED) so that the docs say what it is")
-
-
-# folders kept for the history docs/log.md tells, not shown as current results
-SUPERSEDED = {"reproduce", "reproduce_seeds345"}
-
 
 def results_page() -> str:
     """The tables of bench/reproduce.py's experiments, each from its results.json, with its command."""
     folders = {p.parent.name for p in RESULTS.glob("*/results.json")}
-    _unknown(folders - SUPERSEDED, {e.folder for e in EXPERIMENTS}, "EXPERIMENTS")
+    _unknown(folders - SUPERSEDED, {e.folder for e in EXPERIMENTS}, "EXPERIMENTS (or SUPERSEDED)")
     used = [m for e in EXPERIMENTS for row in _read(RESULTS / e.folder / "results.json")
             for m in [row["method"].removesuffix("+LA")]]
     methods = ["| method | its flags |", "|---|---|"]
@@ -274,10 +279,6 @@ def _screen_ranking(screens: list[Experiment]) -> str:
 
 
 # ---------------------------------------------------------------- speed and memory
-
-
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 GPU_CHECK = "gpu_check.json"  # what `python -m bench.gpu_check` writes on a CUDA machine
