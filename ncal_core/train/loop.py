@@ -247,8 +247,10 @@ class AfterTraining:
 
     def failed(self, err: Exception) -> str:
         out, data = self.run.output_dir, self.run.data
-        redo = (f"python -m ncal_core.analyze --model_path {out} --prompts_file {data.eval_path} --output_dir "
-                f"{out / 'analysis'}") if data.eval_rows else f"python -m ncal_core.infer --model_path {out} ..."
+        redo = f"python -m ncal_core.infer --model_path {out} --prompts_file ROWS"
+        if data.eval_rows:
+            redo = (f"python -m ncal_core.analyze --model_path {out} --prompts_file {data.eval_path} --output_dir "
+                    f"{out / 'analysis'}")
         return (f"{self.now} failed after training ({type(err).__name__}: {err}); the trained weights and run record "
                 f"are saved in {out}; redo only that part with: {redo}")
 
