@@ -105,7 +105,7 @@ def test_an_export_runs_in_the_text_classification_pipeline_with_infers_predicti
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((exported / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForSequenceClassification"]
-    assert config["id2label"] == {"0": "回忆", "1": "识别", "2": "推断"} and config["pad_token_id"] is not None
+    assert config["id2label"] == {"0": "回忆", "1": "推断", "2": "识别"} and config["pad_token_id"] is not None
     rows = write_jsonl(root / f"rows-{kind}.jsonl", [{"id": str(i), "question": t} for i, t in enumerate(TEXTS)])
     predictions = {}
     for name, path in (("run", runs[kind]), ("export", exported)):
@@ -143,6 +143,12 @@ def test_infer_analyze_and_serve_read_a_head_run_with_one_forward_per_batch(runs
     assert (tmp_path / "analysis" / "eval.json").is_file()
 
 
+def without_paths(report: dict) -> dict:
+    """eval.json without the folder the development split's best checkpoint was in (the runs' folders differ)."""
+    report["dev"]["best_checkpoint"].pop("path")
+    return report
+
+
 @pytest.mark.parametrize("kind", ["linear", "etf"])
 def test_a_head_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_does(runs, kind, tmp_path):
     resumed = shutil.copytree(runs[kind], tmp_path / "resumed")
@@ -152,7 +158,7 @@ def test_a_head_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_d
     assert max_abs_diff(final_weights(resumed), final_weights(runs[kind])) <= RESUME_TOLERANCE[kind]
     if kind == "linear":  # bit for bit: the adapter, the head and the RNG come back exactly
         assert metrics(resumed) == metrics(runs[kind])
-        assert eval_report(resumed) == eval_report(runs[kind])
+        assert without_paths(eval_report(resumed)) == without_paths(eval_report(runs[kind]))
 
 
 def test_a_head_flag_that_is_not_one_is_refused_naming_it(runs):
