@@ -166,3 +166,14 @@ def test_a_head_flag_that_is_not_one_is_refused_naming_it(runs):
                                      "mlp"], runs["env"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: --head: must be lm, linear or etf, not 'mlp'"
+
+
+def test_generate_on_a_head_model_is_refused_in_one_line(runs, capsys):
+    from ncal_core.errors import run_cli
+    from ncal_core.infer import main as infer
+
+    with pytest.raises(SystemExit) as exit_code:
+        run_cli(infer, ["--model_path", str(runs["linear"]), "--prompt", "x", "--generate", "true"])
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: --generate: {runs['linear']} is a classification head model, "
+                                               "which generates no text; drop --generate")

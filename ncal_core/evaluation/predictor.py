@@ -145,17 +145,22 @@ def tau_offset(tau: float, path: str | Path, run: RunRecord | None, labels: list
     return -tau * training_log_prior(path, run, labels)
 
 
+def class_scores(predictor: Predictor, prompts: list[list[int]], label_ids: list[list[int]], batch_size: int = 16
+                 ) -> torch.Tensor:
+    """[N, K]: a classification head's logits (one forward a prompt), else each label's summed log-probability
+    after each prompt (evaluation.scoring)."""
+    if predictor.classifier is not None:
+        return classify(predictor.classifier, prompts, predictor.tokenizer.pad_token_id, batch_size)[0]
+    return score_labels(predictor.model, prompts, label_ids, batch_size=batch_size)
+
+
 def label_scorer(predictor: Predictor, labels: list[str], offset: torch.Tensor, instruction: str | None = None,
                  batch_size: int = 16) -> Callable[[list[Example]], torch.Tensor]:
     """rows -> log-softmax over the labels [N, K] of the model's label scores plus `offset` (tau_offset)."""
     builder = predictor.prompt_builder(labels, instruction)
 
     def score(rows: list[Example]) -> torch.Tensor:
-        prompts = builder.prompt_ids_all(rows)
-        if predictor.classifier is not None:  # one forward a row
-            scores = classify(predictor.classifier, prompts, predictor.tokenizer.pad_token_id, batch_size)[0]
-        else:
-            scores = score_labels(predictor.model, prompts, builder.label_ids, batch_size=batch_size)
+        scores = class_scores(predictor, builder.prompt_ids_all(rows), builder.label_ids, batch_size)
         return torch.log_softmax(scores + offset.to(scores.device), dim=1)
 
     return score

@@ -84,7 +84,8 @@ class TrainConfig:
     e_w: float = flag(TCConfig.e_w, "norm bound of the features in the TC loss")
     class_diff: bool = flag(TCConfig.class_diff, "TC over pairs of different classes only (else all pairs)")
     pooling: str = flag(TCConfig.pooling, "TC feature: last (last prompt token), seq_last (last real token) or mean "
-                                          "(prompt mean)")
+                                          "(prompt mean); with --head linear or etf, always the head's input (the "
+                                          "last prompt token)")
     tc_backend: str = flag(TCConfig.backend, "TC loss implementation: auto (Triton on CUDA GPUs of sm_80 or newer with triton "
                                    "installed, else PyTorch with one warning on a GPU), triton or torch")
     tc_variant: str = flag(TCConfig.variant, "pairs: the paper's batch Gram loss; etf_target: dot regression of every row to "
