@@ -177,3 +177,24 @@ def test_generate_on_a_head_model_is_refused_in_one_line(runs, capsys):
     assert exit_code.value.code == 2
     assert capsys.readouterr().err.strip() == (f"error: --generate: {runs['linear']} is a classification head model, "
                                                "which generates no text; drop --generate")
+
+
+def test_two_processes_train_a_head_as_one_process_does_at_the_same_global_batch(runs, tmp_path):
+    from test_multiprocess import KEY_BIAS_ATOL, LOSS_RTOL, WEIGHT_ATOL, launch
+
+    flags = [*runs["flags"]["etf"], "--head", "linear", "--save_strategy", "no", "--eval_strategy", "no"]
+    single = run("ncal_core.train", [*flags, "--output_dir", tmp_path / "one"], runs["env"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = launch([*flags, "--per_device_train_batch_size", "4", "--output_dir", tmp_path / "two"], runs["env"])
+    assert double.returncode == 0, double.stderr[-5000:]
+    lines_one, lines_two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(lines_one) == len(lines_two) >= 6
+    for a, b in zip(lines_one, lines_two, strict=True):
+        for key in ("loss", "lm_loss", "tc_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL, abs=1e-7), (a, b)
+    w_one, w_two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert "score.weight" in w_one
+    for key in w_one:
+        assert max_abs_diff({key: w_one[key]}, {key: w_two[key]}) <= \
+            (KEY_BIAS_ATOL if key.endswith("k_proj.bias") else WEIGHT_ATOL), key
