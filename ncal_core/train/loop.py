@@ -152,7 +152,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if run.main_proc:
         print(plan_summary(train_path=data.train_path, labels=data.labels, counts=data.counts,
                            dev_rows=len(data.dev_rows), eval_path=data.eval_path, eval_rows=len(data.eval_rows),
-                           model_name=cfg.model_name_or_path, model=run.model, use_lora=run.use_lora,
+                           model_name=cfg.model_name_or_path, model=run_scorer(run), use_lora=run.use_lora,
                            total_steps=run.total_steps, per_device=cfg.per_device_train_batch_size,
                            world=acc.num_processes, accumulation=cfg.gradient_accumulation_steps,
                            output_dir=run.output_dir, tau=cfg.logit_adjust_tau), flush=True)
