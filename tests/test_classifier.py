@@ -136,3 +136,31 @@ def test_modules_to_save_is_read_only_for_a_seq_cls_head(tmp_path):
     with pytest.raises(NCALError, match=r"modules_to_save: \['score'\] is not supported \(only a SEQ_CLS adapter's "
                                         r"classification head\)$"):
         read_adapter_config(path)
+
+
+def test_the_objective_is_logit_adjusted_cross_entropy_over_the_classes_and_tc_reads_the_heads_input(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from ncal_core.data.batching import ATTENTION_BLOCKS, collate
+    from ncal_core.data.prompts import EncodedRow
+    from ncal_core.loss.classifier_objective import ClassifierObjective
+    from ncal_core.loss.logit_adjustment import log_prior
+    from ncal_core.loss.tc import TCConfig
+
+    base = make_hf_checkpoint(tmp_path / "base")
+    classifier = attach_head(load_model(base), 3, "linear", seed=4)
+    save_classifier(classifier, tmp_path / "cls", LABELS, pad_token_id=PAD)
+    reference = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").eval()
+    ids, mask, lens = padded_batch(seed=2)
+    rows = [EncodedRow(ids[i, :n].tolist(), n, i % 3, str(i)) for i, n in enumerate(lens.tolist())]
+    prior = log_prior([10, 3, 1])
+    objective = ClassifierObjective(classifier, tc=TCConfig(e_w=0.5, backend="torch"), prior_log=prior, la_tau=1.5)
+    with torch.no_grad():
+        out = objective(collate(rows, PAD, ATTENTION_BLOCKS))
+        logits = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    gold = torch.tensor([r.label_index for r in rows])
+    expected = torch.nn.functional.cross_entropy(logits.logits + 1.5 * prior, gold, reduction="sum")
+    assert out.lm_sum.item() == pytest.approx(expected.item(), rel=FP32_REL)
+    last = logits.hidden_states[-1][torch.arange(3), lens - 1]  # the head's input, as transformers pools it
+    clamped = last * (0.5 / last.norm(dim=1, keepdim=True).clamp_min(0.5))
+    assert rel_err(out.z, clamped) <= FP32_REL and out.decision_scores is None
