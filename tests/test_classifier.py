@@ -164,3 +164,44 @@ def test_the_objective_is_logit_adjusted_cross_entropy_over_the_classes_and_tc_r
     last = logits.hidden_states[-1][torch.arange(3), lens - 1]  # the head's input, as transformers pools it
     clamped = last * (0.5 / last.norm(dim=1, keepdim=True).clamp_min(0.5))
     assert rel_err(out.z, clamped) <= FP32_REL and out.decision_scores is None
+
+
+def test_a_qwen3_head_adapter_exports_to_what_the_text_classification_pipeline_runs(qwen3_tokenizer_dir, tmp_path):
+    """Qwen's real tokenizer and chat template over a random Qwen3: export merges the adapter and the head, and
+    transformers' pipeline on the chat prompt gives the probabilities our predictor gives the run's folder."""
+    from transformers import AutoTokenizer, pipeline
+
+    from ncal_core.data.rows import Example
+    from ncal_core.evaluation.predictor import label_scorer, load_predictor
+    from ncal_core.export import ExportConfig, export
+    from ncal_core.run_record import RunRecord
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+    base = make_hf_checkpoint(tmp_path / "base", model_type="qwen3", vocab_size=len(tokenizer), hidden_size=32,
+                              intermediate_size=64, layers=1)
+    tokenizer.save_pretrained(base)
+    model = load_model(base)
+    inject_lora(model, 2, 4.0, 0.0, ["q_proj", "o_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.2)
+    classifier = attach_head(model, 3, "linear", seed=5)
+    run = tmp_path / "run"
+    save_adapter(model, run, base_model_name_or_path=str(base), r=2, alpha=4.0, dropout=0.0,
+                 target_modules=["q_proj", "o_proj"], head=classifier.score.weight)
+    tokenizer.save_pretrained(run)
+    RunRecord(config={}, labels=LABELS, label_counts=[5, 3, 1], base_model=str(base), use_lora=True,
+              logit_adjust_tau=0.0).write(run)
+    exported = export(ExportConfig(model_path=str(run), output_dir=str(tmp_path / "export"), dtype="float32"))
+    texts = ["三角形的内角和是多少度？", "读作：三千八百四十八", "比较大小：0.5和二分之一"]
+    classify = pipeline("text-classification", model=str(exported), top_k=None)
+    prompts = [classify.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                      enable_thinking=False, tokenize=False) for t in texts]
+    theirs = [{a["label"]: a["score"] for a in answer} for answer in classify(prompts)]
+    predictor = load_predictor(run)
+    rows = [Example(id=str(i), messages=[{"role": "user", "content": t}], label=None, where=str(i))
+            for i, t in enumerate(texts)]
+    ours = label_scorer(predictor, LABELS, torch.zeros(3))(rows).exp()
+    for mine, answer in zip(ours, theirs, strict=True):
+        assert dict(zip(LABELS, mine.tolist())) == pytest.approx(answer, abs=1e-5)
