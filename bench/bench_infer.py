@@ -317,8 +317,8 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     print_table(f"Prediction on the CPU, fp32, model {model}: {note}", sides,
                 ["side", "rows", "prompts_per_s", "predict_s", "wall_s", "peak_rss_mb", "macro_f1", "no_label", "how"])
     print_table("Ours / baseline", comparisons,
-                ["side", "baseline", "rows_ours", "rows_baseline", "prompts_per_s_ratio", "peak_rss_ratio", "macro_f1_ours",
-                 "macro_f1_baseline"])
+                ["side", "baseline", "rows_ours", "rows_baseline", "prompts_per_s_ratio", "peak_rss_ratio",
+                 "macro_f1_ours", "macro_f1_baseline"])
     print("\nprompts/s counts the prediction loop alone (model loading left out); wall_s is the whole process.")
     return {"mode": "quick" if args.quick else "full", "model": model, "note": note, "training": training,
             "rows": rows, "single_rows": single_rows, "batch_size": args.batch_size,
