@@ -205,3 +205,32 @@ def test_a_qwen3_head_adapter_exports_to_what_the_text_classification_pipeline_r
     ours = label_scorer(predictor, LABELS, torch.zeros(3))(rows).exp()
     for mine, answer in zip(ours, theirs, strict=True):
         assert dict(zip(LABELS, mine.tolist())) == pytest.approx(answer, abs=1e-5)
+
+
+def test_an_adapter_peft_saved_over_a_sequence_classifier_predicts_with_peft_logits(tmp_path):
+    from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from ncal_core.evaluation.predictor import load_predictor
+
+    base = make_checkpoint_with_tokenizer(tmp_path / "base", hidden_size=32, intermediate_size=64, layers=1, heads=2,
+                                          kv_heads=1)
+    torch.manual_seed(0)
+    hf = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3, pad_token_id=PAD)
+    peft_model = get_peft_model(hf, LoraConfig(task_type=TaskType.SEQ_CLS, r=2, lora_alpha=4,
+                                               target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    predictor = load_predictor(tmp_path / "adapter")
+    assert predictor.classifier is not None and predictor.labels is None  # no run record: --labels names them
+    ids, mask, lens = padded_batch(seed=4)
+    ids = ids % 250 + 3  # inside the small tokenizer's vocabulary, clear of the pad id
+    ids = ids.masked_fill(mask == 0, PAD)
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=ids, attention_mask=mask).logits
+        got, _ = predictor.classifier(ids, lens)
+    assert rel_err(got, expected) <= FP32_REL
