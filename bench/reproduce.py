@@ -38,8 +38,8 @@ from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.registry import resolve_dataset
 from ncal_core.data.rows import load_examples
 from ncal_core.evaluation.metrics import classification_report, paired_bootstrap
-from ncal_core.evaluation.predictor import load_predictor
-from ncal_core.evaluation.scoring import ensemble_log_probs, score_labels
+from ncal_core.evaluation.predictor import class_scores, load_predictor
+from ncal_core.evaluation.scoring import ensemble_log_probs
 from ncal_core.evaluation.tau_choice import TAU_GRID, choose_tau, dev_row_weights
 from ncal_core.loss.logit_adjustment import adjust_scores, log_prior
 from ncal_core.run_record import RunRecord
@@ -90,6 +90,13 @@ METHODS: dict[str, list[str]] = {
                  "--resample_epochs", "1"],
     "etf_target_la_loss": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "etf_target",
                            "--la_loss_tau", "1.0"],
+    # classification heads (docs/heads.md) instead of label scoring; TC on the head's input, whatever --pooling
+    "head_linear": ["--use_etf_loss", "false", "--head", "linear"],
+    "head_linear_tc": ["--lambda_lc", "1.0", *PAIRS, "--head", "linear"],
+    "head_linear_la_loss": ["--use_etf_loss", "false", "--head", "linear", "--la_loss_tau", "1.0"],
+    "head_etf": ["--use_etf_loss", "false", "--head", "etf"],
+    "head_etf_tc": ["--lambda_lc", "1.0", *PAIRS, "--head", "etf"],
+    "head_etf_la_loss": ["--use_etf_loss", "false", "--head", "etf", "--la_loss_tau", "1.0"],
 }
 TAIL = 3  # report per-class F1 of the three smallest training classes
 # settings that do not change the weights a run of this script ends with (where files go, speed paths,
@@ -166,7 +173,7 @@ def _scores(run_dir: Path, dev_rows, test_rows) -> dict:
     builder = PromptBuilder(predictor.tokenizer, predictor.labels, cutoff_len=predictor.cutoff_len)
     result = {"labels": predictor.labels, "label_counts": RunRecord.read(run_dir).label_counts}
     for name, rows in (("dev", dev_rows), ("test", test_rows)):
-        scores = score_labels(predictor.model, [builder.prompt_ids(r) for r in rows], builder.label_ids, 32)
+        scores = class_scores(predictor, [builder.prompt_ids(r) for r in rows], builder.label_ids, 32).cpu()
         result[name] = {"scores": scores.tolist(), "gold": [predictor.labels.index(r.label) for r in rows]}
     cache.write_text(json.dumps(result, ensure_ascii=False))
     return result

@@ -90,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     predictor = load_folder(folder, dtype=pick_dtype(cfg.dtype, device), device=device)
     say_tau([tau], given=cfg.logit_adjust_tau is not None)
     builder = predictor.prompt_builder(labels, cfg.instruction)
-    # evaluate reads every row twice: to score the labels, then to pool its features
-    with progress(predictor.model, 2 * len(rows), "scoring and pooling (each row twice)"):
+    # evaluate reads every row twice: to score the labels, then to pool its features (a classification head: once
+    # for both)
+    passes = 1 if predictor.classifier is not None else 2
+    with progress(predictor.model, passes * len(rows), "scoring and pooling"):
         tc = replace(predictor.tc, pooling=cfg.pooling) if cfg.pooling else predictor.tc
-        report, features = evaluate(predictor.model, builder, rows, tc=tc, batch_size=cfg.batch_size, prior_log=prior,
+        report, features = evaluate(predictor.scorer, builder, rows, tc=tc, batch_size=cfg.batch_size, prior_log=prior,
                                     tau=tau)
     output_dir = Path(cfg.output_dir)
     write_report(output_dir, report, features, [labels.index(r.label) for r in rows], labels)

@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     predictor = load_folder(folders[0], dtype=dtype, device=device)
+    if cfg.generate and predictor.classifier is not None:
+        raise NCALError(f"--generate: {cfg.model_path[0]} is a classification head model, which generates no text; "
+                        "drop --generate")
     if not cfg.generate:  # said once the model is read: a model that cannot be read gets its error line alone
         say_tau(taus, given=cfg.logit_adjust_tau is not None)
 

@@ -131,3 +131,18 @@ def test_reference_code_without_inference_py_is_refused_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert out.stderr.strip() == f"--reference_code {tmp_path}: no inference.py there; give the paper's code/ folder"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_times_a_head_beside_label_scoring_on_the_same_rows(tmp_path, tmwpl_dir, bench_infer):
+    out = subprocess.run([sys.executable, str(BENCH / "bench_infer.py"), "--quick", "--head", "--no_generate",
+                          "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "w")],
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "NCAL_DATA_DIR": str(tmwpl_dir)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert [side["side"] for side in report["sides"]] == ["ours", "head"]
+    assert all(side["rows"] == 30 and side["no_label"] == 0 for side in report["sides"])
+    assert [(c["side"], c["baseline"]) for c in report["comparisons"]] == [("head", "ours")]
+    assert json.loads((tmp_path / "w" / "head-model" / "config.json").read_text())["architectures"] == \
+        ["Qwen2ForSequenceClassification"]

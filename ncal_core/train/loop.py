@@ -23,11 +23,13 @@ from ncal_core.cli import parse_config
 from ncal_core.durable import add_files, write_text
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.evaluate import evaluate, write_report
+from ncal_core.model.classifier import QwenClassifier, save_classifier
 from ncal_core.model.hub import is_hub_id
 from ncal_core.model.lora import load_adapter_weights, save_adapter
-from ncal_core.model.qwen import load_weights_into, save_model
+from ncal_core.model.qwen import QwenModel, load_weights_into, save_model
 from ncal_core.train.checkpoint import prune_checkpoints, save_checkpoint
 from ncal_core.train.config import TrainConfig
+from ncal_core.train.heads import restore_classifier
 from ncal_core.train.log import FlopModel, MetricsLog, device_peak_flops, step_line
 from ncal_core.train.resume import rng_state
 from ncal_core.train.setup import Run, setup
@@ -45,16 +47,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def save_weights(run: Run, folder: Path) -> None:
     """The trained weights (the adapter, or the whole model), the tokenizer and the run record, into folder."""
-    cfg = run.cfg
+    cfg, scorer = run.cfg, run_scorer(run)
     if run.use_lora:
         # a hub id stays a hub id (the adapter loads on any machine with that model), a folder is recorded absolute
         base = cfg.model_name_or_path if is_hub_id(cfg.model_name_or_path) else str(run.base)
         save_adapter(run.model, folder, base_model_name_or_path=base, r=cfg.lora_r, alpha=cfg.lora_alpha,
-                     dropout=cfg.lora_dropout, target_modules=cfg.target_modules)
+                     dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                     head=scorer.score.weight if isinstance(scorer, QwenClassifier) else None)
+    elif isinstance(scorer, QwenClassifier):
+        save_classifier(scorer, folder, run.data.labels, run.tokenizer.pad_token_id)
     else:
         save_model(run.model, folder)
     run.tokenizer.save_pretrained(folder)
     run.record.write(folder)
+
+
+def run_scorer(run: Run) -> QwenModel | QwenClassifier:
+    """What predicts the class: the decoder with its LM head (label scoring), or a classifier (--head)."""
+    return run.accelerator.unwrap_model(run.parts.objective).scorer
 
 
 def checkpoint(run: Run) -> Path | None:
@@ -81,7 +91,7 @@ def run_eval(run: Run, log: MetricsLog, rows: list, split: str, tag: str, tau: f
     """Score labelled rows (sharded over ranks) with post-hoc adjustment by tau (None: chosen on these rows, the
     development split) and log the figures."""
     cfg, acc = run.cfg, run.accelerator
-    report, features = evaluate(run.model, run.builder, rows, tc=run.tc or cfg.tc,
+    report, features = evaluate(run_scorer(run), run.builder, rows, tc=run.tc or cfg.tc,
                                 batch_size=cfg.per_device_eval_batch_size, prior_log=run.parts.prior_log, tau=tau,
                                 weighting=cfg.dev_weighting if split == "dev" else None, rank=acc.process_index,
                                 world=acc.num_processes)
@@ -143,7 +153,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if run.main_proc:
         print(plan_summary(train_path=data.train_path, labels=data.labels, counts=data.counts,
                            dev_rows=len(data.dev_rows), eval_path=data.eval_path, eval_rows=len(data.eval_rows),
-                           model_name=cfg.model_name_or_path, model=run.model, use_lora=run.use_lora,
+                           model_name=cfg.model_name_or_path, model=run_scorer(run), use_lora=run.use_lora,
                            total_steps=run.total_steps, per_device=cfg.per_device_train_batch_size,
                            world=acc.num_processes, accumulation=cfg.gradient_accumulation_steps,
                            output_dir=run.output_dir, tau=cfg.logit_adjust_tau), flush=True)
@@ -210,7 +220,10 @@ def restore_best(run: Run) -> bool:
                   "which was not kept (--save_strategy no, or deleted): the final weights are scored and saved",
                   flush=True)
         return False
-    if run.use_lora:
+    scorer = run_scorer(run)
+    if isinstance(scorer, QwenClassifier):
+        restore_classifier(scorer, folder, run.use_lora)
+    elif run.use_lora:
         load_adapter_weights(run.model, folder)
     else:
         load_weights_into(run.model, folder)
