@@ -12,6 +12,8 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from ncal_core.cli import DTYPES, flag, parse_config
 from ncal_core.durable import write_atomically
 from ncal_core.errors import NCALError, run_cli
@@ -51,15 +53,16 @@ class ExportConfig:
             raise NCALError(f"--output_dir {out}: exists and is not an empty folder")
 
 
-def merged_tensors(folder: ModelFolder) -> dict:
-    """The checkpoint's tensors under Hugging Face's keys: the base with the adapter merged in, or the full weights."""
+def merged_tensors(folder: ModelFolder, dtype: torch.dtype) -> dict:
+    """The checkpoint's tensors under Hugging Face's keys: the base with the adapter merged in (merged weights in
+    `dtype`, the others as stored), or the full weights."""
     source = folder.base or folder.path
     tensors = {key: t for _, key, t in read_tensors(checkpoint_files(source)[0])}
     if folder.base is None:
         return tensors
     config = read_adapter_config(folder.path / CONFIG_FILE)
     adapter = {key: t for _, key, t in read_tensors([folder.path / WEIGHTS_FILE])}
-    return merge_lora_weights(tensors, adapter, config["lora_alpha"] / config["r"])
+    return merge_lora_weights(tensors, adapter, config["lora_alpha"] / config["r"], dtype)
 
 
 def _copy_tokenizer(folder: ModelFolder, out: Path) -> None:
@@ -90,7 +93,7 @@ def export(cfg: ExportConfig) -> Path:
     def fill(out: Path) -> None:
         config = read_json((folder.base or folder.path) / "config.json")
         write_json(out / "config.json", {**config, "torch_dtype": cfg.dtype})
-        write_safetensors(merged_tensors(folder), out, dtype=dtype, max_shard_bytes=SHARD_BYTES)
+        write_safetensors(merged_tensors(folder, dtype), out, dtype=dtype, max_shard_bytes=SHARD_BYTES)
         _copy_tokenizer(folder, out)
         _generation_config(folder, out)
         if folder.run:  # what infer needs to score as the run did; the base is merged in, so none is named

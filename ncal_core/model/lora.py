@@ -287,9 +287,11 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     assign_parameters(model, tensors, peft_key, source=weights, select=is_lora_param, in_place=True)
 
 
-def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float,
+                       dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """A base checkpoint's tensors (Hugging Face keys) with a PEFT adapter's updates folded in: W + scaling * B A,
-    computed in fp32 and kept in each weight's dtype. A pure function: neither input is changed."""
+    computed in fp32 and stored in `dtype` (default: each weight's own; a float32 export of a bf16 base must not
+    round the sum back to bf16). A pure function: neither input is changed."""
     merged = dict(base)
     factors = {key.replace(".default.", "."): t for key, t in adapter.items()}
     for key, lora_a in factors.items():
@@ -301,5 +303,5 @@ def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scal
         if weight_key not in base or lora_b is None:
             raise ValueError(f"{key}: no {weight_key} in the base or no lora_B beside it")
         weight = base[weight_key]
-        merged[weight_key] = (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+        merged[weight_key] = (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(dtype or weight.dtype)
     return merged
