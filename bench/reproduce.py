@@ -14,7 +14,7 @@ them), and a TC method's ensemble is compared with its twin's.
     python bench/reproduce.py                       # every method (several hours on 2 cores)
     python bench/reproduce.py --methods sft,ncal --seeds 0,1,2
     python bench/reproduce.py --quick               # a CI-sized run: asserts nothing about who wins
-    python bench/reproduce.py --model ~/.cache/ncal-real/qwen2.5-coder-0.5b-instruct --out bench/results/reproduce_real
+    python -m bench.reproduce --model ~/.cache/ncal-real/qwen2.5-coder-0.5b-instruct --out bench/results/reproduce_real
 
 With --model (a pretrained checkpoint folder) every run trains LoRA adapters (r 8, alpha 32, q/k/v/o, lr 2e-4:
 the paper's settings) on a fixed long-tailed fraction of the training set (--train_fraction, every class cut
@@ -24,7 +24,7 @@ instruction that names and defines the seven TMWPL classes (ZERO_SHOT_INSTRUCTIO
 Runs are resumable: a finished run's scores are kept in OUT/runs/<method>-s<seed>/scores.json. A finished run
 is reused only while the settings it recorded (ncal_run.json) are those its method's flags give now; one
 trained under other settings (say, before a default changed) is trained again.
-Writes OUT/results.json, OUT/results.md and OUT/comparison.png.
+Writes OUT/results.json and OUT/results.md after every finished run (the table so far), and OUT/comparison.png.
 """
 
 from __future__ import annotations
@@ -211,7 +211,8 @@ def _zero_shot_scores(model: str, common: list[str], test_rows, out: Path) -> di
     """The untrained checkpoint's label log-probs with ZERO_SHOT_INSTRUCTION, on the dev split and label prior the
     training runs get from the same flags; cached in OUT/runs/zero_shot/scores.json while those stay the same."""
     data = read_data(parse_config(TrainConfig, [*PINNED, *common], "", "python -m ncal_core.train"))
-    settings = {"checkpoint": model, "instruction": ZERO_SHOT_INSTRUCTION, "dev_ids": [r.id for r in data.dev_rows]}
+    settings = {"checkpoint": model, "instruction": ZERO_SHOT_INSTRUCTION, "dev_ids": [r.id for r in data.dev_rows],
+                "test_ids": [r.id for r in test_rows]}
     cache = out / "runs" / ZERO_SHOT / "scores.json"
     if cache.is_file():
         cached = json.loads(cache.read_text())

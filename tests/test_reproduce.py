@@ -169,6 +169,7 @@ def test_with_model_lora_runs_train_on_a_long_tailed_fraction_and_zero_shot_scor
     record = json.loads((out / "runs" / "sft-s0" / "ncal_run.json").read_text())
     assert zero_shot["instruction"] == ZERO_SHOT_INSTRUCTION and zero_shot["checkpoint"] == str(base)
     assert zero_shot["dev_ids"] == json.loads((out / "runs" / "sft-s0" / "dev_ids.json").read_text())
+    assert zero_shot["test_ids"] == [f"t{i}" for i in range(9)]
     assert zero_shot["label_counts"] == record["label_counts"] and zero_shot["labels"] == record["labels"]
     predictions = tmp_path / "zero_shot.jsonl"
     assert infer_main(["--model_path", str(base), "--prompts_file", str(test), "--instruction", ZERO_SHOT_INSTRUCTION,
