@@ -158,7 +158,7 @@ def test_exported_lora_run_loads_in_transformers_and_predicts_what_the_run_predi
     assert result.returncode == 0, result.stderr[-3000:]
     predictor = load_predictor(out)
     labels = predictor.labels
-    rows = [Example(id=e.id, messages=e.messages, label=None, where=e.where) for e in examples()]
+    rows = [Example(id=e.id, messages=e.messages, label=None, where=e.where) for e in examples(2)]
     prompts = predictor.prompt_builder(labels).prompt_ids_all(rows)
     label_ids = predictor.prompt_builder(labels).label_ids
     base_probs = score_labels(ours, prompts, label_ids).softmax(1)
