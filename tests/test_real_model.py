@@ -8,7 +8,8 @@ Tolerances (max |ours - ref| / max |ref| unless said otherwise), with what was m
   (measured 3e-6: the label-only head sums the vocabulary's logsumexp in chunks).
   bf16 weights on both sides (transformers' SDPA attention): logits 2e-2, about two bf16 ulps (measured 0).
   bf16 autocast of our fp32 model against its own fp32 label probabilities: 4e-2 absolute (measured 1.7e-2).
-  One LoRA step (fp32): loss 1e-5 relative (measured 8e-8); each adapter factor's gradient 1e-4 (measured 2.5e-5).
+  One LoRA step (fp32): loss 1e-5 relative (measured 8e-8); each adapter factor's gradient 1e-3 (measured 2.5e-5
+  with one thread, 1.1e-4 with two: the backward's sums over 24 layers change order with the thread count).
   The export, reloaded by transformers, against our unmerged run: label probabilities 1e-4 absolute (measured
   7e-6: the merged matmul sums in another order than the unmerged one).
 """
@@ -43,7 +44,7 @@ SCORE_RTOL = 1e-5
 BF16_TOL = 2e-2
 AUTOCAST_PROB_ATOL = 4e-2
 LOSS_RTOL = 1e-5
-GRAD_TOL = 1e-4
+GRAD_TOL = 1e-3
 EXPORT_PROB_ATOL = 1e-4
 
 LABELS = ["分析", "回忆", "推断", "表征建模", "识别", "过程实施", "选取策略"]  # TMWPL's seven classes, sorted
@@ -181,3 +182,4 @@ def test_infer_generate_gives_transformers_greedy_tokens(hf, tokenizer, real_mod
         # transformers' greedy decoding, stopping where its generation_config says
         ids = hf.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:].tolist()
         assert line["prediction"] == tokenizer.decode(ids, skip_special_tokens=True).strip()
+    assert all(line["prediction"] for line in generated)  # the model said something: the comparison is not vacuous
