@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from ncal_core.cli import DTYPES, flag, parse_config
 from ncal_core.durable import write_atomically
 from ncal_core.errors import NCALError, run_cli
@@ -53,15 +55,16 @@ class ExportConfig:
         check_new_folder("--output_dir", self.output_dir)
 
 
-def merged_tensors(folder: ModelFolder) -> dict:
-    """The checkpoint's tensors under Hugging Face's keys: the base with the adapter merged in, or the full weights."""
+def merged_tensors(folder: ModelFolder, dtype: torch.dtype) -> dict:
+    """The checkpoint's tensors under Hugging Face's keys: the base with the adapter merged in (merged weights in
+    `dtype`, the others as stored), or the full weights."""
     source = folder.base or folder.path
     tensors = {key: t for _, key, t in read_tensors(checkpoint_files(source)[0])}
     if folder.base is None:
         return tensors
     config = read_adapter_config(folder.path / CONFIG_FILE)
     adapter = {key: t for _, key, t in read_tensors([folder.path / WEIGHTS_FILE])}
-    return merge_lora_weights(tensors, adapter, config["lora_alpha"] / config["r"])
+    return merge_lora_weights(tensors, adapter, config["lora_alpha"] / config["r"], dtype)
 
 
 def _copy_tokenizer(folder: ModelFolder, out: Path) -> None:
@@ -92,7 +95,7 @@ def export(cfg: ExportConfig) -> Path:
     def fill(out: Path) -> None:
         _copy_tokenizer(folder, out)
         config = read_json((folder.base or folder.path) / "config.json")
-        tensors = merged_tensors(folder)
+        tensors = merged_tensors(folder, dtype)
         if SCORE_KEY in tensors and not is_classifier_folder(folder.base or folder.path):
             # a classification head's adapter merged into its causal-LM base: the sequence classifier transformers
             # builds, without the LM head

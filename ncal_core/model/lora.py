@@ -308,9 +308,11 @@ def adapter_head(adapter_dir: str | Path) -> Tensor | None:
     return next((t for _, key, t in read_tensors([weights]) if key == HEAD_KEY), None)
 
 
-def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float,
+                       dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """A base checkpoint's tensors (Hugging Face keys) with a PEFT adapter's updates folded in: W + scaling * B A,
-    computed in fp32 and kept in each weight's dtype. A pure function: neither input is changed."""
+    computed in fp32 and stored in `dtype` (default: each weight's own; a float32 export of a bf16 base must not
+    round the sum back to bf16). A pure function: neither input is changed."""
     merged = dict(base)
     factors = {key.replace(".default.", "."): t for key, t in adapter.items()}
     if HEAD_KEY in factors:  # a SEQ_CLS adapter's head, saved whole
@@ -324,5 +326,5 @@ def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scal
         if weight_key not in base or lora_b is None:
             raise ValueError(f"{key}: no {weight_key} in the base or no lora_B beside it")
         weight = base[weight_key]
-        merged[weight_key] = (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+        merged[weight_key] = (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(dtype or weight.dtype)
     return merged
