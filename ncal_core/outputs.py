@@ -1,8 +1,9 @@
 """Where a command writes, checked before it reads a model or scores a row.
 
 An output may not be one of the command's inputs (the rows, a model folder), may not write over a training run's or
-a model's own files, and its folder must exist or be creatable and be writable. Each check fails as one NCALError
-naming the flag, so a mistake costs nothing and loses nothing.
+a model's own files (its records, weights, tokenizer and reports; what a command wrote there before, such as
+predictions, it may write again), and its folder must exist or be creatable and be writable. Each check fails as one
+NCALError naming the flag, so a mistake costs nothing and loses nothing.
 """
 
 from __future__ import annotations
@@ -10,13 +11,19 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable
+from fnmatch import fnmatch
 from pathlib import Path
 
 from ncal_core.errors import NCALError
+from ncal_core.model.tokenizer import TOKENIZER_FILES
 from ncal_core.run_record import RUN_FILE
 
 # files that make a folder a model's or a training run's (a run, a checkpoint, an export, a base checkpoint)
 RECORD_FILES = (RUN_FILE, "config.json", "adapter_config.json", "metrics.jsonl", "trainer_state.json")
+# the files of such a folder no output may replace: its records, weights, optimizer and RNG state, tokenizer, the
+# run's reports and pictures, a model card
+OWN_FILES = (*RECORD_FILES, *TOKENIZER_FILES, "*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt",
+             "generation_config.json", "eval.json", "dev_ids.json", "*.png", "after_training_error*.txt", "README.md")
 
 
 def records_of(folder: Path) -> str | None:
@@ -26,6 +33,12 @@ def records_of(folder: Path) -> str | None:
     if any((folder / name).is_file() for name in RECORD_FILES):
         return "a model"
     return None
+
+
+def own_file(path: Path) -> bool:
+    """Whether `path` is one of the files of a model's or a run's folder (whether or not it exists yet)."""
+    return path.parent.is_dir() and records_of(path.parent) is not None and any(
+        fnmatch(path.name, pattern) for pattern in OWN_FILES)
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -46,17 +59,16 @@ def writable_folder(flag: str, folder: Path, shown: Path | None = None) -> None:
 
 
 def check_output_file(flag: str, path: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> Path:
-    """A file the command will write: not a folder, not an input file given as (flag, path), not an existing file of
-    a model's or a run's folder; its folder made and writable."""
+    """A file the command will write: not a folder, not an input file given as (flag, path), not one of a model's or
+    a run's own files; its folder made and writable."""
     out = Path(path)
     if out.is_dir():
         raise NCALError(f"{flag} {out}: is a folder; name a file")
     for input_flag, given in inputs:
         if given is not None and _same(out, Path(given)):
             raise NCALError(f"{flag} {out}: is the {input_flag} file; name another output file")
-    holder = records_of(out.parent) if out.parent.is_dir() else None
-    if holder and out.exists():
-        raise NCALError(f"{flag} {out}: a file of {holder} ({out.parent}); name another output file")
+    if own_file(out):
+        raise NCALError(f"{flag} {out}: a file of {records_of(out.parent)} ({out.parent}); name another output file")
     writable_folder(flag, out.parent, out)
     return out
 
