@@ -1,9 +1,10 @@
 """Where a command writes, checked before it reads a model or scores a row.
 
-An output may not be one of the command's inputs (the rows, a model folder), may not write over a training run's or
-a model's own files (its records, weights, tokenizer and reports; what a command wrote there before, such as
-predictions, it may write again), and its folder must exist or be creatable and be writable. Each check fails as one
-NCALError naming the flag, so a mistake costs nothing and loses nothing.
+An output may not be one of the command's inputs (the rows, a model folder), may not write over a file inside a data
+set folder it reads, nor over a training run's or a model's own files (its records, weights, tokenizer and reports;
+what a command wrote there before, such as predictions, it may write again), and its folder must exist or be
+creatable and be writable. Each check fails as one NCALError naming the flag, so a mistake costs nothing and loses
+nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def own_file(path: Path) -> bool:
         fnmatch(path.name, pattern) for pattern in OWN_FILES)
 
 
+def _inside_data_folder(path: Path, given: Path) -> bool:
+    """Whether `path` lies inside the input folder `given` and that folder is a data set (a model's or a run's folder
+    keeps its own files by name, see own_file)."""
+    return (given.is_dir() and records_of(given) is None
+            and Path(os.path.realpath(given)) in Path(os.path.realpath(path)).parents)
+
+
 def _same(a: Path, b: Path) -> bool:
     """Whether two paths name one file or folder (through links and relative parts)."""
     if a.exists() and b.exists():
@@ -59,14 +67,16 @@ def writable_folder(flag: str, folder: Path, shown: Path | None = None) -> None:
 
 
 def check_output_file(flag: str, path: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> Path:
-    """A file the command will write: not a folder, not an input file given as (flag, path), not one of a model's or
-    a run's own files; its folder made and writable."""
+    """A file the command will write: not a folder, not an input file given as (flag, path) nor an existing file
+    inside an input data set folder, not one of a model's or a run's own files; its folder made and writable."""
     out = Path(path)
     if out.is_dir():
         raise NCALError(f"{flag} {out}: is a folder; name a file")
     for input_flag, given in inputs:
         if given is not None and _same(out, Path(given)):
             raise NCALError(f"{flag} {out}: is the {input_flag} file; name another output file")
+        if given is not None and out.exists() and _inside_data_folder(out, Path(given)):
+            raise NCALError(f"{flag} {out}: a file of the {input_flag} folder {given}; name another output file")
     if own_file(out):
         raise NCALError(f"{flag} {out}: a file of {records_of(out.parent)} ({out.parent}); name another output file")
     writable_folder(flag, out.parent, out)
@@ -88,6 +98,11 @@ def check_output_dir(flag: str, path: str | Path, inputs: Iterable[tuple[str, st
             raise NCALError(f"{flag} {out}: is {input_flag}; name another folder")
         if any(_same(out / name, given) for name in writes):
             raise NCALError(f"{flag} {out}: would write over the {input_flag} file {given}; name another folder")
+        over = next((name for name in writes if (out / name).exists() and _inside_data_folder(out / name, given)),
+                    None)
+        if over:
+            raise NCALError(f"{flag} {out}: would write over {out / over} of the {input_flag} folder {given}; name "
+                            "another folder")
     holder = records_of(out) if out.is_dir() else None
     if holder and not overwrite:
         raise NCALError(f"{flag} {out}: holds the records of {holder}; name another folder, or pass "

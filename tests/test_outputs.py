@@ -82,3 +82,21 @@ def test_a_file_an_earlier_command_wrote_in_a_model_folder_may_be_written_again_
             check_output_file("--output_file", model / name, [("--model_path", str(model))])
     assert not (model / "eval.json").exists()  # refused before it exists, too
 
+
+def test_an_existing_file_inside_an_input_data_set_folder_is_never_an_output(tmp_path):
+    """A data set saved by save_to_disk is a folder of none of a model's files: its state.json was once returned as
+    a writable output."""
+    ds = tmp_path / "ds"
+    (ds / "train").mkdir(parents=True)
+    (ds / "train" / "state.json").write_text("mine")
+    (ds / "dataset_dict.json").write_text("mine")
+    for out in (ds / "dataset_dict.json", ds / "train" / "state.json", tmp_path / "." / "ds" / "train" / "state.json"):
+        with pytest.raises(NCALError, match=r"a file of the --prompts_file folder"):
+            check_output_file("--output_file", out, [("--prompts_file", str(ds))])
+    assert check_output_file("--output_file", ds / "new.jsonl", [("--prompts_file", str(ds))]) == ds / "new.jsonl"
+    (ds / "out").mkdir()
+    (ds / "out" / "eval.json").write_text("mine")
+    with pytest.raises(NCALError, match=r"would write over .*eval\.json of the --prompts_file folder"):
+        check_output_dir("--output_dir", ds / "out", [("--prompts_file", str(ds))], writes=["eval.json"],
+                         overwrite=False)
+    assert (ds / "train" / "state.json").read_text() == "mine" and (ds / "out" / "eval.json").read_text() == "mine"
