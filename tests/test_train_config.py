@@ -78,3 +78,9 @@ def test_a_refused_value_is_one_line_naming_the_flag(name):
     with pytest.raises(NCALError) as err:
         TrainConfig(**{name: REFUSED[name], **extra}).check()
     assert str(err.value).startswith(f"--{name}:") and "\n" not in str(err.value)
+
+
+def test_label_types_are_checked_as_every_class_flag_is():
+    """--label_types had its own copy of the class-name check, which did not say which class was repeated."""
+    with pytest.raises(NCALError, match=r"^--label_types: names the class 'a' twice$"):
+        TrainConfig(label_types=["a", "b", "a"]).check()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ncal_core.cli import flag
 from ncal_core.data.batching import RESAMPLING
-from ncal_core.data.rows import label_column_flag, text_column_flag
+from ncal_core.data.rows import check_class_names, label_column_flag, text_column_flag
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.tau_choice import DEV_WEIGHTINGS, TAU_GRID
 from ncal_core.loss.tc import TCConfig
@@ -212,7 +212,4 @@ class TrainConfig:
             bad("num_train_epochs", "must be > 0 unless --max_steps is set")
         if self.max_grad_norm < 0:
             bad("max_grad_norm", f"must be >= 0, not {self.max_grad_norm}")
-        if self.label_types is not None and len(self.label_types) < 2:
-            bad("label_types", "needs at least 2 classes")
-        if self.label_types is not None and len(set(self.label_types)) != len(self.label_types):
-            bad("label_types", "names a class twice")
+        check_class_names("--label_types", self.label_types)
