@@ -330,12 +330,16 @@ def reference_weights(tmp_path_factory):
     return final_weights(tmp / "out")
 
 
-def _fail_scoring(split: str):
+def _fail_scoring(split: str, after: int = 0):
+    """loop.run_eval failing on `split` from its (after + 1)-th scoring on."""
     real = loop.run_eval
+    done = []
 
     def failing(run, log, rows, this_split, tag, tau):
         if this_split == split:
-            raise RuntimeError(f"injected into the {split} scoring")
+            done.append(tag)
+            if len(done) > after:
+                raise RuntimeError(f"injected into the {split} scoring")
         return real(run, log, rows, this_split, tag, tau)
 
     return failing
@@ -388,3 +392,18 @@ def test_a_test_file_of_one_class_is_scored_and_the_figures_it_cannot_make_are_n
     assert not (out / "sphere.png").exists() and (out / "per_class_f1.png").is_file()
     assert "skipped neural_collapse: needs rows of at least 2 classes" in capsys.readouterr().out
     assert max_abs_diff(final_weights(out), reference_weights) == 0.0
+
+
+def test_the_weights_saved_before_a_failed_final_scoring_carry_no_tau_chosen_for_other_weights(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """The development split scored at step 1 chose a tau for those weights; the final weights were saved with it,
+    and infer would have applied it when the final scoring then failed."""
+    argv = [*_train_argv(tmp_path, tmwpl_rows(9, seed=1, prefix="t")), "--eval_strategy", "steps", "--eval_steps", "1"]
+    monkeypatch.setattr(loop, "run_eval", _fail_scoring("dev", after=1))
+    assert _exit_code(argv) == 2
+    assert "scoring the development split failed after training" in capsys.readouterr().err
+    out = tmp_path / "out"
+    chosen = [line["logit_adjust_tau"] for line in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if line.get("split") == "dev"]
+    assert len(chosen) == 1 and chosen[0] is not None  # step 1's choice, for step 1's weights
+    assert json.loads((out / "ncal_run.json").read_text())["logit_adjust_tau"] is None

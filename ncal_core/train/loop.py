@@ -238,6 +238,9 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
     The final weights are written first: anything after training that fails (an evaluation, a picture, a tracker)
     leaves them, the run record and one line saying what failed and how to do only that part again.
     """
+    # the tau recorded so far was chosen for a checkpoint's weights: the final ones carry the flag's (None: chosen on
+    # the development split) until evaluate_trained records the one chosen for them
+    run.record.logit_adjust_tau = run.cfg.logit_adjust_tau
     if run.main_proc:
         add_files(run.output_dir, lambda folder: save_weights(run, folder))
     phase = AfterTraining(run)
