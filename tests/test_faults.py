@@ -378,6 +378,10 @@ def test_a_failure_after_training_keeps_the_weights_and_says_how_to_redo_that_pa
     assert "python -m ncal_core.analyze --model_path" in lines[0]
     assert max_abs_diff(final_weights(out), reference_weights) == 0.0
     assert (out / "ncal_run.json").is_file() and hashes(tmp_path / "data") == inputs
+    # the line is for the user; the traceback, which a bug's report needs, is kept beside the weights
+    assert f"its traceback is in {out / loop.ERROR_FILE}" in lines[0]
+    kept = (out / loop.ERROR_FILE).read_text(encoding="utf-8")
+    assert kept.startswith("Traceback (most recent call last):") and ", in failing\n" in kept  # where it was raised
 
 
 def test_a_test_file_of_one_class_is_scored_and_the_figures_it_cannot_make_are_named(tmp_path, capsys,

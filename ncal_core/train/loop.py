@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ from ncal_core.train.setup import Run, setup
 from ncal_core.train.step import StepRecord, host_values, train_step
 from ncal_core.train.stop import StopRequests
 from ncal_core.train.summary import outputs_summary, plan_summary
+
+ERROR_FILE = "after_training_error.txt"  # the traceback of a failure after training, beside the saved weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +246,7 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
     # the development split) until evaluate_trained records the one chosen for them
     run.record.logit_adjust_tau = run.cfg.logit_adjust_tau
     if run.main_proc:
+        (run.output_dir / ERROR_FILE).unlink(missing_ok=True)  # an earlier run's failure, not this one's
         add_files(run.output_dir, lambda folder: save_weights(run, folder))
     phase = AfterTraining(run)
     try:
@@ -267,8 +272,23 @@ class AfterTraining:
         if data.eval_rows:
             redo = (f"python -m ncal_core.analyze --model_path {out} --prompts_file {data.eval_path} --output_dir "
                     f"{out / 'analysis'}")
-        return (f"{self.now} failed after training ({type(err).__name__}: {err}); the trained weights and run record "
-                f"are saved in {out}; redo only that part with: {redo}")
+        return (f"{self.now} failed after training ({type(err).__name__}: {err}{self.keep_traceback(err)}); the "
+                f"trained weights and run record are saved in {out}; redo only that part with: {redo}")
+
+    def keep_traceback(self, err: Exception) -> str:
+        """Write the traceback of anything but a user's mistake beside the weights (a bug's, for its report); where
+        it is, for the one line. Printed to stderr instead when the folder cannot take it."""
+        if isinstance(err, NCALError):
+            return ""
+        rank = self.run.accelerator.process_index
+        path = self.run.output_dir / (ERROR_FILE if rank == 0 else f"after_training_error.rank{rank}.txt")
+        text = "".join(traceback.format_exception(err))
+        try:
+            write_text(path, text)
+        except OSError:
+            print(text, file=sys.stderr, end="", flush=True)
+            return ""
+        return f"; its traceback is in {path}"
 
 
 def evaluate_trained(run: Run, log: MetricsLog, phase: AfterTraining) -> dict[str, Any]:
