@@ -79,6 +79,7 @@ def analyze_args(*args: str) -> list[str]:
 
 
 P = {"p.jsonl": jsonl(*ROWS)}
+DATA_SET = {"ds/dataset_dict.json": '{"splits": ["train"]}', "ds/train/state.json": "mine"}  # a save_to_disk folder
 TRAIN_ARGS = ["--dataset_path", "{tmp}/t.jsonl", "--overwrite_output_dir", "true", "--max_steps", "1", "--val_size",
               "0", "--per_device_train_batch_size", "2", "--save_strategy", "no"]
 FAULTS = [
@@ -114,6 +115,9 @@ FAULTS = [
     Fault("infer_metrics_over_a_runs_log", "infer", infer_args("--prompts_file", "{tmp}/p.jsonl", "--metrics_file",
                                                                "{models}/run/metrics.jsonl"),
           "a file of a training run", P),
+    Fault("infer_output_over_a_file_of_the_data_set_folder", "infer",
+          infer_args("--prompts_file", "{tmp}/ds", "--output_file", "{tmp}/ds/train/state.json"),
+          "--output_file {tmp}/ds/train/state.json: a file of the --prompts_file folder", DATA_SET),
     # infer: what it reads
     Fault("infer_duplicate_labels", "infer", ["--model_path", "{models}/plain", "--prompt", "三角形", "--labels",
                                               "a,b,a"], "--labels: names the class 'a' twice"),
@@ -151,6 +155,10 @@ FAULTS = [
     Fault("analyze_would_write_over_its_rows", "analyze",
           ["--model_path", "{models}/run", "--prompts_file", "{tmp}/eval.json", "--output_dir", "{tmp}"],
           "would write over the --prompts_file file", {"eval.json": json.dumps(ROWS, ensure_ascii=False)}),
+    Fault("analyze_would_write_over_a_file_of_the_data_set_folder", "analyze",
+          ["--model_path", "{models}/run", "--prompts_file", "{tmp}/ds", "--output_dir", "{tmp}/ds/train"],
+          "would write over {tmp}/ds/train/eval.json of the --prompts_file folder",
+          {**DATA_SET, "ds/train/eval.json": "mine"}),
     Fault("analyze_rows_of_one_class", "analyze", analyze_args("--output_dir", "{tmp}/out"), None,
           {"p.jsonl": jsonl(*[r for r in ROWS if r["class"] == LABELS[0]])}, writes="out/eval.json"),
     Fault("analyze_duplicate_labels", "analyze", analyze_args("--output_dir", "{tmp}/out", "--labels", "a,b,a"),
