@@ -297,6 +297,21 @@ def test_a_fault_is_one_line_and_loses_nothing(case, outcomes, models):
 
 
 
+def test_infer_writes_its_own_output_file_in_a_run_folder_again(models, tmp_path):
+    """The second infer with one --output_file inside the run's folder was refused as writing over the run's files;
+    only the run's own files are kept from outputs."""
+    run_dir = Path(shutil.copytree(models / "run", tmp_path / "run"))
+    record = hashes(run_dir)
+    preds = run_dir / "predictions.jsonl"
+    argv = ["--model_path", str(run_dir), "--prompts_file", str(write_jsonl(tmp_path / "p.jsonl", ROWS)),
+            "--output_file", str(preds)]
+    assert infer.main(argv) == 0
+    first = preds.read_bytes()
+    assert infer.main(argv) == 0
+    assert preds.read_bytes() == first and len(first.splitlines()) == len(ROWS)
+    assert {name: digest for name, digest in hashes(run_dir).items() if name != preds.name} == record
+
+
 # ---------------------------------------------------------------- progress bars
 
 def test_progress_bars_count_to_what_they_announce(models, tmp_path, monkeypatch, capsys):
