@@ -26,7 +26,7 @@ def _save(tmp_path, step):
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
     return save_checkpoint(tmp_path, step, save_weights=lambda d: (d / "w.txt").write_text("w"),
-                           optimizer=opt, rng={"torch": torch.get_rng_state()}, state={"step": step}), opt
+                           save_optimizer=lambda d: torch.save(opt.state_dict(), d / "optimizer.pt"), rng={"torch": torch.get_rng_state()}, state={"step": step}), opt
 
 
 def test_checkpoint_round_trips_optimizer_rng_and_state(tmp_path):

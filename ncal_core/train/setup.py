@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from transformers import PreTrainedTokenizerBase
 
 from ncal_core.cli import DTYPES
@@ -29,10 +29,12 @@ from ncal_core.loss.objective import TrainingObjective, compile_layers
 from ncal_core.loss.tc import TCConfig, resolve_backend, simplex_etf
 from ncal_core.model.hub import checkpoint_folder
 from ncal_core.model.lora import inject_lora, load_adapter
+from ncal_core.model.quantize import quantize_base
 from ncal_core.model.qwen import QwenModel, load_model
 from ncal_core.model.tiny import tiny_checkpoint
 from ncal_core.model.tokenizer import load_tokenizer
 from ncal_core.run_record import RunRecord
+from ncal_core.train import fsdp
 from ncal_core.train.checkpoint import read_optimizer_state, read_rng, read_state, resolve_checkpoint
 from ncal_core.train.config import BUILTIN_TINY, TrainConfig, uses_lora, uses_tc
 from ncal_core.train.resume import check_resume, rank_rng, resume_settings, set_rng_state
@@ -77,6 +79,11 @@ class Run:
     @property
     def main_proc(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def sharded(self) -> bool:
+        """Whether FSDP2 shards the weights over the processes (ours, or accelerate's FSDP plugin)."""
+        return fsdp.is_sharded(self.parts.objective)
 
     @property
     def model(self) -> QwenModel:
@@ -175,6 +182,8 @@ def _load_model(cfg: TrainConfig, base: Path, resume: Path | None, use_lora: boo
             load_adapter(model, resume)
         else:
             inject_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    if cfg.quantization == "nf4":
+        quantize_base(model)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.torch_compile:
         compile_layers(model)
@@ -192,11 +201,14 @@ def _sampler(cfg: TrainConfig, encoded: list[EncodedRow], num_classes: int, worl
                                 megabatch_batches=MEGABATCH_BATCHES if cfg.group_by_length else 1)
 
 
-def _restore(accelerator: Accelerator, optimizer, scheduler, resume: Path, state: dict[str, Any],
+def _restore(accelerator: Accelerator, objective, optimizer, scheduler, resume: Path, state: dict[str, Any],
              rng: dict[str, torch.Tensor], lr: float, output_dir: Path) -> None:
     """Continue a checkpoint: optimizer, schedule (at this run's peak rate), loss scale, RNG and the log."""
     try:
-        optimizer.load_state_dict(read_optimizer_state(resume))
+        if fsdp.is_sharded(objective):
+            fsdp.load_optimizer(objective, optimizer, resume)
+        else:
+            optimizer.load_state_dict(read_optimizer_state(resume))
     except ValueError as err:
         raise NCALError(f"{resume / 'optimizer.pt'}: does not fit the model being trained ({err})") from None
     scheduler.load_state_dict(state["scheduler"])
@@ -247,6 +259,12 @@ def setup(cfg: TrainConfig) -> Run:
     objective = TrainingObjective(model, tc=tc, padding_free=cfg.padding_free, decisions=decisions)
     etf_targets = simplex_etf(K, model.config.hidden_size, cfg.seed).to(device) \
         if tc and tc.variant == "etf_target" else None
+    # accelerate's own FSDP plugin (accelerate config, on GPUs) shards in prepare(); otherwise --fsdp shards here
+    accelerate_shards = accelerator.distributed_type == DistributedType.FSDP
+    if cfg.fsdp and world > 1 and not accelerate_shards:
+        fsdp.shard_objective(objective, device, cfg.bf16)  # before the optimizer: it takes the sharded parameters
+    elif cfg.fsdp and world == 1 and main_proc:
+        print("note: --fsdp true with one process: nothing to shard, the model trains whole", flush=True)
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
 
     sampler = _sampler(cfg, encoded, K, world)
@@ -258,13 +276,16 @@ def setup(cfg: TrainConfig) -> Run:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, math.ceil(cfg.warmup_ratio * total_steps),
                                total_steps)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    if fsdp.is_sharded(objective):
+        optimizer = accelerator.prepare(optimizer)  # not the objective: that would wrap it in DDP as well
+    else:
+        objective, optimizer = accelerator.prepare(objective, optimizer)
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batch": 0, "best_macro_f1": None, "best_checkpoint": None,
                              "log_lines": 0}
     if resume:
         state = saved_state
-        _restore(accelerator, optimizer, scheduler, resume, state, rng, lr, output_dir)
+        _restore(accelerator, objective, optimizer, scheduler, resume, state, rng, lr, output_dir)
     else:
         torch.manual_seed(cfg.seed + rank)
     state["run"] = resume_settings(cfg, world, lr)

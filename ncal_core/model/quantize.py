@@ -1,0 +1,74 @@
+"""QLoRA's frozen base: the decoder layers' linear weights stored as torchao's NF4Tensor (4-bit NormalFloat).
+
+As torchtune does: torchao's NF4Tensor is a tensor subclass that F.linear dequantizes block by block, on any
+device (CPU included) and under FSDP2 (it shards and all-gathers its packed bytes). bitsandbytes keeps its own
+Linear4bit module and CUDA kernels, and would replace the layers that LoRA wraps by parameter name. The LoRA
+factors, the embeddings, the norms and the head stay in their dtype; the weights are the only part that is 4-bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from torch import Tensor, nn
+
+from ncal_core.model.qwen import QwenModel
+
+NF4_BLOCK = 64           # weights per absmax scale (QLoRA's)
+NF4_SCALER_BLOCK = 256   # scales per double-quantized block (QLoRA's)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _to_nf4(weight: Tensor) -> Tensor:
+    # torchao logs one line per optional GPU extension it cannot load; a CPU machine has none
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    blocks = weight.numel() // NF4_BLOCK
+    # small layers (tests, tiny models): the largest scaler block that divides their block count
+    return to_nf4(weight, NF4_BLOCK, math.gcd(blocks, NF4_SCALER_BLOCK))
+
+
+def quantize_base(model: QwenModel) -> int:
+    """Replace the decoder layers' frozen linear weights by NF4 copies in place; returns how many were replaced.
+
+    Call after LoRA is injected (a LoRA layer keeps the base layer's `weight`), so the factors stay trainable.
+    """
+    replaced = 0
+    for name, module in model.layers.named_modules():
+        if name.rsplit(".", 1)[-1] not in LINEARS:
+            continue
+        weight = module.weight
+        if weight.requires_grad:
+            raise ValueError(f"layers.{name}.weight trains: only a frozen base can be quantized")
+        if weight.numel() % NF4_BLOCK:
+            raise ValueError(f"layers.{name}.weight: {weight.numel()} weights are not a multiple of {NF4_BLOCK}")
+        module.weight = nn.Parameter(_to_nf4(weight.detach()), requires_grad=False)
+        replaced += 1
+    return replaced
+
+
+def nf4_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes, weights) of the model's NF4 tensors: the packed 4-bit codes plus their scales."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+    total = count = 0
+    for p in model.parameters():
+        if isinstance(p, NF4Tensor):
+            inner = p.__tensor_flatten__()[0]
+            total += sum(getattr(p, name).nbytes for name in inner)
+            count += p.numel()
+    return total, count
+
+
+def dequantized(model: QwenModel) -> None:
+    """Replace every NF4 weight by a plain tensor holding its dequantized values, in place (the reference tests
+    compare a quantized model against)."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+    for module in model.layers.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, NF4Tensor):
+            module.weight = nn.Parameter(weight.get_original_weight().to(weight.dtype), requires_grad=False)
+
