@@ -172,9 +172,10 @@ def _read_resume(cfg: TrainConfig, resume: Path, world: int, main_proc: bool
     return state, rng
 
 
-def _load_model(cfg: TrainConfig, base: Path, resume: Path | None, use_lora: bool, device: torch.device
-                ) -> QwenModel:
-    """The model to train: the base (or a full checkpoint to resume), with new or resumed LoRA adapters."""
+def _load_model(cfg: TrainConfig, base: Path, resume: Path | None, use_lora: bool, device: torch.device,
+                world: int) -> QwenModel:
+    """The model to train: the base (or a full checkpoint to resume), with new or resumed LoRA adapters, its
+    frozen base quantized with --quantization (splittable over the processes with --fsdp)."""
     torch.manual_seed(cfg.seed)
     model = load_model(resume if resume and not use_lora else base, dtype=DTYPES[cfg.torch_dtype], device=device)
     if use_lora:
@@ -183,7 +184,7 @@ def _load_model(cfg: TrainConfig, base: Path, resume: Path | None, use_lora: boo
         else:
             inject_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
     if cfg.quantization == "nf4":
-        quantize_base(model)
+        quantize_base(model, shards=world if cfg.fsdp else 1)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.torch_compile:
         compile_layers(model)
@@ -251,7 +252,7 @@ def setup(cfg: TrainConfig) -> Run:
     builder = PromptBuilder(tokenizer, data.labels, instruction=cfg.instruction, cutoff_len=cfg.cutoff_len,
                             truncation=cfg.truncation)
     encoded = builder.encode_all(data.train_rows)
-    model = _load_model(cfg, base, resume, use_lora, device)
+    model = _load_model(cfg, base, resume, use_lora, device, world)
     K = len(data.labels)
     decisions = label_decisions(builder.label_ids, data.counts).to(device) if cfg.la_loss_tau > 0 else None
     tc = replace(cfg.tc, backend=resolve_backend(cfg.tc_backend, device)) \
