@@ -37,11 +37,13 @@ OPTIMIZER_FOLDER = "optimizer"  # torch.distributed.checkpoint's files in a chec
 def shard_objective(objective: TrainingObjective, device: torch.device, bf16: bool) -> None:
     """fully_shard every decoder layer, then the objective (the root), over all ranks of the process group.
 
-    bf16: FSDP2's mixed precision, bf16 weights in forward and backward, gradients reduced in fp32.
+    bf16 (--bf16), or a half-precision base under fp32 LoRA factors (which FSDP2 cannot gather together as they are):
+    FSDP2's mixed precision, half-precision weights in forward and backward, gradients reduced in fp32.
     """
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
+    dtypes = {p.dtype for p in objective.parameters()}
+    half = torch.bfloat16 if bf16 else next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), None)
+    policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
     for layer in objective.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(objective, mesh=mesh, mp_policy=policy)

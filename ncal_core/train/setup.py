@@ -177,7 +177,10 @@ def _load_model(cfg: TrainConfig, base: Path, resume: Path | None, use_lora: boo
     """The model to train: the base (or a full checkpoint to resume), with new or resumed LoRA adapters, its
     frozen base quantized with --quantization (splittable over the processes with --fsdp)."""
     torch.manual_seed(cfg.seed)
-    model = load_model(resume if resume and not use_lora else base, dtype=DTYPES[cfg.torch_dtype], device=device)
+    # sharded: read into host memory, and fully_shard moves each unit's shard to the GPU (a whole copy of a
+    # large model would not fit on one)
+    load_device = torch.device("cpu") if cfg.fsdp and world > 1 else device
+    model = load_model(resume if resume and not use_lora else base, dtype=DTYPES[cfg.torch_dtype], device=load_device)
     if use_lora:
         if resume:
             load_adapter(model, resume)
