@@ -116,11 +116,11 @@ def per_gpu(a: Arch, method: str, strategy: str, gpus: int, batch: int, seq: int
     P_root = P - a.layers * P_layer  # embeddings, head, final norm: FSDP2's root unit
     lora = lora_parameter_count(a, r)
     trainable = P if method == "full" else lora
-    base = {"full": 4 * P, "lora": 2 * P, "qlora": NF4_BYTES * P_lin + 2 * (P - P_lin)}[method]
+    # fp32 master weights for full fine-tuning; the frozen base in bf16 (NF4 for QLoRA's linears) + fp32 factors
+    base = {"full": 4 * P, "lora": 2 * P + 4 * lora, "qlora": NF4_BYTES * P_lin + 2 * (P - P_lin) + 4 * lora}[method]
     sharded = strategy == "fsdp2" and gpus > 1
     act = memory(a, batch, seq, r, label_tokens)
     terms = {
-        # fp32 master weights for full fine-tuning; the frozen base in bf16 or NF4 under adapters
         "weights": base / gpus if sharded else base,
         # fp32 gradients + AdamW's two fp32 moments of what trains
         "grads_and_adamw": 12 * trainable / gpus if sharded else 12 * trainable,
@@ -168,6 +168,45 @@ def scale_table(rows: list[dict[str, Any]]) -> str:
                 [(model, method, "fsdp2", n) for n in GPU_COUNTS[1:]]
             values = [f"{cell[k]['total'] / 1e9:.1f}" + ("" if cell[k]["fits_80gb"] else "*") for k in keys]
             lines.append(f"| {model} | {method} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+PLAN_GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # past 8: several nodes of 8
+HUB_IDS = {name: f"Qwen/{name}-Instruct" for name in SCALE_ARCHS}
+METHOD_FLAGS = {"lora": "--use_lora true --torch_dtype bfloat16", "qlora": "--use_lora true --torch_dtype bfloat16 "
+                "--quantization nf4", "full": "--use_lora false"}
+
+
+def plan(a: Arch, method: str, batch: int, seq: int, r: int, label_tokens: int) -> dict[str, Any]:
+    """The fewest 80 GB GPUs that fit a method (one GPU, then FSDP2 over more), with that prediction."""
+    for gpus in PLAN_GPU_COUNTS:
+        row = per_gpu(a, method, "fsdp2" if gpus > 1 else "ddp", gpus, batch, seq, r, label_tokens)
+        if row["fits_80gb"]:
+            return row
+    raise ValueError(f"{a.name} {method}: does not fit {PLAN_GPU_COUNTS[-1]} GPUs at this batch")
+
+
+def launch_command(row: dict[str, Any]) -> str:
+    """The command that runs a plan's row: python on one GPU, torchrun on one node, torchrun on every node."""
+    train = f"-m ncal_core.train --model_name_or_path {HUB_IDS[row['model']]} {METHOD_FLAGS[row['method']]} " \
+        f"--bf16 true --gradient_checkpointing true --per_device_train_batch_size {row['batch']}"
+    if row["gpus"] == 1:
+        return f"python {train} --output_dir OUT"
+    if row["gpus"] <= 8:
+        return f"torchrun --nproc_per_node {row['gpus']} {train} --fsdp true --output_dir OUT"
+    return (f"torchrun --nnodes {row['gpus'] // 8} --nproc_per_node 8 --node_rank $NODE_RANK --rdzv_backend c10d "
+            f"--rdzv_endpoint $MAIN_HOST:29500 {train} --fsdp true --output_dir /shared/OUT")
+
+
+def scale_doc(batch: int, seq: int, r: int, label_tokens: int) -> str:
+    """docs/scale.md's generated part: the table, and each size's plan with its launch command."""
+    lines = [scale_table(scale_rows(batch, seq, r, label_tokens)), "",
+             "| model | method | GPUs | GB per GPU | command |", "|---|---|---|---|---|"]
+    for a in SCALE_ARCHS.values():
+        for method in METHODS:
+            row = plan(a, method, batch, seq, r, label_tokens)
+            lines.append(f"| {a.name} | {method} | {row['gpus']} | {row['total'] / 1e9:.1f} | "
+                         f"`{launch_command(row)}` |")
     return "\n".join(lines)
 
 
@@ -248,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label_tokens", type=int, default=3, help="target tokens per row (label + eos)")
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
     parser.add_argument("--scale", action="store_true", help="instead: per-GPU memory of Qwen2.5-0.5B to -72B x "
-                        "LoRA/QLoRA/full x DDP/FSDP2 x 1-8 GPUs (docs/scale.md's table), as markdown")
+                        "LoRA/QLoRA/full x DDP/FSDP2 x 1-8 GPUs, and the fewest GPUs each fits with its launch "
+                        "command (docs/scale.md's generated part), as markdown")
     args = parser.parse_args(argv)
     if min(args.batch, args.seq, args.lora_r, args.label_tokens) < 1:
         parser.error("--batch, --seq, --lora_r and --label_tokens must be >= 1")
     if args.scale:
         rows = scale_rows(args.batch, args.seq, args.lora_r, args.label_tokens)
-        print(scale_table(rows))
+        print(scale_doc(args.batch, args.seq, args.lora_r, args.label_tokens))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"computed_not_measured": True, "gpu_bytes": GPU_BYTES,
