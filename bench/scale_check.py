@@ -10,8 +10,8 @@ model of the architecture (--layers of its decoder layers, to keep a CPU run sho
 not depend on the count), LoRA r 8 on q/k/v/o over a bf16 base (QLoRA: its linears in NF4) or full fine-tuning
 in fp32, sharded by ncal_core.train.fsdp.shard_objective as `--fsdp true` does, then one step of
 TrainingObjective + AdamW on random rows. Measured per process after the step: the bytes of its weights (its
-shards), and of its gradients and optimizer state; the peak RSS over the step (CPU) or the peak allocated memory
-(CUDA). On the CPU the peak RSS also holds the interpreter, torch and the model as read before sharding.
+shards), and of its gradients and optimizer state; the peak allocated memory of the step (CUDA) or the step's
+peak RSS (bench/memory_probe.py's high-water mark, reset after sharding) above what the imports took (CPU).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory_model  # noqa: E402
+import memory_probe  # noqa: E402
 
 LORA_R = 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -107,11 +107,15 @@ def measure(a: memory_model.Arch, method: str, batch: int, seq: int, device: tor
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
+    imports_mb = memory_probe.status()["rss_mb"]  # the interpreter, torch and ncal_core
     objective = build(a, method, device)
     if world > 1:
         fsdp.shard_objective(objective, device, bf16=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:  # the peak of the step alone: not the whole model as built before sharding, nor init's temporaries
+        memory_probe.malloc_trim()
+        memory_probe.reset_peak()
     optimizer = step(objective, batch, seq, device)
     params = list(objective.parameters())
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
@@ -121,7 +125,7 @@ def measure(a: memory_model.Arch, method: str, batch: int, seq: int, device: tor
     if device.type == "cuda":
         measured["peak_allocated"] = torch.cuda.max_memory_allocated(device)
     else:
-        measured["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        measured["peak_rss_above_imports"] = int((memory_probe.status()["peak_mb"] - imports_mb) * memory_probe.MIB)
     if world > 1:
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, measured)
@@ -149,7 +153,7 @@ def table(report: dict[str, Any]) -> str:
              "|---|---|---|---|---|"]
     for row in report["rows"]:
         got, want = row["measured_max_over_processes"], row["predicted"]
-        peak = got.get("peak_allocated", got.get("peak_rss", 0))
+        peak = got.get("peak_allocated", got.get("peak_rss_above_imports", 0))
         lines.append(f"| {row['method']} | {row['processes']} | {got['weights'] / 1e6:.1f} "
                      f"({want['weights'] / 1e6:.1f}) | {got['grads_and_adamw'] / 1e6:.1f} "
                      f"({want['grads_and_adamw'] / 1e6:.1f}) | {peak / 1e6:.0f} ({want['total'] / 1e6:.0f}) |")
