@@ -95,6 +95,10 @@ def assert_same_training(one: Path, two: Path, loss_rtol: float = LOSS_RTOL, wei
     """Two runs logged the same steps, learning rates and losses, and ended with the same weights."""
     lines_one, lines_two = metrics(one), metrics(two)
     assert [(r["step"], r.get("eval")) for r in lines_two] == [(r["step"], r.get("eval")) for r in lines_one]
+    worst = max(abs(b[k] - a[k]) / abs(a[k]) for a, b in zip(lines_one, lines_two) for k in ("loss", "lm_loss", "tc_loss")
+                if a.get(k))
+    print(f"{two.name}: worst relative loss difference {worst:.2g}, max |weights| difference "
+          f"{max_abs_diff(final_weights(one), final_weights(two)):.2g}")
     for a, b in zip(lines_one, lines_two, strict=True):
         assert a.get("lr") == b.get("lr")
         for key in ("loss", "lm_loss", "tc_loss"):

@@ -54,7 +54,7 @@ REFUSED = {
     "ddp_timeout": 0, "lora_r": 0, "lora_dropout": 1.0, "learning_rate": 0.0, "warmup_ratio": 1.0,
     "per_device_train_batch_size": 0, "per_device_eval_batch_size": 0, "gradient_accumulation_steps": 0,
     "logging_steps": 0, "save_steps": 0, "cutoff_len": 0, "save_total_limit": 0, "num_train_epochs": 0.0,
-    "max_grad_norm": -1.0, "label_types": ["a"], "fp16": True, "report_to": "mlflow",
+    "max_grad_norm": -1.0, "label_types": ["a"], "fp16": True, "report_to": "mlflow", "quantization": "int8",
 }
 
 
