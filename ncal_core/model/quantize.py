@@ -1,9 +1,9 @@
 """QLoRA's frozen base: the decoder layers' linear weights stored as torchao's NF4Tensor (4-bit NormalFloat).
 
 As torchtune does: torchao's NF4Tensor is a tensor subclass that F.linear dequantizes block by block, on any
-device (CPU included) and under FSDP2 (it shards and all-gathers its packed bytes). bitsandbytes keeps its own
-Linear4bit module and CUDA kernels, and would replace the layers that LoRA wraps by parameter name. The LoRA
-factors, the embeddings, the norms and the head stay in their dtype; the weights are the only part that is 4-bit.
+device (CPU included) and under FSDP2 (it shards and all-gathers its packed bytes). bitsandbytes would replace
+the layers LoRA wraps by name with its own Linear4bit modules, built around its CUDA kernels. Only these linear
+weights are 4-bit: the LoRA factors, the embeddings, the norms and the head stay in their dtype.
 """
 
 from __future__ import annotations
