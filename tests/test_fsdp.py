@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
+import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from training_runs import (
     eval_report,
     final_weights,
     free_port,
+    logged_steps,
     max_abs_diff,
     metrics,
     run,
@@ -48,10 +50,15 @@ BF16_TOLERANCE = (2e-2, 5e-3)  # loss rtol, weight atol
 RESUME_ATOL = 1e-6  # a resumed run repeats the same arithmetic: measured 0
 
 
+def torchrun_command(args: list) -> list[str]:
+    """`torch.distributed.run` of 2 CPU processes running ncal_core.train with args."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "ncal_core.train", *map(str, args)]
+
+
 def torchrun(args: list, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torch.distributed.run` of 2 CPU processes running ncal_core.train with args (killed whole on timeout)."""
-    return _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(free_port()), "-m", "ncal_core.train", *map(str, args)], env, timeout)
+    """Run torchrun_command(args) to completion (killed whole on timeout)."""
+    return _launch(torchrun_command(args), env, timeout)
 
 
 def accelerate_launch(args: list, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -161,19 +168,31 @@ def lora_reference(setup) -> Path:
     return out
 
 
-def test_sharded_run_resumes_exactly_from_its_checkpoint(setup, lora_reference):
-    resumed = setup["root"] / "lora-resumed"
-    resumed.mkdir()
-    # an interrupted run's folder: its checkpoint at step 6 and what it logged up to and past it
-    shutil.copytree(lora_reference / "checkpoint-6", resumed / "checkpoint-6")
-    shutil.copy(lora_reference / "metrics.jsonl", resumed / "metrics.jsonl")
-    shutil.copy(lora_reference / "ncal_run.json", resumed / "ncal_run.json")
-    done = torchrun([*setup["lora"], "--per_device_train_batch_size", "2", "--fsdp", "true", "--output_dir", resumed,
-                     "--resume_from_checkpoint", "latest"], setup["env"])
+def test_an_interrupted_sharded_run_resumes_exactly(setup, lora_reference):
+    """Ctrl-C stops both ranks after the same step; each writes its optimizer shard into the checkpoint, and
+    resuming ends where the uninterrupted run did (LoRA dropout: each rank's RNG stream is kept too)."""
+    out = setup["root"] / "lora-interrupted"
+    flags = [*setup["lora"], "--per_device_train_batch_size", "2", "--fsdp", "true", "--output_dir", out]
+    seed = int(os.environ.get("NCAL_TEST_SEED", random.randrange(10**6)))
+    at = random.Random(seed).randint(2, 7)  # of 10 steps
+    with open(setup["root"] / "interrupted.log", "w") as log:
+        proc = subprocess.Popen(torchrun_command(flags), env=setup["env"], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while logged_steps(out) < at:
+        assert proc.poll() is None and time.monotonic() < deadline, f"seed {seed}"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    proc.wait(timeout=120)
+    output = (setup["root"] / "interrupted.log").read_text()
+    assert f"interrupted: saved {out}/checkpoint-" in output, f"seed {seed}: {output[-3000:]}"
+    newest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert newest == logged_steps(out) >= at and (out / f"checkpoint-{newest}" / "optimizer" / ".metadata").is_file()
+    done = torchrun([*flags, "--resume_from_checkpoint", "latest"], setup["env"])
     assert done.returncode == 0, done.stderr[-5000:]
-    assert max_abs_diff(final_weights(resumed), final_weights(lora_reference)) <= RESUME_ATOL
-    assert metrics(resumed) == metrics(lora_reference)
-    assert eval_report(resumed) == eval_report(lora_reference)
+    assert max_abs_diff(final_weights(out), final_weights(lora_reference)) <= RESUME_ATOL
+    assert metrics(out) == metrics(lora_reference)
+    assert eval_report(out) == eval_report(lora_reference)
 
 
 def test_a_sharded_checkpoint_resumed_by_another_number_of_processes_is_refused(setup, lora_reference):
