@@ -18,6 +18,7 @@ from ncal_core.train.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from ncal_core.train.state import TrainState
 
 
 def _save(tmp_path, step):
@@ -25,14 +26,16 @@ def _save(tmp_path, step):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    return save_checkpoint(tmp_path, step, save_weights=lambda d: (d / "w.txt").write_text("w"),
-                           save_optimizer=lambda d: torch.save(opt.state_dict(), d / "optimizer.pt"), rng={"torch": torch.get_rng_state()}, state={"step": step}), opt
+    state = TrainState(step=step, scheduler={"last_epoch": step}, best_macro_f1=0.5, run={"seed": 1})
+    return save_checkpoint(tmp_path, save_weights=lambda d: (d / "w.txt").write_text("w"),
+                           save_optimizer=lambda d: torch.save(opt.state_dict(), d / "optimizer.pt"),
+                           rng={"torch": torch.get_rng_state()}, state=state), opt
 
 
 def test_checkpoint_round_trips_optimizer_rng_and_state(tmp_path):
     folder, opt = _save(tmp_path, 3)
     assert folder.name == "checkpoint-3" and (folder / "w.txt").read_text() == "w"
-    assert read_state(folder) == {"step": 3}
+    assert read_state(folder) == TrainState(step=3, scheduler={"last_epoch": 3}, best_macro_f1=0.5, run={"seed": 1})
     loaded = read_optimizer_state(folder)
     assert torch.equal(loaded["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert torch.equal(read_rng(folder)["torch"], torch.get_rng_state())
@@ -55,7 +58,7 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     _save(tmp_path, 2)
     folder, _ = _save(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
-    assert read_state(folder)["step"] == 2
+    assert read_state(folder).step == 2
 
 
 class _Payload:

@@ -257,8 +257,9 @@ def test_resume_with_another_learning_rate_says_so_and_uses_it(setup, killed, tm
     assert last_two[1] == 0.0 and last_two[0] == pytest.approx(5e-4 / (STEPS - 2))
 
 
-def _state(world: int | None) -> dict:
-    return {"step": 2, "run": {"world_size": world}} if world else {"step": 2}
+def _state(world: int | None):
+    from ncal_core.train.state import TrainState
+    return TrainState(step=2, run={"world_size": world} if world else None)
 
 
 @pytest.mark.parametrize("saved, rng_keys", [

@@ -53,8 +53,15 @@ def _parts(cfg: TrainConfig, model: QwenModel, rows: list[EncodedRow]) -> StepPa
     # the loop's fused AdamW has kernels for real devices only; the single-tensor one runs the same update on any
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=False)
     etf = simplex_etf(K, 32, 0).to(META) if cfg.tc_variant == "etf_target" else None
-    return StepParts(Accelerator(cpu=True), objective, optimizer, make_scheduler(optimizer, "linear", 1, 4), rows,
-                     0, cfg, K, log_prior([4, 2, 1]).to(META), etf, META, tc, decisions=decisions)
+    return StepParts(accelerator=MetaAccelerator(cpu=True), objective=objective, optimizer=optimizer,
+                     scheduler=make_scheduler(optimizer, "linear", 1, 4), encoded=rows, pad_id=0, cfg=cfg,
+                     prior_log=log_prior([4, 2, 1]).to(META), etf_targets=etf, tc=tc, decisions=decisions)
+
+
+class MetaAccelerator(Accelerator):
+    """A lone process whose device is `meta`: the step puts its batches where the accelerator says."""
+
+    device = META
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ncal_core.durable import TMP_PREFIX, write_atomically
 from ncal_core.errors import NCALError
+from ncal_core.train.state import TrainState
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -33,18 +35,18 @@ STATE_FILE = "trainer_state.json"
 _WARNED: set[Path] = set()  # half-written checkpoints already reported by this process
 
 
-def save_checkpoint(output_dir: Path, step: int, *, save_weights: Callable[[Path], None],
+def save_checkpoint(output_dir: Path, *, save_weights: Callable[[Path], None],
                     save_optimizer: Callable[[Path], None], rng: dict[str, torch.Tensor],
-                    state: dict[str, Any]) -> Path:
-    """Write `checkpoint-<step>` atomically; `save_weights(folder)` writes the model part, `save_optimizer(folder)`
-    the optimizer state (optimizer.pt, or a sharded run's optimizer/ folder)."""
+                    state: TrainState) -> Path:
+    """Write `checkpoint-<state.step>` atomically; `save_weights(folder)` writes the model part,
+    `save_optimizer(folder)` the optimizer state (optimizer.pt, or a sharded run's optimizer/ folder)."""
     def fill(folder: Path) -> None:
         save_weights(folder)
         save_optimizer(folder)
         save_file({k: v.contiguous() for k, v in rng.items()}, str(folder / "rng.safetensors"))
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
+        (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, ensure_ascii=False), encoding="utf-8")
 
-    return write_atomically(output_dir / f"{PREFIX}{step}", fill)
+    return write_atomically(output_dir / f"{PREFIX}{state.step}", fill)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -74,16 +76,14 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     return folder
 
 
-def read_state(folder: Path) -> dict[str, Any]:
+def read_state(folder: Path) -> TrainState:
     """trainer_state.json of a checkpoint."""
     path = folder / STATE_FILE
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise NCALError(f"{path}: unreadable trainer state: {err}") from None
-    if not isinstance(state, dict):
-        raise NCALError(f"{path}: unreadable trainer state: expected a JSON object")
-    return state
+    return TrainState.from_json(state, path)
 
 
 def read_optimizer_state(folder: Path) -> dict[str, Any]:

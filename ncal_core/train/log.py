@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from ncal_core.model.qwen import QwenModel
+from ncal_core.train.state import TrainState
 from ncal_core.train.step import StepRecord
 
 # Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, by a substring of torch.cuda.get_device_name().
@@ -55,11 +56,11 @@ class MetricsLog:
     """metrics.jsonl, written by the main process (every rank counts the lines: a resume truncates to the count),
     and the same figures to the experiment trackers: a step's under train/, an evaluation's under its split."""
 
-    def __init__(self, path: Path, state: dict[str, Any], write: bool, trackers: Accelerator | None = None) -> None:
+    def __init__(self, path: Path, state: TrainState, write: bool, trackers: Accelerator | None = None) -> None:
         self.path, self.state, self.write, self.trackers = path, state, write, trackers
 
     def __call__(self, record: dict[str, Any]) -> None:
-        self.state["log_lines"] = self.state.get("log_lines", 0) + 1
+        self.state.log_lines += 1
         if self.write:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -68,8 +68,9 @@ def save_weights(run: Run, folder: Path, weights: dict[str, torch.Tensor] | None
 def checkpoint(run: Run) -> Path | None:
     """checkpoint-<step> with weights, optimizer, every rank's RNG and the state; the main process writes it."""
     state, accelerator = run.state, run.accelerator
+    state.scheduler = run.parts.scheduler.state_dict()
     if accelerator.scaler is not None:  # a resumed fp16 run continues at the loss scale it had reached
-        state["scaler"] = accelerator.scaler.state_dict()
+        state.scaler = accelerator.scaler.state_dict()
     rng = rng_state()
     if accelerator.num_processes > 1:  # each rank draws dropout from its own stream: the main process saves all
         for r, theirs in enumerate(gather_object([rng])):
@@ -85,9 +86,9 @@ def checkpoint(run: Run) -> Path | None:
     if not run.main_proc:
         save_optimizer(None)
         return None
-    folder = save_checkpoint(run.output_dir, state["step"], save_weights=lambda f: save_weights(run, f, weights),
+    folder = save_checkpoint(run.output_dir, save_weights=lambda f: save_weights(run, f, weights),
                              save_optimizer=save_optimizer, rng=rng, state=state)
-    best = Path(state["best_checkpoint"]) if state["best_checkpoint"] else None
+    best = Path(state.best_checkpoint) if state.best_checkpoint else None
     prune_checkpoints(run.output_dir, run.cfg.save_total_limit, protect=best)
     return folder
 
@@ -102,7 +103,7 @@ def run_eval(run: Run, log: MetricsLog, rows: list, split: str, tag: str, tau: f
                                     batch_size=cfg.per_device_eval_batch_size, prior_log=run.parts.prior_log,
                                     tau=tau, weighting=cfg.dev_weighting if split == "dev" else None,
                                     rank=acc.process_index, world=acc.num_processes)
-    line = {"step": run.state["step"], "epoch": run.state["epoch"], "eval": tag, "split": split, "rows": len(rows),
+    line = {"step": run.state.step, "epoch": run.state.epoch, "eval": tag, "split": split, "rows": len(rows),
             "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"],
             "logit_adjust_tau": report["logit_adjust_tau"]}
     if "weighted_macro_f1" in report:
@@ -124,17 +125,17 @@ def choose_on_dev(run: Run, log: MetricsLog, tag: str) -> bool:
     macro-F1, --dev_weighting)."""
     state = run.state
     score = score_dev(run, log, tag)["weighted_macro_f1"]
-    if state["best_macro_f1"] is not None and score <= state["best_macro_f1"]:
+    if state.best_macro_f1 is not None and score <= state.best_macro_f1:
         return False
-    state["best_macro_f1"] = score
-    state["best_checkpoint"] = str(run.output_dir / f"checkpoint-{state['step']}")
+    state.best_macro_f1 = score
+    state.best_checkpoint = str(run.output_dir / f"checkpoint-{state.step}")
     return True
 
 
 def after_step(run: Run, log: MetricsLog) -> None:
     """--eval_strategy steps: the development split every --eval_steps steps (not at the last: the final
     evaluation follows), a checkpoint when it found a new best; --save_strategy steps: a checkpoint."""
-    cfg, step = run.cfg, run.state["step"]
+    cfg, step = run.cfg, run.state.step
     new_best = run.data.dev_rows and cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0 \
         and step < run.total_steps and choose_on_dev(run, log, f"step {step}")
     if (cfg.save_strategy == "steps" and step % cfg.save_steps == 0) or (new_best and cfg.save_strategy != "no"):
@@ -145,10 +146,10 @@ def end_of_epoch(run: Run, log: MetricsLog) -> None:
     """--eval_strategy epoch: the development split (not at the last step: the final evaluation follows), a
     checkpoint when it found a new best; --save_strategy epoch: a checkpoint."""
     cfg, state = run.cfg, run.state
-    state["epoch"] += 1
-    state["micro_batch"] = 0
-    new_best = run.data.dev_rows and cfg.eval_strategy == "epoch" and state["step"] < run.total_steps \
-        and choose_on_dev(run, log, f"epoch {state['epoch']}")
+    state.epoch += 1
+    state.micro_batch = 0
+    new_best = run.data.dev_rows and cfg.eval_strategy == "epoch" and state.step < run.total_steps \
+        and choose_on_dev(run, log, f"epoch {state.epoch}")
     if cfg.save_strategy == "epoch" or (new_best and cfg.save_strategy != "no"):
         checkpoint(run)
 
@@ -169,7 +170,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     flops, peak = FlopModel.of(run.model), device_peak_flops(acc.device, cfg.bf16)
     accum = cfg.gradient_accumulation_steps
     run.parts.objective.train()
-    bar = tqdm(total=run.total_steps, initial=state["step"], disable=not run.main_proc, dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=not run.main_proc, dynamic_ncols=True)
     stop = StopRequests(acc)
 
     def stop_here() -> None:
@@ -181,19 +182,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     sums, clock = StepRecord.zero(acc.device), time.perf_counter()  # since the last log line
     with stop.installed():
-        while state["step"] < run.total_steps:
-            run.sampler.set_epoch(state["epoch"])
+        while state.step < run.total_steps:
+            run.sampler.set_epoch(state.epoch)
             batches = list(run.sampler)[: run.steps_per_epoch * accum]
-            while state["micro_batch"] < len(batches) and state["step"] < run.total_steps:
-                sums = train_step(run.parts, batches[state["micro_batch"]: state["micro_batch"] + accum], sums)
-                state["step"] += 1
-                state["micro_batch"] += accum
-                state["scheduler"] = run.parts.scheduler.state_dict()
+            while state.micro_batch < len(batches) and state.step < run.total_steps:
+                sums = train_step(run.parts, batches[state.micro_batch: state.micro_batch + accum], sums)
+                state.step += 1
+                state.micro_batch += accum
                 bar.update(1)
-                log_step = state["step"] % cfg.logging_steps == 0 or state["step"] == run.total_steps
+                log_step = state.step % cfg.logging_steps == 0 or state.step == run.total_steps
                 if log_step:
-                    line = step_line(host_values(acc.reduce(sums.packed(), "sum")), step=state["step"],
-                                     epoch=state["epoch"] + state["micro_batch"] / len(batches),
+                    line = step_line(host_values(acc.reduce(sums.packed(), "sum")), step=state.step,
+                                     epoch=state.epoch + state.micro_batch / len(batches),
                                      lr=run.parts.scheduler.get_last_lr()[0], seconds=time.perf_counter() - clock,
                                      world=acc.num_processes, tc_weight=run.tc.weight if run.tc else None,
                                      flops=flops, peak_flops=peak)
@@ -204,12 +204,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     sums, clock = StepRecord.zero(acc.device), time.perf_counter()
                     if not math.isfinite(line["loss"]):
                         folder = checkpoint(run)
-                        raise NCALError(f"step {state['step']}: the loss is {line['loss']}; stopped "
+                        raise NCALError(f"step {state.step}: the loss is {line['loss']}; stopped "
                                         f"(state saved in {folder})")
                 after_step(run, log)
                 if stop.requested(log_step):
                     stop_here()
-            if state["micro_batch"] >= len(batches):
+            if state.micro_batch >= len(batches):
                 end_of_epoch(run, log)
                 if stop.requested(True):
                     stop_here()
@@ -220,11 +220,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def restore_best(run: Run) -> bool:
     """Load the weights of the checkpoint the development split chose back into the model; False (and a line
     saying so) when that checkpoint was not written (--save_strategy no) or is gone."""
-    folder = Path(run.state["best_checkpoint"])
+    folder = Path(run.state.best_checkpoint)
     run.accelerator.wait_for_everyone()  # every rank reads the folder the main process wrote
     if not folder.is_dir():
         if run.main_proc:
-            print(f"the development split chose {folder.name} (weighted macro-F1 {run.state['best_macro_f1']:.4f}), "
+            print(f"the development split chose {folder.name} (weighted macro-F1 {run.state.best_macro_f1:.4f}), "
                   "which was not kept (--save_strategy no, or deleted): the final weights are scored and saved",
                   flush=True)
         return False
@@ -245,11 +245,11 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
     report: dict[str, Any] = {}
     dev = score_dev(run, log, "final") if data.dev_rows else None
     weights_from = "final"
-    if dev and (state["best_macro_f1"] is None or dev["weighted_macro_f1"] > state["best_macro_f1"]):
+    if dev and (state.best_macro_f1 is None or dev["weighted_macro_f1"] > state.best_macro_f1):
         # the final weights beat every epoch's checkpoint: the best model is the output folder itself
-        state["best_macro_f1"], state["best_checkpoint"] = dev["weighted_macro_f1"], str(run.output_dir)
+        state.best_macro_f1, state.best_checkpoint = dev["weighted_macro_f1"], str(run.output_dir)
     elif dev and run.cfg.load_best_model_at_end and restore_best(run):
-        weights_from = state["best_checkpoint"]
+        weights_from = state.best_checkpoint
         dev = score_dev(run, log, f"best: {Path(weights_from).name}")  # its figures and tau, for these weights
     if not dev:
         run.record.logit_adjust_tau = run.cfg.logit_adjust_tau or 0.0
@@ -261,8 +261,8 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
                          if key in dev}
         report["dev"]["rows"] = len(data.dev_rows)
         report["dev"]["weights_from"] = weights_from
-        if state["best_checkpoint"]:
-            report["dev"]["best_checkpoint"] = {"path": state["best_checkpoint"], "macro_f1": state["best_macro_f1"]}
+        if state.best_checkpoint:
+            report["dev"]["best_checkpoint"] = {"path": state.best_checkpoint, "macro_f1": state.best_macro_f1}
     weights = gathered_weights(run)
     if run.main_proc:
         add_files(run.output_dir, lambda folder: save_weights(run, folder, weights))

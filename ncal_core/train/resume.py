@@ -15,6 +15,7 @@ import torch
 
 from ncal_core.errors import NCALError
 from ncal_core.train.config import TrainConfig
+from ncal_core.train.state import TrainState
 
 # flags a resumed run must keep; the global batch (batch x processes x accumulation) is checked as a product
 FIXED_ON_RESUME = ("model_name_or_path", "use_lora", "lora_r", "lora_alpha", "target_modules", "dataset_path",
@@ -32,15 +33,15 @@ def resume_settings(cfg: TrainConfig, world: int, lr: float) -> dict[str, Any]:
     return settings
 
 
-def saved_world_size(state: dict[str, Any], rng: dict[str, torch.Tensor]) -> int:
+def saved_world_size(state: TrainState, rng: dict[str, torch.Tensor]) -> int:
     """The number of processes that saved a checkpoint (older checkpoints: told by their per-rank RNG keys)."""
-    if "world_size" in state.get("run", {}):
-        return int(state["run"]["world_size"])
+    if state.run and "world_size" in state.run:
+        return int(state.run["world_size"])
     ranks = {key.rsplit(".rank", 1)[1] for key in rng if ".rank" in key}
     return max(1, len(ranks))
 
 
-def check_resume(cfg: TrainConfig, world: int, lr: float, state: dict[str, Any], rng: dict[str, torch.Tensor],
+def check_resume(cfg: TrainConfig, world: int, lr: float, state: TrainState, rng: dict[str, torch.Tensor],
                  checkpoint: Path) -> list[str]:
     """Refuse, in one line, a resume that cannot continue the saved run; returns lines saying what changes."""
     saved_world = saved_world_size(state, rng)
@@ -48,7 +49,7 @@ def check_resume(cfg: TrainConfig, world: int, lr: float, state: dict[str, Any],
         raise NCALError(f"--resume_from_checkpoint {checkpoint}: saved by {saved_world} process(es), resumed with "
                         f"{world}; resume with {saved_world} (the data position and the per-process RNG streams "
                         "belong to that number)")
-    saved = state.get("run")
+    saved = state.run
     if saved is None:  # a checkpoint written before runs recorded their settings: nothing more to compare
         return []
     now = resume_settings(cfg, world, lr)

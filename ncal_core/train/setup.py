@@ -11,7 +11,6 @@ import os
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -40,6 +39,7 @@ from ncal_core.train.config import BUILTIN_TINY, TrainConfig, uses_lora, uses_tc
 from ncal_core.train.resume import check_resume, rank_rng, resume_settings, set_rng_state
 from ncal_core.train.run_folder import prepare_output_dir, truncate_log
 from ncal_core.train.schedule import make_optimizer, make_scheduler, set_peak_lr
+from ncal_core.train.state import TrainState
 from ncal_core.train.step import StepParts
 
 
@@ -58,23 +58,39 @@ class Data:
 
 @dataclass
 class Run:
-    """Everything set up before the first step."""
+    """Everything set up before the first step; the flags, the accelerator and the TC loss are the step's (parts)."""
 
-    cfg: TrainConfig
-    accelerator: Accelerator
-    output_dir: Path
+    parts: StepParts
     data: Data
     base: Path                 # the base checkpoint, absolute
     tokenizer: PreTrainedTokenizerBase
     builder: PromptBuilder
-    use_lora: bool
-    tc: TCConfig | None        # None without the TC loss; its backend resolved for the device
     record: RunRecord
     sampler: LengthGroupedBatches
     steps_per_epoch: int
     total_steps: int
-    state: dict[str, Any]      # trainer_state.json: where the run is, what it chose, what a resume must keep
-    parts: StepParts
+    state: TrainState
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.parts.cfg
+
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.parts.accelerator
+
+    @property
+    def tc(self) -> TCConfig | None:
+        """None without the TC loss; its backend resolved for the device."""
+        return self.parts.tc
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def use_lora(self) -> bool:
+        return uses_lora(self.cfg.use_lora, self.cfg.model_name_or_path)
 
     @property
     def main_proc(self) -> bool:
@@ -157,14 +173,9 @@ def _base_model(cfg: TrainConfig, texts: list[str]) -> Path:
 
 
 def _read_resume(cfg: TrainConfig, resume: Path, world: int, main_proc: bool
-                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """A checkpoint's trainer state and RNG states, refused in one line when this run cannot continue it."""
     state = read_state(resume)
-    # a Hugging Face Trainer checkpoint (the reference code's) has a trainer_state.json of another shape
-    for key, kind in (("step", int), ("epoch", int), ("micro_batch", int), ("scheduler", dict)):
-        if not isinstance(state.get(key), kind):
-            raise NCALError(f"{resume / 'trainer_state.json'}: not a checkpoint of ncal_core.train "
-                            f"(no {kind.__name__} {key!r})")
     rng = read_rng(resume)
     for line in check_resume(cfg, world, learning_rate(cfg), state, rng, resume):
         if main_proc:
@@ -205,7 +216,7 @@ def _sampler(cfg: TrainConfig, encoded: list[EncodedRow], num_classes: int, worl
                                 megabatch_batches=MEGABATCH_BATCHES if cfg.group_by_length else 1)
 
 
-def _restore(accelerator: Accelerator, objective, optimizer, scheduler, resume: Path, state: dict[str, Any],
+def _restore(accelerator: Accelerator, objective, optimizer, scheduler, resume: Path, state: TrainState,
              rng: dict[str, torch.Tensor], lr: float, output_dir: Path) -> None:
     """Continue a checkpoint: optimizer, schedule (at this run's peak rate), loss scale, RNG and the log."""
     try:
@@ -215,14 +226,14 @@ def _restore(accelerator: Accelerator, objective, optimizer, scheduler, resume: 
             optimizer.load_state_dict(read_optimizer_state(resume))
     except ValueError as err:
         raise NCALError(f"{resume / 'optimizer.pt'}: does not fit the model being trained ({err})") from None
-    scheduler.load_state_dict(state["scheduler"])
+    scheduler.load_state_dict(state.scheduler)
     set_peak_lr(scheduler, lr)  # a changed --learning_rate is honoured
-    if accelerator.scaler is not None and "scaler" in state:
-        accelerator.scaler.load_state_dict(state["scaler"])
+    if accelerator.scaler is not None and state.scaler is not None:
+        accelerator.scaler.load_state_dict(state.scaler)
     set_rng_state(rank_rng(rng, accelerator.process_index, accelerator.num_processes))
-    if accelerator.is_main_process and resume.parent.resolve() == output_dir.resolve() and "log_lines" in state:
+    if accelerator.is_main_process and resume.parent.resolve() == output_dir.resolve():
         # what the interrupted run logged after this checkpoint is logged again by this run
-        truncate_log(output_dir / "metrics.jsonl", state["log_lines"])
+        truncate_log(output_dir / "metrics.jsonl", state.log_lines)
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -285,17 +296,18 @@ def setup(cfg: TrainConfig) -> Run:
     else:
         objective, optimizer = accelerator.prepare(objective, optimizer)
 
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batch": 0, "best_macro_f1": None, "best_checkpoint": None,
-                             "log_lines": 0}
     if resume:
         state = saved_state
         _restore(accelerator, objective, optimizer, scheduler, resume, state, rng, lr, output_dir)
     else:
+        state = TrainState()
         torch.manual_seed(cfg.seed + rank)
-    state["run"] = resume_settings(cfg, world, lr)
+    state.run = resume_settings(cfg, world, lr)
     record = RunRecord(config=asdict(cfg), labels=data.labels, label_counts=data.counts, base_model=str(base),
                        use_lora=use_lora, learning_rate=lr)
-    parts = StepParts(accelerator, objective, optimizer, scheduler, encoded, tokenizer.pad_token_id, cfg, K,
-                      log_prior(data.counts).to(device), etf_targets, device, tc, world, rank, decisions)
-    return Run(cfg, accelerator, output_dir, data, base, tokenizer, builder, use_lora, tc, record, sampler,
-               steps_per_epoch, total_steps, state, parts)
+    parts = StepParts(accelerator=accelerator, objective=objective, optimizer=optimizer, scheduler=scheduler,
+                      encoded=encoded, pad_id=tokenizer.pad_token_id, cfg=cfg,
+                      prior_log=log_prior(data.counts).to(device), etf_targets=etf_targets, tc=tc,
+                      decisions=decisions)
+    return Run(parts=parts, data=data, base=base, tokenizer=tokenizer, builder=builder, record=record, sampler=sampler,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps, state=state)

@@ -81,14 +81,26 @@ class StepParts:
     encoded: list[EncodedRow]
     pad_id: int
     cfg: TrainConfig
-    num_classes: int
     prior_log: Tensor              # [K] log training prior, on the device
     etf_targets: Tensor | None     # [K, H] fixed class directions of --tc_variant etf_target
-    device: torch.device
-    tc: TCConfig | None = None     # None without the TC loss; its backend resolved: triton or torch
-    world: int = 1
-    rank: int = 0
-    decisions: LabelDecisions | None = None  # the labels' token decisions, with --la_loss_tau (on the device)
+    tc: TCConfig | None            # None without the TC loss; its backend resolved: triton or torch
+    decisions: LabelDecisions | None  # the labels' token decisions, with --la_loss_tau (on the device)
+
+    @property
+    def num_classes(self) -> int:
+        return self.prior_log.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
 
 
 def _micro_batch_loss(parts: StepParts, batch: Any, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
