@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,12 +12,12 @@ from torch import nn
 
 from ncal_core.errors import NCALError
 from ncal_core.model.lora import inject_lora, is_lora_param
+from ncal_core.model.quantize import NF4_BLOCK, dequantized, nf4_bytes, quantize_base
 from ncal_core.model.qwen import load_model
 from ncal_core.train.config import TrainConfig
 
-pytest.importorskip("torchao", reason="needs torchao (pip install 'ncal[qlora]')")
-
-from ncal_core.model.quantize import NF4_BLOCK, dequantized, nf4_bytes, quantize_base  # noqa: E402
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="needs torchao (pip install 'ncal[qlora]')")
 
 # QLoRA's NormalFloat4 code book (Dettmers et al. 2023, appendix E)
 NF4_CODES = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -60,6 +62,7 @@ def loss_and_lora_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tens
     return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if is_lora_param(n)}
 
 
+@needs_torchao
 @pytest.mark.parametrize(("dtype", "loss_rtol", "grad_atol"), TOLERANCES)
 def test_nf4_base_gives_the_dequantized_base_loss_and_lora_gradients(base, dtype, loss_rtol, grad_atol):
     quantized = lora_model(base, dtype)
@@ -79,6 +82,7 @@ def test_nf4_base_gives_the_dequantized_base_loss_and_lora_gradients(base, dtype
     assert all(p.grad is None for n, p in quantized.named_parameters() if not is_lora_param(n))
 
 
+@needs_torchao
 def test_nf4_weights_round_like_an_independent_nf4_reference(base):
     model = load_model(base).requires_grad_(False)
     original = {n: m.weight.detach().clone() for n, m in model.layers.named_modules() if n.endswith("proj")}
@@ -95,6 +99,7 @@ def test_nf4_weights_round_like_an_independent_nf4_reference(base):
         assert ((ours - ref).abs() <= 0.3 * scale).all(), name  # never further than one code step
 
 
+@needs_torchao
 def test_nf4_base_takes_about_half_a_byte_a_weight():
     """One decoder layer's linears at Qwen2.5-0.5B's shapes: 4-bit codes, an 8-bit scale per 64, an fp32 scale
     per 256 of those: 0.5 + 1/64 + 4/16384 = 0.516 bytes a weight against bf16's 2."""
@@ -110,6 +115,7 @@ def test_nf4_base_takes_about_half_a_byte_a_weight():
     print(f"NF4 base: {nbytes / count:.4f} bytes a weight ({weights:,} weights)")
 
 
+@needs_torchao
 def test_a_weight_that_cannot_split_over_the_processes_is_refused():
     layer = nn.Module()
     layer.layers = nn.ModuleDict({"q_proj": nn.Linear(8, 8, bias=False)})  # one block of 64
@@ -129,7 +135,6 @@ def test_quantization_flags_are_checked(flags, message):
 
 
 def test_nf4_without_torchao_says_what_to_install(monkeypatch):
-    import importlib.util
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
     with pytest.raises(NCALError, match=r"--quantization: nf4 needs torchao \(pip install 'ncal\[qlora\]'\)"):
