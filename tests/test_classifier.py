@@ -234,3 +234,21 @@ def test_an_adapter_peft_saved_over_a_sequence_classifier_predicts_with_peft_log
         expected = peft_model.eval()(input_ids=ids, attention_mask=mask).logits
         got, _ = predictor.classifier(ids, lens)
     assert rel_err(got, expected) <= FP32_REL
+
+
+def test_a_seq_cls_adapter_without_a_score_head_is_refused_in_one_line(tmp_path):
+    """PEFT's SEQ_CLS modules_to_save may name `classifier`, which Qwen lacks: such an adapter holds no head and is
+    not a causal-LM adapter either."""
+    from ncal_core.evaluation.predictor import load_predictor
+
+    base = make_hf_checkpoint(tmp_path / "base")
+    model = load_model(base)
+    inject_lora(model, 2, 4.0, 0.0, ["q_proj"])
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base), r=2, alpha=4.0, dropout=0.0,
+                 target_modules=["q_proj"])
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}))
+    with pytest.raises(NCALError, match=r"adapter_model.safetensors: base_model.model.score.weight: missing; a SEQ_CLS "
+                                        r"adapter of a Qwen model saves its classification head `score`$"):
+        load_predictor(tmp_path / "adapter")

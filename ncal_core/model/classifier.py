@@ -130,11 +130,11 @@ def seq_cls_config(config: dict, labels: list[str], pad_token_id: int) -> dict:
             "label2id": {label: i for i, label in enumerate(labels)}, "pad_token_id": pad_token_id}
 
 
-def save_classifier(classifier: QwenClassifier, path: str | Path, labels: list[str], pad_token_id: int,
-                    dtype: torch.dtype | None = None) -> None:
-    """config.json + model.safetensors that transformers' AutoModelForSequenceClassification loads."""
+def save_classifier(classifier: QwenClassifier, path: str | Path, labels: list[str], pad_token_id: int) -> None:
+    """config.json + model.safetensors (in the decoder's dtype) that transformers' AutoModelForSequenceClassification
+    loads."""
     path = Path(path)
-    dtype = dtype or classifier.model.embed_tokens.weight.dtype
+    dtype = classifier.model.embed_tokens.weight.dtype
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / "config.json", seq_cls_config(classifier.config.to_hf(dtype), labels, pad_token_id))
     write_safetensors(classifier_tensors(classifier), path, dtype=dtype)
@@ -178,14 +178,15 @@ def load_classifier_weights(classifier: QwenClassifier, path: str | Path) -> Non
     _assign(classifier, Path(path), in_place=True)
 
 
-def load_classifier(path: str | Path, kind: str = "linear", dtype: torch.dtype = torch.float32,
+def load_classifier(path: str | Path, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> QwenClassifier:
-    """A sequence-classification folder (ours or transformers') as a QwenClassifier in eval mode."""
+    """A sequence-classification folder (ours or transformers') as a QwenClassifier in eval mode, its head a linear
+    one whatever it was trained as (an etf head is saved as the score.weight it computes)."""
     path = Path(path)
     config_path = path / "config.json"
     hf = read_json(config_path)
     config = ModelConfig.from_hf(hf, str(config_path))
     classifier = QwenClassifier(QwenModel(config, device="meta"),
-                                ClassifierHead(config.hidden_size, num_labels(hf, config_path), kind, device=device))
+                                ClassifierHead(config.hidden_size, num_labels(hf, config_path), "linear", device=device))
     _assign(classifier, path, dtype=dtype, device=device)
     return classifier.eval()

@@ -303,9 +303,14 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
 
 
 def adapter_head(adapter_dir: str | Path) -> Tensor | None:
-    """The score.weight [K, H] a SEQ_CLS adapter saved, None for an adapter without a head."""
+    """The score.weight [K, H] a SEQ_CLS adapter saved, None for a causal-LM adapter; a SEQ_CLS adapter without
+    one (its head a module Qwen lacks) is refused rather than read as a causal-LM adapter."""
     weights = Path(adapter_dir) / WEIGHTS_FILE
-    return next((t for _, key, t in read_tensors([weights]) if key == HEAD_KEY), None)
+    head = next((t for _, key, t in read_tensors([weights]) if key == HEAD_KEY), None)
+    if head is None and read_json(Path(adapter_dir) / CONFIG_FILE).get("task_type") == "SEQ_CLS":
+        raise NCALError(f"{at(weights, None, HEAD_KEY)}: missing; a SEQ_CLS adapter of a Qwen model saves its "
+                        "classification head `score`")
+    return head
 
 
 def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float,
