@@ -26,9 +26,15 @@ from ncal_core.evaluation.classify import classify
 from ncal_core.evaluation.scoring import score_labels
 from ncal_core.loss.logit_adjustment import log_prior
 from ncal_core.loss.tc import TCConfig
-from ncal_core.model.classifier import QwenClassifier, attach_head, is_classifier_folder, load_classifier
+from ncal_core.model.classifier import (
+    QwenClassifier,
+    attach_head,
+    is_classifier_folder,
+    load_adapter_head,
+    load_classifier,
+)
 from ncal_core.model.hub import checkpoint_folder
-from ncal_core.model.lora import adapter_head, load_adapter
+from ncal_core.model.lora import adapter_head_size, load_adapter
 from ncal_core.model.qwen import QwenModel, load_model
 from ncal_core.model.tokenizer import load_tokenizer
 from ncal_core.run_record import RunRecord
@@ -218,10 +224,10 @@ def load_folder(folder: ModelFolder, dtype: torch.dtype = torch.float32,
     if folder.base is not None:
         model = load_model(folder.base, dtype=dtype, device=device)
         load_adapter(model, path)
-        head = adapter_head(path)
-        if head is not None:  # a SEQ_CLS adapter: its head predicts, as saved (an etf head's frame included)
-            classifier = attach_head(model, head.shape[0], "linear", 0)
-            classifier.score.load_weight(head, str(path))
+        num_classes = adapter_head_size(path)
+        if num_classes is not None:  # a SEQ_CLS adapter: its head predicts, as saved (an etf head's frame included)
+            classifier = attach_head(model, num_classes, "linear", 0)
+            load_adapter_head(classifier, path)
     elif is_classifier_folder(path):
         classifier = load_classifier(path, dtype=dtype, device=device)
         model = classifier.model

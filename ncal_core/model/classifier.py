@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ncal_core.errors import NCALError, at
 from ncal_core.layout import Ragged
+from ncal_core.model.lora import adapter_head
 from ncal_core.model.qwen import ARCHITECTURES, ModelConfig, QwenModel
 from ncal_core.model.weights import (
     assign_parameters,
@@ -111,6 +112,15 @@ def attach_head(model: QwenModel, num_classes: int, kind: str, seed: int, frame:
     """A new head of `kind` on a loaded decoder, on its device (frame: the etf head's, see ClassifierHead)."""
     return QwenClassifier(model, ClassifierHead(model.config.hidden_size, num_classes, kind, seed,
                                                 device=model.embed_tokens.weight.device, frame=frame))
+
+
+def load_adapter_head(classifier: QwenClassifier, adapter_dir: str | Path) -> None:
+    """The head a SEQ_CLS adapter saved into the classifier's score, in place (an etf head's frame and temperature
+    included); an adapter without one is refused."""
+    head = adapter_head(adapter_dir)
+    if head is None:
+        raise NCALError(f"{adapter_dir}: the adapter holds no classification head (score.weight)")
+    classifier.score.load_weight(head, str(adapter_dir))
 
 
 def classifier_tensors(classifier: QwenClassifier) -> dict[str, Tensor]:

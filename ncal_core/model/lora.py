@@ -313,6 +313,12 @@ def adapter_head(adapter_dir: str | Path) -> Tensor | None:
     return head
 
 
+def adapter_head_size(adapter_dir: str | Path) -> int | None:
+    """K of the head a SEQ_CLS adapter saved, None for a causal-LM adapter."""
+    head = adapter_head(adapter_dir)
+    return None if head is None else head.shape[0]
+
+
 def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float,
                        dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """A base checkpoint's tensors (Hugging Face keys) with a PEFT adapter's updates folded in: W + scaling * B A,
