@@ -15,6 +15,7 @@ from ncal_core.evaluation.plots import training_curves
 from ncal_core.evaluation.predictor import (
     check_device,
     load_folder,
+    model_labels,
     open_model_folder,
     pick_device,
     pick_dtype,
@@ -45,7 +46,8 @@ class AnalyzeConfig:
     output_dir: str | None = flag(None, "where eval.json, sphere.png, per_class_f1.png and training_curves.png go: "
                                         "not the --model_path folder, nor another run's or model's (unless "
                                         "--overwrite_output_dir)")
-    labels: list[str] | None = flag(None, "class names when the model folder records none (default: sorted gold labels)")
+    labels: list[str] | None = flag(None, "class names when the model folder records none (default: a classification "
+                                        "head's id2label, in the order of its outputs; else the sorted gold labels)")
     pooling: str | None = flag(None, "feature pooling: last, seq_last or mean (default: the training run's)")
     instruction: str | None = flag(None, "system turn before each prompt (default: the training run's)")
     logit_adjust_tau: float | None = flag(None, "post-hoc logit adjustment: label scores - tau * log training prior "
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     run = folder.run
     rows = load_examples(cfg.prompts_file, text_column=cfg.text_column, label_column=cfg.label_column,
                          dataset_split=cfg.dataset_split)
-    labels = cfg.labels or (run and run.labels) or label_set(rows, cfg.prompts_file)
+    labels = model_labels(folder, cfg.labels) or label_set(rows, cfg.prompts_file)
     check_labels(rows, labels, cfg.prompts_file)
     tau = run_tau(run, cfg.logit_adjust_tau)
     prior = training_log_prior(cfg.model_path, run, labels) if tau else None
