@@ -343,3 +343,18 @@ def test_an_ensemble_of_heads_whose_outputs_name_the_classes_in_other_orders_is_
                                         "ensemble score one label set$"):
         infer(["--model_path", f"{first},{second}", "--prompts_file", str(data)])
 
+
+def test_serve_names_a_heads_outputs_by_its_id2label(tmp_path):
+    pytest.importorskip("fastapi")
+    from training_runs import tmwpl_rows
+
+    from ncal_core.serve import Classifier, ServeConfig
+
+    head, labels = shuffled_head(tmp_path / "head")
+    rows = tmwpl_rows(6, seed=4)
+    served = Classifier(ServeConfig(model_path=str(head)))([r["question"] for r in rows])
+    assert [answer["label"] for answer in served] == head_predictions(head, rows, labels)
+    assert list(served[0]["scores"]) == labels
+    with pytest.raises(NCALError, match=rf"^--labels: 2 class names, but the classification head of {head} has 3 "
+                                        "outputs$"):
+        Classifier(ServeConfig(model_path=str(head), labels=labels[:2]))
