@@ -358,3 +358,18 @@ def test_serve_names_a_heads_outputs_by_its_id2label(tmp_path):
     with pytest.raises(NCALError, match=rf"^--labels: 2 class names, but the classification head of {head} has 3 "
                                         "outputs$"):
         Classifier(ServeConfig(model_path=str(head), labels=labels[:2]))
+
+
+def test_analyze_refuses_a_pooling_a_head_model_does_not_use(tmp_path):
+    from training_runs import tmwpl_rows, write_jsonl
+
+    from ncal_core.analyze import main as analyze
+
+    head, _ = shuffled_head(tmp_path / "head")
+    data = write_jsonl(tmp_path / "rows.jsonl", tmwpl_rows(6))
+    with pytest.raises(NCALError, match=rf"^--pooling mean: {head} is a classification head model, whose features are "
+                                        r"its head's input, the last token's hidden state; drop --pooling$"):
+        analyze(["--model_path", str(head), "--prompts_file", str(data), "--pooling", "mean", "--output_dir",
+                 str(tmp_path / "analysis")])
+    assert analyze(["--model_path", str(head), "--prompts_file", str(data), "--pooling", "last", "--output_dir",
+                    str(tmp_path / "analysis")]) == 0
