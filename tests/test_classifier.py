@@ -373,3 +373,23 @@ def test_analyze_refuses_a_pooling_a_head_model_does_not_use(tmp_path):
                  str(tmp_path / "analysis")])
     assert analyze(["--model_path", str(head), "--prompts_file", str(data), "--pooling", "last", "--output_dir",
                     str(tmp_path / "analysis")]) == 0
+
+
+def test_labels_that_do_not_number_a_seq_cls_adapters_head_are_refused_in_one_line(tmp_path):
+    from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
+
+    from ncal_core.infer import main as infer
+
+    base = make_checkpoint_with_tokenizer(tmp_path / "base", hidden_size=32, intermediate_size=64, layers=1, heads=2,
+                                          kv_heads=1)
+    model = load_model(base)
+    inject_lora(model, 2, 4.0, 0.0, ["q_proj"])
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base), r=2, alpha=4.0, dropout=0.0,
+                 target_modules=["q_proj"], head=attach_head(model, 3, "linear", seed=0).score.weight)
+    with pytest.raises(NCALError, match=rf"^--labels: 2 class names, but the classification head of "
+                                        rf"{tmp_path / 'adapter'} has 3 outputs$"):
+        infer(["--model_path", str(tmp_path / "adapter"), "--prompt", "x", "--labels", "a,b"])
+    with pytest.raises(NCALError, match=rf"^--model_path {tmp_path / 'adapter'}: a classification head of 3 classes "
+                                        "that records no class names; pass --labels, in the order of the head's "
+                                        "outputs$"):
+        infer(["--model_path", str(tmp_path / "adapter"), "--prompt", "x"])
