@@ -133,6 +133,9 @@ SOURCES = [
            "python -m bench.bench_infer --model Qwen2.5-0.5B --head --no_generate --rows 120 --threads 1 "
            "--json bench/results/bench_infer_head_qwen05b.json"),
     Source("memory_profile_qwen05b.json", "2026-12-03", "python -m bench.memory_profile --model Qwen2.5-0.5B"),
+    # shown in docs/scale.md (bench/scale_doc.py), beside the memory model's per-GPU table
+    Source("scale_check_qwen05b.json", "2026-12-07",
+           "python bench/scale_check.py --json bench/results/scale_check_qwen05b.json"),
 ]
 
 

@@ -206,9 +206,10 @@ def peft_key(name: str) -> str:
     return f"{PEFT_PREFIX}{hf_name(name)}.weight"
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Only the LoRA factors, under PEFT's key names."""
-    return {peft_key(name): p.detach() for name, p in model.named_parameters() if is_lora_param(name)}
+def lora_state_dict(model: nn.Module, weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Only the LoRA factors, under PEFT's key names; of `weights` by parameter name where given."""
+    params = dict(model.named_parameters()) if weights is None else weights
+    return {peft_key(name): p.detach() for name, p in params.items() if is_lora_param(name)}
 
 
 def save_adapter(
@@ -220,15 +221,17 @@ def save_adapter(
     alpha: float,
     dropout: float,
     target_modules: list[str],
+    weights: dict[str, Tensor] | None = None,
     head: Tensor | None = None,
 ) -> None:
     """Write adapter_config.json + adapter_model.safetensors that peft's PeftModel.from_pretrained loads.
 
+    weights: the LoRA factors by parameter name (a sharded model's, consolidated); default: the model's own.
     head: a classifier's score.weight [K, H]; given, the adapter is a SEQ_CLS one with `score` in modules_to_save,
     which PeftModel.from_pretrained(AutoModelForSequenceClassification...) loads.
     """
     out_dir = Path(out_dir)
-    tensors = lora_state_dict(model)
+    tensors = lora_state_dict(model, weights)
     if not tensors:
         raise ValueError("the model has no LoRA layers to save (call inject_lora first)")
     if head is not None:

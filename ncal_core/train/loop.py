@@ -27,6 +27,7 @@ from ncal_core.model.classifier import QwenClassifier, save_classifier
 from ncal_core.model.hub import is_hub_id
 from ncal_core.model.lora import load_adapter_weights, save_adapter
 from ncal_core.model.qwen import QwenModel, load_weights_into, save_model
+from ncal_core.train import fsdp
 from ncal_core.train.checkpoint import prune_checkpoints, save_checkpoint
 from ncal_core.train.config import TrainConfig
 from ncal_core.train.heads import restore_classifier
@@ -45,19 +46,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save_weights(run: Run, folder: Path) -> None:
-    """The trained weights (the adapter, or the whole model), the tokenizer and the run record, into folder."""
+def gathered_weights(run: Run) -> dict[str, torch.Tensor] | None:
+    """Every rank of a sharded run: the trained weights consolidated on the main process (None unsharded)."""
+    return fsdp.full_weights(run.model, only_trainable=run.use_lora) if run.sharded else None
+
+
+def save_weights(run: Run, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The trained weights (the adapter, or the whole model), the tokenizer and the run record, into folder.
+
+    weights: a sharded run's, from gathered_weights; default: the model's own."""
     cfg, scorer = run.cfg, run_scorer(run)
     if run.use_lora:
         # a hub id stays a hub id (the adapter loads on any machine with that model), a folder is recorded absolute
         base = cfg.model_name_or_path if is_hub_id(cfg.model_name_or_path) else str(run.base)
         save_adapter(run.model, folder, base_model_name_or_path=base, r=cfg.lora_r, alpha=cfg.lora_alpha,
-                     dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                     dropout=cfg.lora_dropout, target_modules=cfg.target_modules, weights=weights,
                      head=scorer.score.weight if isinstance(scorer, QwenClassifier) else None)
     elif isinstance(scorer, QwenClassifier):
         save_classifier(scorer, folder, run.data.labels, run.tokenizer.pad_token_id)
     else:
-        save_model(run.model, folder)
+        save_model(run.model, folder, weights=weights)
     run.tokenizer.save_pretrained(folder)
     run.record.write(folder)
 
@@ -77,10 +85,19 @@ def checkpoint(run: Run) -> Path | None:
     if accelerator.num_processes > 1:  # each rank draws dropout from its own stream: the main process saves all
         for r, theirs in enumerate(gather_object([rng])):
             rng.update({f"{name}.rank{r}": value for name, value in theirs.items()})
+    weights, objective, optimizer = gathered_weights(run), run.parts.objective, run.parts.optimizer
+
+    def save_optimizer(folder: Path | None) -> None:
+        if run.sharded:  # every rank writes its shard of the optimizer state into the main process's folder
+            fsdp.save_optimizer(objective, optimizer, folder)
+        elif folder is not None:
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
     if not run.main_proc:
+        save_optimizer(None)
         return None
-    folder = save_checkpoint(run.output_dir, save_weights=lambda f: save_weights(run, f),
-                             optimizer=run.parts.optimizer, rng=rng, state=state)
+    folder = save_checkpoint(run.output_dir, save_weights=lambda f: save_weights(run, f, weights),
+                             save_optimizer=save_optimizer, rng=rng, state=state)
     best = Path(state.best_checkpoint) if state.best_checkpoint else None
     prune_checkpoints(run.output_dir, run.cfg.save_total_limit, protect=best)
     return folder
@@ -91,10 +108,11 @@ def run_eval(run: Run, log: MetricsLog, rows: list, split: str, tag: str, tau: f
     """Score labelled rows (sharded over ranks) with post-hoc adjustment by tau (None: chosen on these rows, the
     development split) and log the figures."""
     cfg, acc = run.cfg, run.accelerator
-    report, features = evaluate(run_scorer(run), run.builder, rows, tc=run.tc or cfg.tc,
-                                batch_size=cfg.per_device_eval_batch_size, prior_log=run.parts.prior_log, tau=tau,
-                                weighting=cfg.dev_weighting if split == "dev" else None, rank=acc.process_index,
-                                world=acc.num_processes)
+    with fsdp.unsharded_root(run.parts.objective):
+        report, features = evaluate(run_scorer(run), run.builder, rows, tc=run.tc or cfg.tc,
+                                    batch_size=cfg.per_device_eval_batch_size, prior_log=run.parts.prior_log,
+                                    tau=tau, weighting=cfg.dev_weighting if split == "dev" else None,
+                                    rank=acc.process_index, world=acc.num_processes)
     line = {"step": run.state.step, "epoch": run.state.epoch, "eval": tag, "split": split, "rows": len(rows),
             "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"],
             "logit_adjust_tau": report["logit_adjust_tau"]}
@@ -221,7 +239,9 @@ def restore_best(run: Run) -> bool:
                   flush=True)
         return False
     scorer = run_scorer(run)
-    if isinstance(scorer, QwenClassifier):
+    if run.sharded:
+        fsdp.load_full_weights(run.model, fsdp.read_weights(run.model, folder, run.use_lora))
+    elif isinstance(scorer, QwenClassifier):
         restore_classifier(scorer, folder, run.use_lora)
     elif run.use_lora:
         load_adapter_weights(run.model, folder)
@@ -238,8 +258,9 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
     The final weights are written first: anything after training that fails (an evaluation, a picture, a tracker)
     leaves them, the run record and one line saying what failed and how to do only that part again.
     """
+    weights = gathered_weights(run)
     if run.main_proc:
-        add_files(run.output_dir, lambda folder: save_weights(run, folder))
+        add_files(run.output_dir, lambda folder: save_weights(run, folder, weights))
     phase = AfterTraining(run)
     try:
         report = evaluate_trained(run, log, phase)
@@ -282,11 +303,12 @@ def evaluate_trained(run: Run, log: MetricsLog, phase: AfterTraining) -> dict[st
         dev = score_dev(run, log, f"best: {Path(weights_from).name}")  # its figures and tau, for these weights
     if not dev:
         run.record.logit_adjust_tau = run.cfg.logit_adjust_tau or 0.0
+    weights = gathered_weights(run) if weights_from != "final" else None
     if run.main_proc:  # the chosen weights, and the tau chosen for them, replace what was written at the end
         if weights_from == "final":
             run.record.write(run.output_dir)
         else:
-            add_files(run.output_dir, lambda folder: save_weights(run, folder))
+            add_files(run.output_dir, lambda folder: save_weights(run, folder, weights))
     if data.eval_rows:  # with the tau the development split chose for these weights
         phase.now = f"scoring the test rows of {data.eval_path}"
         report, features = run_eval(run, log, data.eval_rows, "test", "final", run.record.logit_adjust_tau)
