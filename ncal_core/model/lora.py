@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ncal_core.errors import NCALError, at
-from ncal_core.model.weights import assign_parameters, hf_name, read_json, read_tensors, write_json, write_safetensors
+from ncal_core.model.weights import (
+    assign_parameters,
+    hf_name,
+    read_json,
+    read_tensors,
+    tensor_shapes,
+    write_json,
+    write_safetensors,
+)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LORA_PARAMS = ("lora_A", "lora_B")
@@ -305,10 +313,22 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     assign_parameters(model, tensors, peft_key, source=weights, select=is_lora_param, in_place=True)
 
 
-def adapter_head(adapter_dir: str | Path) -> Tensor | None:
-    """The score.weight [K, H] a SEQ_CLS adapter saved, None for an adapter without a head."""
+def adapter_head_size(adapter_dir: str | Path) -> int | None:
+    """K of the head a SEQ_CLS adapter saved (read from the file's header), None for a causal-LM adapter; a SEQ_CLS
+    adapter without one (its head a module Qwen lacks) is refused rather than read as a causal-LM adapter."""
     weights = Path(adapter_dir) / WEIGHTS_FILE
-    return next((t for _, key, t in read_tensors([weights]) if key == HEAD_KEY), None)
+    shape = tensor_shapes(weights).get(HEAD_KEY)
+    if shape is None and read_json(Path(adapter_dir) / CONFIG_FILE).get("task_type") == "SEQ_CLS":
+        raise NCALError(f"{at(weights, None, HEAD_KEY)}: missing; a SEQ_CLS adapter of a Qwen model saves its "
+                        "classification head `score`")
+    return None if shape is None else shape[0]
+
+
+def adapter_head(adapter_dir: str | Path) -> Tensor | None:
+    """The score.weight [K, H] a SEQ_CLS adapter saved, None for a causal-LM adapter (see adapter_head_size)."""
+    if adapter_head_size(adapter_dir) is None:
+        return None
+    return next(t for _, key, t in read_tensors([Path(adapter_dir) / WEIGHTS_FILE]) if key == HEAD_KEY)
 
 
 def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float,
