@@ -1,6 +1,6 @@
 """Training speed and memory of our loop against the reference's way (HF Trainer + PEFT + full logits), side by side.
 
-    python bench/bench_train.py [--quick] [--json PATH] [--workdir DIR] [--repeats N] [--[no-]levers]
+    python -m bench.bench_train [--quick] [--json PATH] [--workdir DIR] [--repeats N] [--[no-]levers]
         [--model bench|Qwen2.5-0.5B|Qwen2.5-1.5B] [--dtype float32|bfloat16] [--reference_code DIR
         [--reference_python PY]]
 
@@ -74,12 +74,8 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import memory_model  # noqa: E402
-from paper_code import (  # noqa: E402
+from bench import memory_model
+from bench.paper_code import (
     as_flags,
     code_script,
     differenced_runs,
@@ -87,16 +83,16 @@ from paper_code import (  # noqa: E402
     write_conversations,
     write_slow_tokenizer_files,
 )
-
-from ncal_core.data.batching import (  # noqa: E402
+from ncal_core.data.batching import (
     ATTENTION_BLOCKS,
     collate,
 )
-from ncal_core.data.prompts import EncodedRow, PromptBuilder  # noqa: E402
-from ncal_core.data.registry import resolve_dataset  # noqa: E402
-from ncal_core.data.rows import label_set, load_examples  # noqa: E402
-from ncal_core.model.tokenizer import load_tokenizer  # noqa: E402
+from ncal_core.data.prompts import EncodedRow, PromptBuilder
+from ncal_core.data.registry import resolve_dataset
+from ncal_core.data.rows import label_set, load_examples
+from ncal_core.model.tokenizer import load_tokenizer
 
+REPO = Path(__file__).resolve().parents[1]
 # Qwen's real tokenizer, never committed: ../shared/tokenizers/qwen3 (or under $NCAL_SHARED_DIR, as the tests)
 QWEN_TOKENIZER = Path(os.environ.get("NCAL_SHARED_DIR", REPO.parent / "shared")) / "tokenizers" / "qwen3"
 QWEN_VOCAB = 151_936  # Qwen2.5's embedding rows
@@ -405,7 +401,7 @@ def run_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, wo
     steps."""
     out = workdir / f"baseline-{tag}.json"
     longest_first = widest_batch_fits(shape, batch)
-    cmd = [sys.executable, str(Path(__file__).with_name("reference_baseline.py")), "--model", str(shape.folder),
+    cmd = [sys.executable, "-m", "bench.reference_baseline", "--model", str(shape.folder),
            "--rows", str(shape.ids_file), "--num_classes", str(len(shape.labels)), "--batch", str(batch),
            "--steps", str(steps), "--lambda_lc", str(LAMBDA_LC), "--seed", str(SEED), "--dtype", shape.dtype,
            "--output_dir", str(workdir / f"baseline-{tag}"), "--out", str(out)]

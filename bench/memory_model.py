@@ -1,6 +1,6 @@
 """Training memory of LoRA fine-tuning, computed (not measured) for Qwen2.5-0.5B, -1.5B and -7B at a batch and length.
 
-    python bench/memory_model.py --batch 8 --seq 512 [--lora_r 8] [--label_tokens 3] [--json PATH]
+    python -m bench.memory_model --batch 8 --seq 512 [--lora_r 8] [--label_tokens 3] [--json PATH]
 
 Terms, in bytes (B batch, T tokens per row, L layers, H hidden, nh/nkv heads, D head_dim, I MLP width,
 V vocabulary, r LoRA rank on q/k/v/o, s = 2 bytes per bf16 activation):

@@ -11,9 +11,9 @@ A method with TC is also compared with its SFT twin, the method that trains exac
 (the mean of their label log-probabilities, as `python -m ncal_core.infer --model_path A,B,C` scores
 them), and a TC method's ensemble is compared with its twin's.
 
-    python bench/reproduce.py                       # the table in README.md (several hours on 2 cores)
-    python bench/reproduce.py --methods sft,ncal --seeds 0,1,2
-    python bench/reproduce.py --quick               # a CI-sized run: asserts nothing about who wins
+    python -m bench.reproduce                       # the table in README.md (several hours on 2 cores)
+    python -m bench.reproduce --methods sft,ncal --seeds 0,1,2
+    python -m bench.reproduce --quick               # a CI-sized run: asserts nothing about who wins
 
 Runs are resumable: a finished run's scores are kept in OUT/runs/<method>-s<seed>/scores.json. A finished run
 is reused only while the settings it recorded (ncal_run.json) are those its method's flags give now; one

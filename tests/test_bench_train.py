@@ -3,7 +3,6 @@ to end (no timing asserted)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -12,22 +11,20 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench import bench_train
+from bench.paper_code import differenced_rate, differenced_runs, write_slow_tokenizer_files
 
-
-@pytest.fixture
-def bench_train(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    return importlib.import_module("bench_train")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str, timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    """`python -m bench.<script> args` from the repository root."""
+    return subprocess.run([sys.executable, "-m", f"bench.{script}", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
 
 
 def test_memory_model_matches_a_hand_computation_for_qwen25_05b_at_batch_8_by_512(tmp_path):
-    out = _run("memory_model.py", "--batch", "8", "--seq", "512", "--json", str(tmp_path / "m.json"), timeout=60)
+    out = _run("memory_model", "--batch", "8", "--seq", "512", "--json", str(tmp_path / "m.json"), timeout=60)
     assert out.returncode == 0, out.stderr
     assert "computed, not measured" in out.stdout
     report = json.loads((tmp_path / "m.json").read_text())
@@ -53,7 +50,7 @@ def test_memory_model_matches_a_hand_computation_for_qwen25_05b_at_batch_8_by_51
     assert small["total_full_logits"] == 2 * 494_032_768 + 16 * lora + 24 * layer + 8 * 512 * 151936 * 8
 
 
-def test_a_qwen25_model_plans_its_architecture_one_short_run_at_batch_8_and_no_levers_unless_asked(bench_train):
+def test_a_qwen25_model_plans_its_architecture_one_short_run_at_batch_8_and_no_levers_unless_asked():
     plan = bench_train.resolve_plan(bench_train.parse_args(["--model", "Qwen2.5-0.5B"]))
     a = plan.arch
     assert (a.name, a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab, a.tied) == (
@@ -72,7 +69,7 @@ def test_a_qwen25_model_plans_its_architecture_one_short_run_at_batch_8_and_no_l
         bench_train.parse_args(["--model", "Qwen2.5-0.5B", "--quick"])
 
 
-def test_the_bench_model_keeps_its_full_and_quick_plans(bench_train):
+def test_the_bench_model_keeps_its_full_and_quick_plans():
     full = bench_train.resolve_plan(bench_train.parse_args([]))
     a = full.arch
     assert (a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.tied) == (256, 4, 4, 2, 1024, True)
@@ -87,7 +84,7 @@ def test_the_bench_model_keeps_its_full_and_quick_plans(bench_train):
 def test_quick_benchmark_runs_both_sides_and_writes_every_section_of_the_report(tmp_path, tmwpl_dir):
     # Shape bpe4k only, 10 steps of batch 8 on 1 thread: about 20 s on this 2-core machine, loaded or not.
     # Timings are never asserted.
-    out = _run("bench_train.py", "--quick", "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "w"),
+    out = _run("bench_train", "--quick", "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "w"),
                timeout=900, env={"NCAL_DATA_DIR": str(tmwpl_dir)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # ours trains on every row the baseline reads: no development split held out, none scored after training
@@ -113,7 +110,7 @@ def test_quick_benchmark_runs_both_sides_and_writes_every_section_of_the_report(
 def test_memory_profile_records_every_phase_of_a_real_training_run(tmp_path, tmwpl_dir, qwen3_tokenizer_dir):
     # the bench model (hidden 256, 4 layers, Qwen's vocabulary), 2 steps: about 30 s; no figure is asserted but
     # what the phases must add up to
-    out = _run("memory_profile.py", "--model", "bench", "--steps", "2", "--json", str(tmp_path / "m.json"),
+    out = _run("memory_profile", "--model", "bench", "--steps", "2", "--json", str(tmp_path / "m.json"),
                timeout=900, env={"NCAL_DATA_DIR": str(tmwpl_dir), "NCAL_SHARED_DIR": str(qwen3_tokenizer_dir.parents[1])})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = json.loads((tmp_path / "m.json").read_text())["runs"]
@@ -178,11 +175,11 @@ with open(training.output_dir + "/standin.json", "w") as out:
 
 
 @pytest.mark.slow
-def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_path, tmwpl_dir, bench_train):
+def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_path, tmwpl_dir):
     code = tmp_path / "code"
     code.mkdir()
     (code / "train.py").write_text(PAPER_TRAIN_STANDIN)
-    out = _run("bench_train.py", "--quick", "--reference_code", str(code), "--json", str(tmp_path / "b.json"),
+    out = _run("bench_train", "--quick", "--reference_code", str(code), "--json", str(tmp_path / "b.json"),
                "--workdir", str(tmp_path / "w"), timeout=900, env={"NCAL_DATA_DIR": str(tmwpl_dir)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "b.json").read_text())
@@ -213,15 +210,12 @@ def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_
 
 
 def test_reference_code_without_train_py_is_refused_in_one_line(tmp_path):
-    out = _run("bench_train.py", "--quick", "--reference_code", str(tmp_path), timeout=60)
+    out = _run("bench_train", "--quick", "--reference_code", str(tmp_path), timeout=60)
     assert out.returncode != 0
     assert out.stderr.strip() == f"--reference_code {tmp_path}: no train.py there; give the paper's code/ folder"
 
 
 def test_a_differenced_rate_discards_the_cold_first_run_and_needs_the_longer_run_to_take_longer(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    from paper_code import differenced_rate, differenced_runs
-
     assert differenced_rate({"wall_s": 10.0}, {"wall_s": 14.0}, 16, 48) == 8.0
     with pytest.raises(RuntimeError, match="must do more work and take longer"):
         differenced_rate({"wall_s": 10.0}, {"wall_s": 9.0}, 16, 48)
@@ -238,9 +232,6 @@ def test_a_differenced_rate_discards_the_cold_first_run_and_needs_the_longer_run
 
 
 def test_the_slow_tokenizer_files_keep_those_a_model_folder_has_and_fill_in_the_missing(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCH))
-    from paper_code import write_slow_tokenizer_files
-
     vocab = {"a": 0, "b": 1, "ab": 2}
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab,
                                                                    "merges": [["a", "b"]]}}))
