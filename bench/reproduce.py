@@ -11,7 +11,7 @@ A method with TC is also compared with its SFT twin, the method that trains exac
 (the mean of their label log-probabilities, as `python -m ncal_core.infer --model_path A,B,C` scores
 them), and a TC method's ensemble is compared with its twin's.
 
-    python -m bench.reproduce                       # the table in README.md (several hours on 2 cores)
+    python -m bench.reproduce                       # every method (several hours on 2 cores)
     python -m bench.reproduce --methods sft,ncal --seeds 0,1,2
     python -m bench.reproduce --quick               # a CI-sized run: asserts nothing about who wins
 
@@ -264,12 +264,13 @@ def _baseline(method: str) -> str:
     return "sft+LA" if method.endswith("+LA") and method != "sft+LA" else "sft"
 
 
-def _delta_cell(delta: tuple[float, float, float] | None) -> str:
+def delta_cell(delta: tuple[float, float, float] | None) -> str:
+    """A difference and its 95% interval, `+0.012 [-0.010, +0.034]`; – where there is none."""
     return f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–"
 
 
-def write_table(rows: list[dict], path: Path) -> None:
-    """The markdown table the README quotes."""
+def results_table(rows: list[dict]) -> str:
+    """The markdown table of `summarise`'s rows (read back from results.json too); docs/results.md shows it."""
     tail_names = list(rows[0]["tail_f1"])
     head = ("| method | seeds | dev macro-F1 | accuracy | macro-F1 | Δ macro-F1 vs SFT scored alike [95% CI] | "
             "Δ vs its SFT twin: TC's share [95% CI] | " + " | ".join(f"F1 {n}" for n in tail_names)
@@ -280,11 +281,15 @@ def write_table(rows: list[dict], path: Path) -> None:
         cells = [row["method"], str(len(row["seeds"])), f"{row['dev_macro_f1_mean']:.3f}",
                  f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}",
                  f"{row['macro_f1_mean']:.3f} ± {row['macro_f1_std']:.3f}",
-                 _delta_cell(row.get("delta_vs_sft")), _delta_cell(row.get("delta_vs_twin")),
+                 delta_cell(row.get("delta_vs_sft")), delta_cell(row.get("delta_vs_twin")),
                  *(f"{row['tail_f1'][n]:.3f}" for n in tail_names),
-                 f"{ensemble['macro_f1']:.3f}" if ensemble else "–", _delta_cell(ensemble.get("delta_vs_twin"))]
+                 f"{ensemble['macro_f1']:.3f}" if ensemble else "–", delta_cell(ensemble.get("delta_vs_twin"))]
         lines.append("| " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    path.write_text(results_table(rows), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

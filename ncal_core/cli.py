@@ -101,14 +101,25 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _help(field: dataclasses.Field) -> str:
+def default_text(field: dataclasses.Field) -> str | None:
+    """A field's default as a user writes it on the command line (`true`, `a,b`); None when it has none.
+
+    --help and docs/flags.md both print it, so the two cannot disagree.
+    """
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     if default is None:
-        return field.metadata.get("help", "")
+        return None
     if isinstance(default, list):
-        default = ",".join(map(str, default))
-    elif isinstance(default, bool):
-        default = str(default).lower()
+        return ",".join(map(str, default))
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default)
+
+
+def _help(field: dataclasses.Field) -> str:
+    default = default_text(field)
+    if default is None:
+        return field.metadata.get("help", "")
     return f"{field.metadata.get('help', '')} (default: {default})"
 
 
