@@ -175,7 +175,7 @@ def kernel_timings() -> dict[str, Any]:
 # ---------------------------------------------------------------- the 0.5B-shaped runs
 
 def arch():
-    """Qwen2.5-0.5B as memory_model knows it: hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied."""
+    """Qwen2.5-0.5B (an ncal_core ModelConfig): hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied."""
     from bench import memory_model
 
     return memory_model.QWEN25["Qwen2.5-0.5B"]
@@ -197,7 +197,8 @@ def train_flags(model: Path, data: Path, out: Path, batch: int, steps: int, chec
 
 
 def throughput(steps: list[dict[str, Any]], a, peak_tflops: float | None) -> dict[str, Any]:
-    """bench_train.rates over the logged steps after WARMUP_STEPS (model FLOPs at arch a's shape), plus MFU."""
+    """bench_train.rates over the logged steps after WARMUP_STEPS (the training log's FLOP model at arch a's
+    shape), plus MFU."""
     from bench import bench_train
 
     result = bench_train.rates(steps[WARMUP_STEPS:], a, full_head=False)

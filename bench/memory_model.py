@@ -26,80 +26,65 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from ncal_core.model.qwen import ModelConfig
 
 GIB = 2**30
 
 
-@dataclass(frozen=True)
-class Arch:
-    """The knobs of a Qwen2 decoder the memory terms depend on."""
-
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    tied: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+def qwen25(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+           tied: bool) -> ModelConfig:
+    """A Qwen2.5 architecture from the sizes in its config.json (RoPE and the context length enter no term here)."""
+    return ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=hidden // heads, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+                       attention_bias=True, max_position_embeddings=32768)
 
 
 # From the models' config.json on the Hugging Face Hub.
 QWEN25 = {
-    "Qwen2.5-0.5B": Arch("Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936, True),
-    "Qwen2.5-1.5B": Arch("Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936, True),
-    "Qwen2.5-7B": Arch("Qwen2.5-7B", 3584, 28, 28, 4, 18944, 152064, False),
+    "Qwen2.5-0.5B": qwen25(896, 24, 14, 2, 4864, 151936, True),
+    "Qwen2.5-1.5B": qwen25(1536, 28, 12, 2, 8960, 151936, True),
+    "Qwen2.5-7B": qwen25(3584, 28, 28, 4, 18944, 152064, False),
 }
 
 
-def parameter_count(a: Arch) -> int:
+def parameter_count(a: ModelConfig) -> int:
     """Every parameter: embedding, head (if untied), per layer q/k/v (with biases), o, MLP, two norms; final norm."""
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    per_layer = (
-        (a.hidden * q + q) + 2 * (a.hidden * kv + kv) + q * a.hidden + 3 * a.hidden * a.intermediate + 2 * a.hidden
-    )
-    return a.vocab * a.hidden * (1 if a.tied else 2) + a.layers * per_layer + a.hidden
+    H, q, kv = a.hidden_size, a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    per_layer = (H * q + q) + 2 * (H * kv + kv) + q * H + 3 * H * a.intermediate_size + 2 * H
+    return a.vocab_size * H * (1 if a.tie_word_embeddings else 2) + a.num_hidden_layers * per_layer + H
 
 
-def lora_parameter_count(a: Arch, r: int) -> int:
+def lora_parameter_count(a: ModelConfig, r: int) -> int:
     """r * (in + out) for q, k, v and o of every layer."""
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    return a.layers * r * ((a.hidden + q) + 2 * (a.hidden + kv) + (q + a.hidden))
+    H, q, kv = a.hidden_size, a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    return a.num_hidden_layers * r * ((H + q) + 2 * (H + kv) + (q + H))
 
 
-def layer_activation_bytes(a: Arch, batch: int, seq: int, r: int, act_bytes: int = 2) -> int:
+def layer_activation_bytes(a: ModelConfig, batch: int, seq: int, r: int, act_bytes: int = 2) -> int:
     """Bytes one decoder layer keeps for its backward (the formula in the module docstring)."""
-    D = a.head_dim
-    per_token = (
-        act_bytes * (7 * a.hidden + (2 * a.heads + 2 * a.kv_heads) * D + 3 * a.intermediate + 4 * r)
-        + 4 * a.hidden
-        + 4 * a.heads
-        + 8
-    )
+    H, nh, nkv, D = a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
+    per_token = act_bytes * (7 * H + (2 * nh + 2 * nkv) * D + 3 * a.intermediate_size + 4 * r) + 4 * H + 4 * nh + 8
     return batch * seq * per_token
 
 
-def memory(a: Arch, batch: int, seq: int, r: int = 8, label_tokens: int = 3) -> dict[str, Any]:
+def memory(a: ModelConfig, batch: int, seq: int, r: int = 8, label_tokens: int = 3) -> dict[str, Any]:
     """Every term in bytes, and the totals with full logits (the reference) and with the label-only head."""
     layer = layer_activation_bytes(a, batch, seq, r)
     terms = {
         "weights_bf16": 2 * parameter_count(a),
         "lora_and_adamw_fp32": 16 * lora_parameter_count(a, r),
-        "activations": a.layers * layer,
-        "activations_checkpointed": a.layers * batch * seq * 2 * a.hidden + layer,
-        "full_logits_and_grad": 8 * batch * seq * a.vocab,
-        "label_only_logits_and_grad": 8 * batch * label_tokens * a.vocab,
+        "activations": a.num_hidden_layers * layer,
+        "activations_checkpointed": a.num_hidden_layers * batch * seq * 2 * a.hidden_size + layer,
+        "full_logits_and_grad": 8 * batch * seq * a.vocab_size,
+        "label_only_logits_and_grad": 8 * batch * label_tokens * a.vocab_size,
     }
     fixed = terms["weights_bf16"] + terms["lora_and_adamw_fp32"]
     return {
-        "model": a.name,
         "batch": batch,
         "seq": seq,
         "lora_r": r,
@@ -153,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.batch, args.seq, args.lora_r, args.label_tokens) < 1:
         parser.error("--batch, --seq, --lora_r and --label_tokens must be >= 1")
-    rows = [memory(a, args.batch, args.seq, args.lora_r, args.label_tokens) for a in QWEN25.values()]
+    rows = [{"model": name, **memory(a, args.batch, args.seq, args.lora_r, args.label_tokens)}
+            for name, a in QWEN25.items()]
     print(table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps(
-                {"computed_not_measured": True, "archs": [asdict(a) for a in QWEN25.values()], "rows": rows}, indent=1
+                {"computed_not_measured": True, "archs": {name: asdict(a) for name, a in QWEN25.items()},
+                 "rows": rows}, indent=1
             )
         )
     return 0

@@ -44,6 +44,7 @@ from bench.bench_train import (
     train_flags,
 )
 from ncal_core.data.registry import resolve_dataset
+from ncal_core.model.qwen import ModelConfig
 
 MIB = 2**20
 TARGET = 1.3
@@ -68,14 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def floor(arch: memory_model.Arch, probe: dict[str, Any], act_bytes: int) -> dict[str, float]:
+def floor(arch: ModelConfig, probe: dict[str, Any], act_bytes: int) -> dict[str, float]:
     """The memory model's terms for the probe's widest step, MiB: the base weights as loaded and LoRA + AdamW as
     the run holds them, the activations computed for that step's real tokens."""
     widest = max(probe["steps"], key=lambda s: s["tokens"])
     terms = {"weights_mb": probe["weights"]["bytes"] / MIB,  # loaded before LoRA is added
              "lora_and_adamw_mb": 16 * probe["trainable"]["parameters"] / MIB,
-             "activations_mb": arch.layers * memory_model.layer_activation_bytes(arch, 1, widest["tokens"], LORA_R,
-                                                                                act_bytes) / MIB}
+             "activations_mb": arch.num_hidden_layers * memory_model.layer_activation_bytes(
+                 arch, 1, widest["tokens"], LORA_R, act_bytes) / MIB}
     terms["floor_mb"] = sum(terms.values())
     terms["target_mb"] = TARGET * terms["floor_mb"]
     terms["widest_step_tokens"] = widest["tokens"]

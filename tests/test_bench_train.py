@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from training_runs import TINY, command_env, run, tmwpl_rows, write_jsonl
 
 from bench import bench_train
 from bench.paper_code import differenced_rate, differenced_runs, write_slow_tokenizer_files
+from ncal_core.model.qwen import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,8 +55,8 @@ def test_memory_model_matches_a_hand_computation_for_qwen25_05b_at_batch_8_by_51
 def test_a_qwen25_model_plans_its_architecture_one_short_run_at_batch_8_and_no_levers_unless_asked():
     plan = bench_train.resolve_plan(bench_train.parse_args(["--model", "Qwen2.5-0.5B"]))
     a = plan.arch
-    assert (a.name, a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab, a.tied) == (
-        "Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936, True)
+    assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+            a.intermediate_size, a.vocab_size, a.tie_word_embeddings) == (896, 24, 14, 2, 64, 4864, 151936, True)
     assert plan.runs == {("qwen", 8): (8, 2)}
     assert (plan.repeats, plan.levers, plan.dtype, plan.row_limit) == (1, False, "float32", None)
     assert plan.threads == min(2, os.cpu_count() or 1)
@@ -62,8 +64,8 @@ def test_a_qwen25_model_plans_its_architecture_one_short_run_at_batch_8_and_no_l
     asked = bench_train.resolve_plan(bench_train.parse_args(["--model", "Qwen2.5-1.5B", "--dtype", "bfloat16",
                                                              "--levers"]))
     a = asked.arch
-    assert (a.name, a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab, a.tied) == (
-        "Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936, True)
+    assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+            a.intermediate_size, a.vocab_size, a.tie_word_embeddings) == (1536, 28, 12, 2, 128, 8960, 151936, True)
     assert asked.runs == plan.runs and asked.levers and asked.dtype == "bfloat16"
     with pytest.raises(SystemExit):
         bench_train.parse_args(["--model", "Qwen2.5-0.5B", "--quick"])
@@ -72,7 +74,8 @@ def test_a_qwen25_model_plans_its_architecture_one_short_run_at_batch_8_and_no_l
 def test_the_bench_model_keeps_its_full_and_quick_plans():
     full = bench_train.resolve_plan(bench_train.parse_args([]))
     a = full.arch
-    assert (a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.tied) == (256, 4, 4, 2, 1024, True)
+    assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads, a.intermediate_size,
+            a.tie_word_embeddings) == (256, 4, 4, 2, 1024, True)
     assert full.runs == {("bpe4k", 8): (60, 10), ("bpe4k", 32): (30, 5), ("qwen", 8): (30, 5), ("qwen", 32): (12, 3)}
     assert (full.repeats, full.levers, full.dtype, full.row_limit) == (2, True, "float32", None)
     quick = bench_train.resolve_plan(bench_train.parse_args(["--quick", "--levers"]))
@@ -95,16 +98,36 @@ def test_quick_benchmark_runs_both_sides_and_writes_every_section_of_the_report(
     assert report["mode"] == "quick"
     assert {"machine", "runs", "comparisons", "levers", "head_microbench", "memory_model"} <= set(report)
     assert {"mfu_denominator_gflops", "matmul_gflops_before", "matmul_gflops_after", "loadavg"} <= set(report["machine"])
-    assert sorted(run["side"] for run in report["runs"]) == ["baseline", "ours"]
-    for run in report["runs"]:
+    assert sorted(side["side"] for side in report["runs"]) == ["baseline", "ours"]
+    for side in report["runs"]:
         assert {"samples_per_s", "real_tokens_per_s", "peak_rss_mb", "model_gflops_per_step", "mfu",
-                "stalled_steps"} <= set(run)
-        assert run["peak_rss_mb"] > 0 and run["samples_per_s"] > 0
+                "stalled_steps"} <= set(side)
+        assert side["peak_rss_mb"] > 0 and side["samples_per_s"] > 0
     (comparison,) = report["comparisons"]
     assert {"samples_ratio", "real_tokens_ratio", "rss_ratio", "targets_met"} <= set(comparison)
     assert report["head_microbench"][0]["vocab"] == 4096
     assert report["memory_model"]["computed_not_measured"] is True
     assert "Ours / baseline" in out.stdout and "computed, not measured" in out.stdout
+
+
+def test_the_benchmark_counts_a_training_runs_model_flops_as_the_runs_own_log_does(tmp_path):
+    # one FLOP model: bench_train's model FLOPs of each logged step, over its seconds, are the step line's
+    # model_tflops_per_s to the last bit, so the MFU of a benchmark and of a training log cannot disagree
+    rows = write_jsonl(tmp_path / "train.jsonl", tmwpl_rows(24))
+    out = tmp_path / "run"
+    proc = run("ncal_core.train", [*TINY, "--dataset_path", rows, "--eval_dataset_path", "none", "--output_dir", out,
+                                   "--use_lora", "true", "--lora_r", bench_train.LORA_R, "--target_modules",
+                                   ",".join(bench_train.LORA_TARGETS), "--per_device_train_batch_size", "4",
+                                   "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no"],
+               command_env(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = Path(json.loads((out / "ncal_run.json").read_text())["base_model"])
+    flops = bench_train.flop_model(ModelConfig.from_hf(json.loads((base / "config.json").read_text()), str(base)))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = bench_train.logged_steps(out / "metrics.jsonl")
+    assert len(steps) == len(lines) == 3
+    for step, line in zip(steps, lines):
+        assert bench_train.model_flops(step, flops) / step["seconds"] / 1e12 == line["model_tflops_per_s"]
 
 
 def test_memory_profile_records_every_phase_of_a_real_training_run(tmp_path, tmwpl_dir, qwen3_tokenizer_dir):

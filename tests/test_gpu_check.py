@@ -112,8 +112,8 @@ def test_the_interpreter_flag_is_dropped_for_subprocesses(monkeypatch):
 def test_predicted_peak_is_memory_models_total_at_the_widest_step():
     plan = [{"rows": 4, "tokens": 200, "targets": 8}, {"rows": 4, "tokens": 402, "targets": 12}]
     a = gpu_check.arch()
-    assert (a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab, a.tied) == (
-        896, 24, 14, 2, 4864, 151936, True)
+    assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads, a.intermediate_size,
+            a.vocab_size, a.tie_word_embeddings) == (896, 24, 14, 2, 4864, 151936, True)
     got = gpu_check.predicted_peak(plan, a, checkpointing=True)
     assert got["predicted_at"] == {"batch": 4, "seq": 101}
     assert got["predicted_bytes"] == memory_model.memory(a, 4, 101, 8, 3)["total_label_only_checkpointed"]
@@ -129,7 +129,7 @@ def test_throughput_counts_model_flops_at_qwen25_05b_shapes_as_a_hand_computatio
     H, L, I, r, D = 896, 24, 4864, 8, 64
     qkv = H * 14 * D + 2 * H * 2 * D
     lora = r * (H + 14 * D) + 2 * r * (H + 2 * D) + r * (14 * D + H)
-    per_token = L * (4 * (qkv + 14 * D * H + 3 * H * I) + 6 * lora) - 2 * qkv
+    per_token = L * (4 * (qkv + 14 * D * H + 3 * H * I) + 6 * lora)  # frozen weights 4 FLOPs a weight, LoRA's 6
     flops = per_token * 100 + 12 * L * 14 * D * 5000 + 4 * H * 151936 * 4  # one step, 0.5 s
     assert got["samples_per_s"] == pytest.approx(4.0) and got["real_tokens_per_s"] == pytest.approx(200.0)
     assert got["mfu"] == pytest.approx(flops / 0.5 / 989e12)
