@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ncal_core.cli import DTYPES, flag, parse_config
-from ncal_core.durable import write_atomically
+from ncal_core.durable import read_json, write_atomically, write_json
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.predictor import ModelFolder, open_model_folder
 from ncal_core.model.lora import CONFIG_FILE, WEIGHTS_FILE, merge_lora_weights, read_adapter_config
 from ncal_core.model.tokenizer import load_tokenizer
-from ncal_core.model.weights import checkpoint_files, read_json, read_tensors, write_json, write_safetensors
+from ncal_core.model.weights import checkpoint_files, read_tensors, write_safetensors
 from ncal_core.run_record import RunRecord
 
 # what a tokenizer folder may hold (the run's own, saved by save_pretrained, else the base's)

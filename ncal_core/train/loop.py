@@ -9,7 +9,6 @@ and checkpoints; the run ends with the weights that split chose scored once on t
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ncal_core.cli import parse_config
-from ncal_core.durable import add_files
+from ncal_core.durable import add_files, write_json
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.evaluate import evaluate, write_report
 from ncal_core.model.hub import is_hub_id
@@ -246,7 +245,7 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
     if run.main_proc:
         add_files(run.output_dir, lambda folder: save_weights(run, folder))
         if data.dev_rows:
-            (run.output_dir / "dev_ids.json").write_text(json.dumps([r.id for r in data.dev_rows], ensure_ascii=False))
+            write_json(run.output_dir / "dev_ids.json", [r.id for r in data.dev_rows])
         if data.eval_rows:
             gold = [data.labels.index(row.label) for row in data.eval_rows]
             write_report(run.output_dir, report, features, gold, data.labels)
