@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -44,6 +43,7 @@ from unittest import mock
 
 import torch
 
+from ncal_core.durable import write_json
 from ncal_core.train.log import peak_bf16_tflops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def add_part(record: dict[str, Any], name: str, entry: dict[str, Any]) -> None:
 def write_record(path: Path, record: dict[str, Any]) -> None:
     """The record as JSON, rewritten after every part so that a run cut short keeps what it measured."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_json(path, record)
 
 
 # ---------------------------------------------------------------- assets

@@ -37,6 +37,7 @@ from ncal_core.cli import parse_config
 from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.registry import resolve_dataset
 from ncal_core.data.rows import load_examples
+from ncal_core.durable import read_json, write_json
 from ncal_core.evaluation.metrics import classification_report, paired_bootstrap
 from ncal_core.evaluation.predictor import load_predictor
 from ncal_core.evaluation.scoring import ensemble_log_probs, score_labels
@@ -161,14 +162,14 @@ def _scores(run_dir: Path, dev_rows, test_rows) -> dict:
     """Summed label log-probs of the dev and test rows, cached in run_dir/scores.json."""
     cache = run_dir / "scores.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        return read_json(cache, "scores cache")
     predictor = load_predictor(run_dir)
     builder = PromptBuilder(predictor.tokenizer, predictor.labels, cutoff_len=predictor.cutoff_len)
     result = {"labels": predictor.labels, "label_counts": RunRecord.read(run_dir).label_counts}
     for name, rows in (("dev", dev_rows), ("test", test_rows)):
         scores = score_labels(predictor.model, [builder.prompt_ids(r) for r in rows], builder.label_ids, 32)
         result[name] = {"scores": scores.tolist(), "gold": [predictor.labels.index(r.label) for r in rows]}
-    cache.write_text(json.dumps(result, ensure_ascii=False))
+    write_json(cache, result)
     return result
 
 
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(method, {})[seed] = _scores(run_dir, dev_rows, test_rows)
             print(f"{method} seed {seed}: done", flush=True)
     rows = summarise(results, out)
-    (out / "results.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json(out / "results.json", rows)
     write_table(rows, out / "results.md")
     from ncal_core.evaluation.plots import comparison_plot
 
