@@ -2,7 +2,7 @@
 
     python -m bench.bench_infer [--quick] [--model tiny|Qwen2.5-0.5B] [--model_path DIR] [--rows N]
         [--single_rows N] [--batch_size B] [--threads N] [--json PATH] [--workdir DIR]
-        [--reference_code DIR [--reference_python PY]]
+        [--reference_code DIR [--reference_python PY]] [--head] [--no_generate]
 
 Three ways to predict the label of each TMWPL test question, with the same model on the CPU in fp32:
 - ours: `python -m ncal_core.infer` (constrained label scoring: every label's tokens scored in one forward
@@ -19,6 +19,11 @@ Three ways to predict the label of each TMWPL test question, with the same model
   clocks nothing itself, so it runs on the first fifth of the one-at-a-time rows (once to warm up,
   discarded), on all of them and on the fifth again; its prompts/s is the extra prompts over the extra wall
   time (its `predict_s` is the time that rate gives).
+- with --head, a classification head: the same decoder with a K-way `score` layer on the last prompt token
+  (--head linear, docs/heads.md), its weights random, saved as a Qwen2ForSequenceClassification folder and run
+  by `python -m ncal_core.infer`: one forward a prompt, no label tokens; against ours, which scores every
+  label's tokens after each prompt. Only its speed means something (macro-F1 is chance). --no_generate leaves
+  the generate sides out.
 Both generate sides read the prompt ids ncal_core's PromptBuilder gives with the model's run settings, which
 are the ids infer scores after; ours encodes its prompts inside its timed loop (tens of ms for 350
 rows), the others read ids.
@@ -80,7 +85,8 @@ QWEN_SINGLE_ROWS = 50
 HOW = {"ours": "constrained label scoring (python -m ncal_core.infer)",
        "generate_batched": "transformers generate, batched, left padding",
        "generate_single": "one prompt at a time, as the reference's inference.py runs (greedy here, not its sampling)",
-       "paper_inference": "the paper's own inference.py: one prompt at a time, sampling, fp16 (rate differenced)"}
+       "paper_inference": "the paper's own inference.py: one prompt at a time, sampling, fp16 (rate differenced)",
+       "head": "a random linear classification head on the same decoder (python -m ncal_core.infer)"}
 RANDOM_NOTE = ("random weights (untrained): macro-F1 is chance and generated text is mostly no label; "
                "the point here is speed")
 
@@ -146,7 +152,20 @@ def prepare_case(folder: Path, test_path: Path, rows: int, workdir: Path, name: 
                 max(map(len, builder.label_ids)))
 
 
-# ---------------------------------------------------------------- the three sides
+def head_folder(folder: Path, labels: list[str], workdir: Path) -> Path:
+    """The model's decoder with a random linear head over `labels`, as a sequence-classification folder."""
+    from ncal_core.model.classifier import attach_head, save_classifier
+    from ncal_core.model.qwen import load_model
+
+    out = workdir / "head-model"
+    tokenizer = load_tokenizer(folder)
+    save_classifier(attach_head(load_model(folder), len(labels), "linear", seed=0), out, labels,
+                    tokenizer.pad_token_id)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- the sides
 
 def side_result(side: str, case: Case, predictions: list[str], predict_s: float,
                 proc: dict[str, float]) -> dict[str, Any]:
@@ -158,16 +177,18 @@ def side_result(side: str, case: Case, predictions: list[str], predict_s: float,
             "accuracy": report["accuracy"], "no_label": pred_index.count(-1)}
 
 
-def run_ours(case: Case, batch: int, workdir: Path, threads: int, timeout: float) -> dict[str, Any]:
-    """`python -m ncal_core.infer` over the case's rows: its predictions file and its report's predict_seconds."""
-    out, metrics = workdir / "ours-predictions.jsonl", workdir / "ours-metrics.json"
-    cmd = [sys.executable, "-m", "ncal_core.infer", "--model_path", str(case.folder), "--prompts_file",
+def run_ours(case: Case, batch: int, workdir: Path, threads: int, timeout: float, side: str = "ours",
+             folder: Path | None = None) -> dict[str, Any]:
+    """`python -m ncal_core.infer` over the case's rows (with the model in `folder`, default the case's): its
+    predictions file and its report's predict_seconds."""
+    out, metrics = workdir / f"{side}-predictions.jsonl", workdir / f"{side}-metrics.json"
+    cmd = [sys.executable, "-m", "ncal_core.infer", "--model_path", str(folder or case.folder), "--prompts_file",
            str(case.prompts_file), "--output_file", str(out), "--metrics_file", str(metrics), "--labels",
            ",".join(case.labels), "--batch_size", str(batch), "--device", "cpu"]
-    proc = run_measured(cmd, workdir / "ours", threads, timeout)
+    proc = run_measured(cmd, workdir / side, threads, timeout)
     predictions = [json.loads(line)["prediction"] for line in out.read_text(encoding="utf-8").splitlines()]
     seconds = json.loads(metrics.read_text(encoding="utf-8"))["predict_seconds"]
-    return side_result("ours", case, predictions, seconds, proc)
+    return side_result(side, case, predictions, seconds, proc)
 
 
 def run_generate(side: str, case: Case, batch: int, workdir: Path, threads: int, timeout: float) -> dict[str, Any]:
@@ -204,8 +225,8 @@ def run_paper_inference(case: Case, workdir: Path, threads: int, timeout: float,
 
 
 def compare(ours: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """Ratios ours / one baseline."""
-    return {"baseline": base["side"], "rows_ours": ours["rows"], "rows_baseline": base["rows"],
+    """Ratios ours / one baseline (ours: a side of ours, label scoring or a head)."""
+    return {"side": ours["side"], "baseline": base["side"], "rows_ours": ours["rows"], "rows_baseline": base["rows"],
             "prompts_per_s_ratio": ours["prompts_per_s"] / base["prompts_per_s"],
             "peak_rss_ratio": ours["peak_rss_mb"] / base["peak_rss_mb"],
             "macro_f1_ours": ours["macro_f1"], "macro_f1_baseline": base["macro_f1"]}
@@ -232,6 +253,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
     parser.add_argument("--reference_code", type=Path, help="the paper's code/ folder: its inference.py runs as a "
                                                             "fourth side (bench/paper_code.py)")
+    parser.add_argument("--head", action="store_true", help="a random linear classification head on the same decoder "
+                                                            "as another side, against label scoring")
+    parser.add_argument("--no_generate", action="store_true", help="leave out both transformers generate sides")
     parser.add_argument("--reference_python", default=sys.executable,
                         help="the interpreter that runs --reference_code, with its stack (default: this one)")
     args = parser.parse_args(argv)
@@ -272,19 +296,24 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
           f"threads {args.threads}, at most {case.max_new_tokens} new tokens; load average {os.getloadavg()[0]:.2f}",
           flush=True)
 
-    sides = [run_ours(case, args.batch_size, workdir, args.threads, args.timeout),
-             run_generate("generate_batched", case, args.batch_size, workdir, args.threads, args.timeout),
-             run_generate("generate_single", single, 1, workdir, args.threads, args.timeout)]
+    sides = [run_ours(case, args.batch_size, workdir, args.threads, args.timeout)]
+    if args.head:  # right after label scoring's side, on the same rows, so that the two see the same machine
+        sides.append(run_ours(case, args.batch_size, workdir, args.threads, args.timeout, side="head",
+                              folder=head_folder(folder, case.labels, workdir)))
+    if not args.no_generate:
+        sides += [run_generate("generate_batched", case, args.batch_size, workdir, args.threads, args.timeout),
+                  run_generate("generate_single", single, 1, workdir, args.threads, args.timeout)]
     if args.reference_code is not None:
         sides.append(run_paper_inference(single, workdir, args.threads, args.timeout, args.reference_code,
                                          args.reference_python))
-    comparisons = [compare(sides[0], base) for base in sides[1:]]
+    comparisons = [compare(sides[1], sides[0])] if args.head else []  # the head against label scoring
+    comparisons += [compare(sides[0], base) for base in sides[1:] if base["side"] != "head"]
     note = RANDOM_NOTE if args.model == "Qwen2.5-0.5B" else "trained"
     print_table(f"Prediction on the CPU, fp32, model {model}: {note}", sides,
                 ["side", "rows", "prompts_per_s", "predict_s", "wall_s", "peak_rss_mb", "macro_f1", "no_label", "how"])
     print_table("Ours / baseline", comparisons,
-                ["baseline", "rows_ours", "rows_baseline", "prompts_per_s_ratio", "peak_rss_ratio", "macro_f1_ours",
-                 "macro_f1_baseline"])
+                ["side", "baseline", "rows_ours", "rows_baseline", "prompts_per_s_ratio", "peak_rss_ratio",
+                 "macro_f1_ours", "macro_f1_baseline"])
     print("\nprompts/s counts the prediction loop alone (model loading left out); wall_s is the whole process.")
     return {"mode": "quick" if args.quick else "full", "model": model, "note": note, "training": training,
             "rows": rows, "single_rows": single_rows, "batch_size": args.batch_size,

@@ -129,6 +129,9 @@ SOURCES = [
     Source("bench_infer.json", "2026-12-03",
            "python -m ncal_core.train && python -m bench.bench_infer --model_path outputs/ncal-tiny-tmwpl"),
     Source("bench_infer_qwen05b.json", "2026-12-03", "python -m bench.bench_infer --model Qwen2.5-0.5B"),
+    Source("bench_infer_head_qwen05b.json", "2026-12-07",
+           "python -m bench.bench_infer --model Qwen2.5-0.5B --head --no_generate --rows 120 --threads 1 "
+           "--json bench/results/bench_infer_head_qwen05b.json"),
     Source("memory_profile_qwen05b.json", "2026-12-03", "python -m bench.memory_profile --model Qwen2.5-0.5B"),
 ]
 
@@ -363,7 +366,11 @@ def _infer_tables(sources: dict[str, tuple[Source, dict[str, Any]]]) -> list[str
     for source, report in sources.values():
         if not source.file.startswith("bench_infer"):
             continue
-        ratios = {c["baseline"]: c["prompts_per_s_ratio"] for c in report["comparisons"]}
+        # ours / each side: a baseline's comparison is ours over it, a head's (side "head") is the head over ours
+        ratios = {c["baseline"]: c["prompts_per_s_ratio"] for c in report["comparisons"]
+                  if c.get("side", "ours") == "ours"}
+        ratios.update({c["side"]: 1 / c["prompts_per_s_ratio"] for c in report["comparisons"]
+                       if c.get("side", "ours") != "ours"})
         rows = ["| side | how | rows | prompts/s | ours faster by | peak RSS, MB | macro-F1 | outputs that are no "
                 "label |", "|---" * 8 + "|"]
         for side in report["sides"]:

@@ -14,17 +14,24 @@ them), and a TC method's ensemble is compared with its twin's.
     python -m bench.reproduce                       # every method (several hours on 2 cores)
     python -m bench.reproduce --methods sft,ncal --seeds 0,1,2
     python -m bench.reproduce --quick               # a CI-sized run: asserts nothing about who wins
+    python -m bench.reproduce --model ~/.cache/ncal-real/qwen2.5-coder-0.5b-instruct --out bench/results/reproduce_real
+
+With --model (a pretrained checkpoint folder) every run trains LoRA adapters (r 8, alpha 32, q/k/v/o, lr 2e-4:
+the paper's settings) on a fixed long-tailed fraction of the training set (--train_fraction, every class cut
+alike, so the imbalance stays), and the table gains `zero_shot`: the checkpoint as it is, prompted with an
+instruction that names and defines the seven TMWPL classes (ZERO_SHOT_INSTRUCTION), scored on the same rows.
 
 Runs are resumable: a finished run's scores are kept in OUT/runs/<method>-s<seed>/scores.json. A finished run
 is reused only while the settings it recorded (ncal_run.json) are those its method's flags give now; one
 trained under other settings (say, before a default changed) is trained again.
-Writes OUT/results.json, OUT/results.md and OUT/comparison.png.
+Writes OUT/results.json and OUT/results.md after every finished run (the table so far), and OUT/comparison.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -39,12 +46,13 @@ from ncal_core.data.registry import resolve_dataset
 from ncal_core.data.rows import load_examples
 from ncal_core.durable import read_json, write_json
 from ncal_core.evaluation.metrics import classification_report, paired_bootstrap
-from ncal_core.evaluation.predictor import load_predictor
-from ncal_core.evaluation.scoring import ensemble_log_probs, score_labels
+from ncal_core.evaluation.predictor import class_scores, load_predictor
+from ncal_core.evaluation.scoring import ensemble_log_probs
 from ncal_core.evaluation.tau_choice import TAU_GRID, choose_tau, dev_row_weights
 from ncal_core.loss.logit_adjustment import adjust_scores, log_prior
 from ncal_core.run_record import RunRecord
 from ncal_core.train.config import TrainConfig, uses_lora, uses_tc
+from ncal_core.train.setup import read_data
 
 # every run starts from these, so that a method means the same whatever ncal_core.train's defaults become
 PINNED = ["--use_etf_loss", "true", "--la_loss_tau", "0", "--resample", "none"]
@@ -91,7 +99,34 @@ METHODS: dict[str, list[str]] = {
                  "--resample_epochs", "1"],
     "etf_target_la_loss": ["--lambda_lc", "1.0", "--pooling", "last", "--tc_variant", "etf_target",
                            "--la_loss_tau", "1.0"],
+    # classification heads (docs/heads.md) instead of label scoring; TC on the head's input, whatever --pooling
+    "head_linear": ["--use_etf_loss", "false", "--head", "linear"],
+    "head_linear_tc": ["--lambda_lc", "1.0", *PAIRS, "--head", "linear"],
+    "head_linear_la_loss": ["--use_etf_loss", "false", "--head", "linear", "--la_loss_tau", "1.0"],
+    "head_etf": ["--use_etf_loss", "false", "--head", "etf"],
+    "head_etf_tc": ["--lambda_lc", "1.0", *PAIRS, "--head", "etf"],
+    "head_etf_la_loss": ["--use_etf_loss", "false", "--head", "etf", "--la_loss_tau", "1.0"],
 }
+# the real-model table (--model): the paper's TC placement (ncal), the project's default TC (ncal_mean_l1_sqrt), the
+# etf_target variant, and the SFT twin of each (sft, sft_sqrt); zero_shot trains nothing
+ZERO_SHOT = "zero_shot"
+MODEL_METHODS = [ZERO_SHOT, "sft", "sft_sqrt", "ncal", "ncal_mean_l1_sqrt", "etf_target"]
+PAPER_LORA = ["--use_lora", "true", "--lora_r", "8", "--lora_alpha", "32", "--target_modules",
+              "q_proj,k_proj,v_proj,o_proj", "--learning_rate", "2e-4"]
+# the protocol that fits two CPU cores at 0.5B (docs/real_model.md): a quarter of TMWPL train, ten rows a class
+# held out for development, two epochs of 8-row steps (~500 optimizer steps; 32-row steps would give ~125)
+MODEL_PROTOCOL = {"train_fraction": 0.25, "dev_per_class": 10, "epochs": 2.0}
+MODEL_BATCH = ["--per_device_train_batch_size", "8"]
+ZERO_SHOT_INSTRUCTION = (
+    "你是小学数学题的认知领域分类器。根据TIMSS认知领域，判断这道题主要考查学生的哪一种能力，只回答下列七个类别名称之一：\n"
+    "回忆（Recall）：回忆定义、术语、数的性质、单位、计算法则等已学知识。\n"
+    "识别（Identify）：识别数学对象、图形、数量或表达式，判断它们是否等价或属于某一类。\n"
+    "选取策略（Formulate）：为解决问题选择合适的运算、方法或策略。\n"
+    "表征建模（Represent/model）：用算式、方程、图形、表格或图示表示或建模题中的信息。\n"
+    "过程实施（Implement）：按照给定步骤或算法完成计算或操作。\n"
+    "推断（Infer）：从已知条件或规律出发进行推理，得出结论或推广。\n"
+    "分析（Analyze）：分析、比较或判断数量关系、条件与结论之间的联系，综合多步信息解决问题。"
+)
 TAIL = 3  # report per-class F1 of the three smallest training classes
 # settings that do not change the weights a run of this script ends with (where files go, speed paths,
 # evaluation-time options; with --save_strategy no there is no earlier checkpoint to load back)
@@ -158,19 +193,59 @@ def _run(method: str, seed: int, out: Path, common: list[str]) -> Path:
     return run_dir
 
 
+def _score_splits(predictor, builder: PromptBuilder, label_counts: list[int], dev_rows, test_rows, cache: Path,
+                  **settings) -> dict:
+    """Summed label log-probs of the dev and test rows, written to `cache` with `settings` (what they depend on)."""
+    result = {"labels": builder.labels, "label_counts": label_counts, **settings}
+    for name, rows in (("dev", dev_rows), ("test", test_rows)):
+        scores = class_scores(predictor, builder.prompt_ids_all(rows), builder.label_ids, 32).cpu()
+        result[name] = {"scores": scores.tolist(), "gold": [builder.labels.index(r.label) for r in rows]}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_json(cache, result)
+    return result
+
+
 def _scores(run_dir: Path, dev_rows, test_rows) -> dict:
-    """Summed label log-probs of the dev and test rows, cached in run_dir/scores.json."""
+    """Summed label log-probs of a trained run's dev and test rows, cached in run_dir/scores.json."""
     cache = run_dir / "scores.json"
     if cache.is_file():
         return read_json(cache, "scores cache")
     predictor = load_predictor(run_dir)
     builder = PromptBuilder(predictor.tokenizer, predictor.labels, cutoff_len=predictor.cutoff_len)
-    result = {"labels": predictor.labels, "label_counts": RunRecord.read(run_dir).label_counts}
-    for name, rows in (("dev", dev_rows), ("test", test_rows)):
-        scores = score_labels(predictor.model, [builder.prompt_ids(r) for r in rows], builder.label_ids, 32)
-        result[name] = {"scores": scores.tolist(), "gold": [predictor.labels.index(r.label) for r in rows]}
-    write_json(cache, result)
-    return result
+    return _score_splits(predictor, builder, RunRecord.read(run_dir).label_counts, dev_rows, test_rows, cache)
+
+
+def _zero_shot_scores(model: str, common: list[str], test_rows, out: Path) -> dict:
+    """The untrained checkpoint's label log-probs with ZERO_SHOT_INSTRUCTION, on the dev split and label prior the
+    training runs get from the same flags; cached in OUT/runs/zero_shot/scores.json while those stay the same."""
+    data = read_data(parse_config(TrainConfig, [*PINNED, *common], "", "python -m ncal_core.train"))
+    settings = {"checkpoint": model, "instruction": ZERO_SHOT_INSTRUCTION, "dev_ids": [r.id for r in data.dev_rows],
+                "test_ids": [r.id for r in test_rows]}
+    cache = out / "runs" / ZERO_SHOT / "scores.json"
+    if cache.is_file():
+        cached = read_json(cache, "scores cache")
+        if all(cached.get(k) == v for k, v in settings.items()):
+            return cached
+    predictor = load_predictor(model)
+    builder = predictor.prompt_builder(data.labels, ZERO_SHOT_INSTRUCTION)
+    return _score_splits(predictor, builder, data.counts, data.dev_rows, test_rows, cache, **settings)
+
+
+def train_subset(train_path: Path, fraction: float, out: Path) -> Path:
+    """OUT/train_f<fraction>.jsonl: round(fraction * n_c) rows of every class c of a .jsonl training file, drawn
+    with a fixed seed and kept in file order, so the subset has the full set's imbalance."""
+    if train_path.suffix != ".jsonl":
+        raise SystemExit(f"--train_fraction: needs a .jsonl training file, not {train_path}")
+    by_class: dict[str, list[int]] = {}
+    for example in load_examples(train_path):
+        by_class.setdefault(example.label, []).append(int(example.where.rsplit(":", 1)[1]))
+    rng = random.Random(0)
+    kept = {line for label in sorted(by_class)
+            for line in rng.sample(by_class[label], max(1, round(fraction * len(by_class[label]))))}
+    lines = train_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path = out / f"train_f{fraction:g}.jsonl"
+    path.write_text("".join(lines[n - 1] for n in sorted(kept)), encoding="utf-8")
+    return path
 
 
 def _predict(split: dict, prior: torch.Tensor, tau: float) -> list[int]:
@@ -241,7 +316,7 @@ def summarise(results: dict[str, dict[int, dict]], out: Path) -> list[dict]:
                    "ensemble": ensemble}
             rows.append(row)
     seeds = {row["method"]: row["seeds"] for row in rows}
-    twins = {method: sft_twin(method) for method in results}
+    twins = {method: sft_twin(method) if method in METHODS else None for method in results}
     for row in rows:
         name = row["method"]
         base = _baseline(name)
@@ -293,44 +368,77 @@ def write_table(rows: list[dict], path: Path) -> None:
     path.write_text(results_table(rows), encoding="utf-8")
 
 
+def write_results(results: dict[str, dict[int, dict]], out: Path, plot: bool = False) -> None:
+    """OUT/results.json and OUT/results.md of the runs finished so far (and OUT/comparison.png with `plot`)."""
+    rows = summarise(results, out)
+    write_json(out / "results.json", rows)
+    write_table(rows, out / "results.md")
+    if plot:
+        from ncal_core.evaluation.plots import comparison_plot
+
+        comparison_plot(rows, out / "comparison.png")
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    parser.add_argument("--methods", help="comma-separated, from: " + ", ".join(METHODS) + f", {ZERO_SHOT} (with "
+                        "--model); default: all of them, with --model " + ",".join(MODEL_METHODS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="bench/results/reproduce")
-    parser.add_argument("--dev_per_class", type=int, default=20)
+    parser.add_argument("--dev_per_class", type=int, help="development rows held out per class (default: 20, with "
+                        f"--model {MODEL_PROTOCOL['dev_per_class']})")
     parser.add_argument("--train", default="tmwpl", help="the training set: a name or a file (bench/resplit.py "
                         "writes a second one)")
     parser.add_argument("--test", default="tmwpl", help="the test set: a name (its test split) or a file")
     parser.add_argument("--quick", action="store_true", help="2 methods, 1 seed, 30 steps of a smaller model")
+    parser.add_argument("--model", help="a pretrained checkpoint folder: LoRA runs with the paper's settings, and "
+                        f"zero_shot; methods default to {','.join(MODEL_METHODS)}")
+    parser.add_argument("--train_fraction", type=float, help="train on this fraction of every class of the training "
+                        f"set (default: 1, with --model {MODEL_PROTOCOL['train_fraction']})")
+    parser.add_argument("--epochs", type=float, help=f"epochs of every run (default: ncal_core.train's, with --model "
+                        f"{MODEL_PROTOCOL['epochs']:g})")
     parser.add_argument("extra", nargs="*", help="more flags for every training run, after --")
     args = parser.parse_args(argv)
-    methods = ["sft", "ncal"] if args.quick else args.methods.split(",")
+    protocol = MODEL_PROTOCOL if args.model else {"train_fraction": 1.0, "dev_per_class": 20, "epochs": None}
+    for name, value in protocol.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    methods = ["sft", "ncal"] if args.quick else (args.methods or ",".join(MODEL_METHODS if args.model else METHODS)
+                                                  ).split(",")
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    train_path, test_path = resolve_dataset(args.train, "train"), resolve_dataset(args.test, "test")
-    # the flag as given: a run records it, and a cached run is reused while its recorded flags are unchanged
-    common = ["--dataset_path", args.train, "--dev_per_class", str(args.dev_per_class), *args.extra]
-    if args.quick:
-        common += ["--max_steps", "30", "--tiny_hidden_size", "64", "--tiny_num_layers", "1"]
+    for method in methods:
+        if method not in METHODS and not (method == ZERO_SHOT and args.model):
+            parser.error(f"unknown method {method!r}" + (" (zero_shot needs --model)" if method == ZERO_SHOT else ""))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    train_path, test_path = resolve_dataset(args.train, "train"), resolve_dataset(args.test, "test")
+    dataset = args.train
+    if args.train_fraction != 1:
+        train_path = train_subset(train_path, args.train_fraction, out)
+        dataset = str(train_path)
+    # the flag as given: a run records it, and a cached run is reused while its recorded flags are unchanged
+    common = ["--dataset_path", dataset, "--dev_per_class", str(args.dev_per_class)]
+    if args.model:
+        common += ["--model_name_or_path", args.model, *PAPER_LORA, *MODEL_BATCH]
+    if args.epochs is not None:
+        common += ["--num_train_epochs", f"{args.epochs:g}"]
+    common += args.extra
+    if args.quick:
+        common += ["--max_steps", "30", "--tiny_hidden_size", "64", "--tiny_num_layers", "1"]
     test_rows, train_rows = load_examples(test_path), load_examples(train_path)
     results: dict[str, dict[int, dict]] = {}
-    for method in methods:
-        if method not in METHODS:
-            parser.error(f"unknown method {method!r}")
+    if ZERO_SHOT in methods:  # one scoring, the same for every seed (so it pairs with each seed of the others)
+        zero_shot = _zero_shot_scores(args.model, common, test_rows, out)
+        results[ZERO_SHOT] = {seed: zero_shot for seed in seeds}
+        print(f"{ZERO_SHOT}: done", flush=True)
+    for method in (m for m in methods if m != ZERO_SHOT):
         for seed in seeds:
             run_dir = _run(method, seed, out, common)
             dev_ids = set(json.loads((run_dir / "dev_ids.json").read_text()))
             dev_rows = [r for r in train_rows if r.id in dev_ids]
             results.setdefault(method, {})[seed] = _scores(run_dir, dev_rows, test_rows)
+            write_results(results, out)  # the table so far: a long sitting that stops keeps what it finished
             print(f"{method} seed {seed}: done", flush=True)
-    rows = summarise(results, out)
-    write_json(out / "results.json", rows)
-    write_table(rows, out / "results.md")
-    from ncal_core.evaluation.plots import comparison_plot
-
-    comparison_plot(rows, out / "comparison.png")
+    write_results(results, out, plot=True)
     print((out / "results.md").read_text(encoding="utf-8"))
     return 0
 

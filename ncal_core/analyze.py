@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ncal_core.cli import flag, parse_config
 from ncal_core.data import rows
-from ncal_core.data.rows import check_labels, label_set, load_examples
+from ncal_core.data.rows import check_class_names, check_labels, label_set, load_examples
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.evaluate import evaluate, write_report
 from ncal_core.evaluation.plots import training_curves
@@ -24,7 +24,10 @@ from ncal_core.evaluation.predictor import (
     training_log_prior,
 )
 from ncal_core.loss.tc import TCConfig
+from ncal_core.outputs import check_output_dir
 from ncal_core.train.summary import outputs_summary
+
+WRITES = ("eval.json", "sphere.png", "per_class_f1.png", "training_curves.png")
 
 
 @dataclass
@@ -39,13 +42,17 @@ class AnalyzeConfig:
     text_column: str = rows.text_column_flag()
     label_column: str = rows.label_column_flag()
     dataset_split: str = rows.prompts_split_flag()
-    output_dir: str | None = flag(None, "where eval.json, sphere.png, per_class_f1.png and training_curves.png go")
+    output_dir: str | None = flag(None, "where eval.json, sphere.png, per_class_f1.png and training_curves.png go: "
+                                        "not the --model_path folder, nor another run's or model's (unless "
+                                        "--overwrite_output_dir)")
     labels: list[str] | None = flag(None, "class names when the model folder records none (default: sorted gold labels)")
     pooling: str | None = flag(None, "feature pooling: last, seq_last or mean (default: the training run's)")
     instruction: str | None = flag(None, "system turn before each prompt (default: the training run's)")
     logit_adjust_tau: float | None = flag(None, "post-hoc logit adjustment: label scores - tau * log training prior "
                                              "(default: the tau of the training run's evaluation, else 0)")
     batch_size: int = flag(16, "rows per forward pass")
+    overwrite_output_dir: bool = flag(False, "write into an --output_dir that holds a training run's or a model's "
+                                             "files (never the --model_path folder itself)")
     dtype: str = flag("auto", "auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16")
     device: str | None = flag(None, "where the model runs: cpu, cuda, cuda:1, ... (default: cuda when there is a "
                                     "GPU, else cpu)")
@@ -60,6 +67,10 @@ class AnalyzeConfig:
         if self.batch_size < 1:
             raise NCALError(f"--batch_size: must be >= 1, not {self.batch_size}")
         check_device(self.device, self.dtype)
+        check_class_names("--labels", self.labels)
+        check_output_dir("--output_dir", self.output_dir,
+                         [("--model_path", self.model_path), ("--prompts_file", self.prompts_file)],
+                         writes=WRITES, overwrite=self.overwrite_output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,18 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     predictor = load_folder(folder, dtype=pick_dtype(cfg.dtype, device), device=device)
     say_tau([tau], given=cfg.logit_adjust_tau is not None)
     builder = predictor.prompt_builder(labels, cfg.instruction)
-    # evaluate runs one forward pass per batch to score the labels, then one per batch to pool the features
-    with progress(predictor.model, 2 * -(-len(rows) // cfg.batch_size), "scoring and pooling"):
+    # evaluate reads every row twice: to score the labels, then to pool its features (a classification head: once
+    # for both)
+    passes = 1 if predictor.classifier is not None else 2
+    with progress(predictor.model, passes * len(rows), "scoring and pooling"):
         tc = replace(predictor.tc, pooling=cfg.pooling) if cfg.pooling else predictor.tc
-        report, features = evaluate(predictor.model, builder, rows, tc=tc, batch_size=cfg.batch_size, prior_log=prior,
+        report, features = evaluate(predictor.scorer, builder, rows, tc=tc, batch_size=cfg.batch_size, prior_log=prior,
                                     tau=tau)
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     write_report(output_dir, report, features, [labels.index(r.label) for r in rows], labels)
     curves = Path(cfg.model_path) / "metrics.jsonl"
     if curves.is_file():
         training_curves(curves, output_dir / "training_curves.png")
-    print(json.dumps(report["neural_collapse"], indent=2))
+    if "neural_collapse" in report:
+        print(json.dumps(report["neural_collapse"], indent=2))
     print(outputs_summary(output_dir))
     return 0
 

@@ -72,7 +72,9 @@ def _convert(name: str, raw: Any, annotation: Any, source: str) -> Any:
         return None
     try:
         if is_list:
-            items = raw if isinstance(raw, list) else [p for p in str(raw).split(",") if p.strip()]
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            if not all(str(p).strip() for p in items):
+                raise ValueError(f"an empty name in {raw!r}")
             return [kind(str(p).strip()) for p in items]
         if kind is bool:
             return parse_bool(raw)

@@ -3,7 +3,9 @@
 The folder holds config.json, safetensors, the run's tokenizer, generation_config.json and the run record
 (labels, training class counts, the evaluation's tau and pooling), so transformers' AutoModelForCausalLM and
 vLLM load it as any Qwen checkpoint, and `python -m ncal_core.infer --model_path DIR` predicts what it
-predicted on the run.
+predicted on the run. A classification head's run (--head linear / etf) exports as a
+Qwen2ForSequenceClassification / Qwen3ForSequenceClassification with its labels (id2label, label2id),
+which pipeline("text-classification") runs.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from ncal_core.cli import DTYPES, flag, parse_config
 from ncal_core.durable import read_json, write_atomically, write_json
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.predictor import ModelFolder, open_model_folder
+from ncal_core.model.classifier import SCORE_KEY, is_classifier_folder, seq_cls_config
 from ncal_core.model.lora import CONFIG_FILE, WEIGHTS_FILE, merge_lora_weights, read_adapter_config
 from ncal_core.model.tokenizer import load_tokenizer
 from ncal_core.model.weights import checkpoint_files, read_tensors, write_safetensors
+from ncal_core.outputs import check_new_folder
 from ncal_core.run_record import RunRecord
 
 # what a tokenizer folder may hold (the run's own, saved by save_pretrained, else the base's)
@@ -46,20 +52,19 @@ class ExportConfig:
             raise NCALError("--output_dir: required")
         if self.dtype not in DTYPES:
             raise NCALError(f"--dtype: must be float32, bfloat16 or float16, not {self.dtype!r}")
-        out = Path(self.output_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise NCALError(f"--output_dir {out}: exists and is not an empty folder")
+        check_new_folder("--output_dir", self.output_dir)
 
 
-def merged_tensors(folder: ModelFolder) -> dict:
-    """The checkpoint's tensors under Hugging Face's keys: the base with the adapter merged in, or the full weights."""
+def merged_tensors(folder: ModelFolder, dtype: torch.dtype) -> dict:
+    """The checkpoint's tensors under Hugging Face's keys: the base with the adapter merged in (merged weights in
+    `dtype`, the others as stored), or the full weights."""
     source = folder.base or folder.path
     tensors = {key: t for _, key, t in read_tensors(checkpoint_files(source)[0])}
     if folder.base is None:
         return tensors
     config = read_adapter_config(folder.path / CONFIG_FILE)
     adapter = {key: t for _, key, t in read_tensors([folder.path / WEIGHTS_FILE])}
-    return merge_lora_weights(tensors, adapter, config["lora_alpha"] / config["r"])
+    return merge_lora_weights(tensors, adapter, config["lora_alpha"] / config["r"], dtype)
 
 
 def _copy_tokenizer(folder: ModelFolder, out: Path) -> None:
@@ -88,16 +93,23 @@ def export(cfg: ExportConfig) -> Path:
     dtype = DTYPES[cfg.dtype]
 
     def fill(out: Path) -> None:
-        config = read_json((folder.base or folder.path) / "config.json")
-        write_json(out / "config.json", {**config, "torch_dtype": cfg.dtype})
-        write_safetensors(merged_tensors(folder), out, dtype=dtype, max_shard_bytes=SHARD_BYTES)
         _copy_tokenizer(folder, out)
+        config = read_json((folder.base or folder.path) / "config.json")
+        tensors = merged_tensors(folder, dtype)
+        if SCORE_KEY in tensors and not is_classifier_folder(folder.base or folder.path):
+            # a classification head's adapter merged into its causal-LM base: the sequence classifier transformers
+            # builds, without the LM head
+            tensors.pop("lm_head.weight", None)
+            labels = folder.run.labels if folder.run and folder.run.labels else \
+                [f"LABEL_{i}" for i in range(tensors[SCORE_KEY].shape[0])]
+            config = seq_cls_config(config, labels, load_tokenizer(out).pad_token_id)
+        write_json(out / "config.json", {**config, "torch_dtype": cfg.dtype})
+        write_safetensors(tensors, out, dtype=dtype, max_shard_bytes=SHARD_BYTES)
         _generation_config(folder, out)
         if folder.run:  # what infer needs to score as the run did; the base is merged in, so none is named
             replace(folder.run, base_model=None, use_lora=False).write(out)
 
     out = Path(cfg.output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_dir():
         out.rmdir()  # empty, as check() made sure
     return write_atomically(out.absolute(), fill)

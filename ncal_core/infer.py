@@ -14,6 +14,7 @@ from tqdm import tqdm
 from ncal_core.cli import flag, parse_config
 from ncal_core.data.rows import (
     Example,
+    check_class_names,
     check_labels,
     label_column_flag,
     label_set,
@@ -39,6 +40,7 @@ from ncal_core.evaluation.predictor import (
     tau_offset,
 )
 from ncal_core.evaluation.scoring import ensemble_log_probs
+from ncal_core.outputs import check_output_file
 
 
 @dataclass
@@ -96,6 +98,15 @@ class InferConfig:
         if self.logit_adjust_tau is not None and self.generate:
             raise NCALError("--logit_adjust_tau: adjusts label scores, which --generate does not compute")
         check_device(self.device, self.dtype)
+        check_class_names("--labels", self.labels)
+
+    def check_outputs(self) -> None:
+        """The files infer writes are neither its inputs nor a run's records, and can be written."""
+        inputs = [("--prompts_file", self.prompts_file), *(("--model_path", path) for path in self.model_path)]
+        if self.output_file:
+            check_output_file("--output_file", self.output_file, inputs)
+        if self.metrics_file:
+            check_output_file("--metrics_file", self.metrics_file, [*inputs, ("--output_file", self.output_file)])
 
 
 def _rows(cfg: InferConfig) -> list[Example]:
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, load the model(s), predict and report."""
     cfg = parse_config(InferConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.infer")
     cfg.check()
+    cfg.check_outputs()
     rows = _rows(cfg)
     if cfg.metrics_file and (cfg.interactive or any(row.label is None for row in rows)):
         raise NCALError(f"--metrics_file: {cfg.prompts_file or '--prompt'} has rows without a gold label")
@@ -165,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     predictor = load_folder(folders[0], dtype=dtype, device=device)
+    if cfg.generate and predictor.classifier is not None:
+        raise NCALError(f"--generate: {cfg.model_path[0]} is a classification head model, which generates no text; "
+                        "drop --generate")
     if not cfg.generate:  # said once the model is read: a model that cannot be read gets its error line alone
         say_tau(taus, given=cfg.logit_adjust_tau is not None)
 
@@ -200,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 predictor = None  # freed before the next model is read
                 predictor = load_folder(folders[i], dtype=dtype, device=device)
             started = time.perf_counter()
-            with progress(predictor.model, -(-len(rows) // cfg.batch_size), f"scoring with {path}"):
+            with progress(predictor.model, len(rows), f"scoring with {path}"):
                 # on the host before the clock stops, so that the time holds the device's work
                 log_probs.append(label_scorer(predictor, labels, offset, cfg.instruction, cfg.batch_size)(rows).cpu())
             predict_seconds += time.perf_counter() - started

@@ -8,7 +8,9 @@ gets a 4xx with {"error": "..."} and the server goes on serving.
 
 # no `from __future__ import annotations`: FastAPI reads the endpoint's parameter types at definition time
 import asyncio
+import errno
 import json
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,8 @@ class ServeConfig:
         for name in ("max_batch_size", "max_texts", "port"):
             if getattr(self, name) < 1:
                 raise NCALError(f"--{name}: must be >= 1, not {getattr(self, name)}")
+        if self.port > 65535:
+            raise NCALError(f"--port: must be <= 65535, not {self.port}")
         if self.max_wait_ms < 0:
             raise NCALError(f"--max_wait_ms: must be >= 0, not {self.max_wait_ms}")
         check_device(self.device, self.dtype)
@@ -167,6 +171,26 @@ def make_app(classify, labels: list[str], cfg: ServeConfig):
     return app
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, taken before the model is read: a port in use or an address this machine
+    does not have is one line naming the flag."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise NCALError(f"--host {host}: not an address of this machine ({err.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        flag = "--port" if err.errno == errno.EADDRINUSE else "--host"
+        raise NCALError(f"{flag}: cannot listen on {host}:{port} ({err.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ServeConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.serve")
     cfg.check()
@@ -174,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
     except ImportError:
         raise NCALError("python -m ncal_core.serve needs FastAPI and uvicorn: pip install -e \".[serve]\"") from None
+    sock = listen(cfg.host, cfg.port)
     classifier = Classifier(cfg)
-    uvicorn.run(make_app(classifier, classifier.labels, cfg), host=cfg.host, port=cfg.port, log_level="info")
+    config = uvicorn.Config(make_app(classifier, classifier.labels, cfg), host=cfg.host, port=cfg.port,
+                            log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

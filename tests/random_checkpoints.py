@@ -79,3 +79,12 @@ def our_logits(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Ten
     """Logits [B, T, V] of an ncal_core QwenModel for ids [B, T], without gradients."""
     with torch.no_grad():
         return model.lm_head(model(ids, **kwargs))
+
+
+def randomise_lora_b(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
+    """Give every LoRA B factor non-zero values (normal, `std`) so the adapter changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import bench_infer
 
@@ -59,17 +60,33 @@ json.dump({"max_length": args.max_length, "model_path": args.model_path},
 
 
 @pytest.mark.slow
-def test_quick_benchmark_runs_every_side_on_the_same_rows_and_writes_the_report(tmp_path, tmwpl_dir):
+def test_quick_benchmark_runs_every_side_on_the_same_rows_and_writes_the_report(tmp_path, tmwpl_dir,
+                                                                              monkeypatch, capsys):
     # A tiny model of 20 steps, 30 rows on 1 thread: about 20 s on this 2-core machine. Timings are never asserted.
     # The paper's inference.py is a stand-in that keeps its command line.
+    # Runs in process, the stand-in's wall times given (10 s and 0.1 s a prompt) rather than measured: a loaded
+    # machine cannot make its longer run look shorter.
     code = tmp_path / "code"
     code.mkdir()
     (code / "inference.py").write_text(PAPER_INFERENCE_STANDIN)
-    out = subprocess.run([sys.executable, "-m", "bench.bench_infer", "--quick", "--json", str(tmp_path / "b.json"),
-                          "--workdir", str(tmp_path / "w"), "--reference_code", str(code)],
-                         capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "NCAL_DATA_DIR": str(tmwpl_dir)}, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    measured = bench_infer.run_measured
+
+    def given_times(cmd: list[str], log_stem: Path, threads: int, timeout: float) -> dict[str, float]:
+        result = measured(cmd, log_stem, threads, timeout)
+        if str(code / "inference.py") in cmd:
+            prompts = Path(cmd[cmd.index("--prompts_file") + 1]).read_text(encoding="utf-8").splitlines()
+            result["wall_s"] = 10.0 + 0.1 * len(prompts)
+        return result
+
+    monkeypatch.setattr(bench_infer, "run_measured", given_times)
+    monkeypatch.setenv("NCAL_DATA_DIR", str(tmwpl_dir))
+    threads = torch.get_num_threads()
+    try:
+        assert bench_infer.main(["--quick", "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "w"),
+                                 "--reference_code", str(code)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
     report = json.loads((tmp_path / "b.json").read_text())
     assert (report["mode"], report["rows"], report["single_rows"]) == ("quick", 30, 30)
     assert [side["side"] for side in report["sides"]] == ["ours", "generate_batched", "generate_single",
@@ -82,12 +99,13 @@ def test_quick_benchmark_runs_every_side_on_the_same_rows_and_writes_the_report(
     assert [c["baseline"] for c in report["comparisons"]] == ["generate_batched", "generate_single",
                                                               "paper_inference"]
     assert all(c["prompts_per_s_ratio"] > 0 for c in report["comparisons"])
-    assert "Ours / baseline" in out.stdout and "as the reference's inference.py runs" in out.stdout
+    assert "Ours / baseline" in out.out and "as the reference's inference.py runs" in out.out
 
     paper = report["sides"][3]
     # 6 then 30 prompts: 24 extra over the extra wall time
     assert paper["rows_short"] == 6
-    assert paper["prompts_per_s"] == pytest.approx(24 / (paper["wall_s"] - paper["wall_s_short"]))
+    assert (paper["wall_s"], paper["wall_s_short"]) == pytest.approx((13.0, 10.6))
+    assert paper["prompts_per_s"] == pytest.approx(10.0)  # 24 prompts over 2.4 s
     assert paper["peak_rss_mb"] > 256 and paper["code"].startswith(str(code / "inference.py"))
     model = Path(json.loads((tmp_path / "w" / "paper-prompts-30.txt.args.json").read_text())["model_path"])
     assert (model / "vocab.json").is_file() and (model / "merges.txt").is_file()  # its use_fast=False tokenizer
@@ -107,3 +125,18 @@ def test_reference_code_without_inference_py_is_refused_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode != 0
     assert out.stderr.strip() == f"--reference_code {tmp_path}: no inference.py there; give the paper's code/ folder"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_times_a_head_beside_label_scoring_on_the_same_rows(tmp_path, tmwpl_dir):
+    out = subprocess.run([sys.executable, "-m", "bench.bench_infer", "--quick", "--head", "--no_generate",
+                          "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "w")],
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "NCAL_DATA_DIR": str(tmwpl_dir)}, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert [side["side"] for side in report["sides"]] == ["ours", "head"]
+    assert all(side["rows"] == 30 and side["no_label"] == 0 for side in report["sides"])
+    assert [(c["side"], c["baseline"]) for c in report["comparisons"]] == [("head", "ours")]
+    assert json.loads((tmp_path / "w" / "head-model" / "config.json").read_text())["architectures"] == \
+        ["Qwen2ForSequenceClassification"]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 import torch
 from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
 from training_runs import REPO, TINY, command_env, run, tmwpl_rows
+from warm_commands import run_warm
 
 GOOD = tmwpl_rows(6)
 TRAIN = ["--dataset_path", "{tmp}/train.jsonl", "--output_dir", "{tmp}/out", *TINY, "--max_steps", "1",
@@ -257,12 +256,7 @@ class Result:
 
 
 def _run_warm(requests: list[dict], at_once: int = 3) -> dict[str, int]:
-    """Run the requests through tests/warm_commands.py, `at_once` at a time; returns each one's exit code by id."""
-    server = subprocess.run([sys.executable, str(Path(__file__).with_name("warm_commands.py")), str(at_once)],
-                            input="".join(json.dumps(r) + "\n" for r in requests), capture_output=True, text=True,
-                            cwd=REPO, env=command_env(None), timeout=600)
-    assert server.returncode == 0, server.stderr
-    return {a["id"]: a["returncode"] for a in map(json.loads, server.stdout.splitlines())}
+    return run_warm(requests, command_env(None), REPO, at_once)
 
 
 @pytest.fixture(scope="module")

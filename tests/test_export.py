@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from checkpoint_with_tokenizer import LABELS, TEXTS
-from random_checkpoints import make_hf_checkpoint
+from random_checkpoints import make_hf_checkpoint, randomise_lora_b
 from reference_scoring import reference_probabilities
 from training_runs import run, tmwpl_rows, trained_lora_run, write_jsonl
 
@@ -49,6 +49,23 @@ def test_merging_is_peft_merge_and_unload(tmp_path):
     assert len(changed) == 3 * 2  # q, v and down of both layers
     for key, tensor in ours.items():
         torch.testing.assert_close(tensor, theirs[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_float32_export_over_a_bf16_base_keeps_the_merged_weights_unrounded(tmp_path):
+    # the run computes W (bf16 values in fp32) + s B A in fp32; rounding the sum back to the base's bf16 changes
+    # what the exported model predicts (on the real 0.5B checkpoint: label probabilities off by 2e-3 after one step)
+    base = make_hf_checkpoint(tmp_path / "base", dtype=torch.bfloat16)
+    model = load_model(base)
+    inject_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
+    randomise_lora_b(model, seed=1, std=1e-3)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base), r=4, alpha=8, dropout=0.0,
+                 target_modules=["q_proj"])
+    export(ExportConfig(model_path=str(tmp_path / "adapter"), output_dir=str(tmp_path / "out"), dtype="float32"))
+    written = {k: t for _, k, t in read_tensors(checkpoint_files(tmp_path / "out")[0])}
+    key = "model.layers.0.self_attn.q_proj.weight"
+    q_proj = model.layers[0].self_attn.q_proj  # loaded in fp32: the bf16 weights exactly, the update unrounded
+    assert written[key].dtype == torch.float32
+    torch.testing.assert_close(written[key], (q_proj.weight + q_proj.delta()).detach(), rtol=0, atol=1e-7)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from random_checkpoints import make_hf_checkpoint, our_logits, rel_err
+from random_checkpoints import make_hf_checkpoint, our_logits, randomise_lora_b, rel_err
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -35,15 +35,6 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "qwen2": make_hf_checkpoint(root / "qwen2"),
         "qwen3": make_hf_checkpoint(root / "qwen3", model_type="qwen3", head_dim=32, attention_bias=True),
     }
-
-
-def randomise_lora_b(model: nn.Module, seed: int = 0) -> None:
-    """Give every LoRA B factor non-zero values so the adapter changes the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 IDS = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -121,3 +121,61 @@ def test_seed_ensembles_score_the_mean_label_log_probabilities_with_tau_from_dev
     write_table(list(rows.values()), tmp_path / "t.md")
     line = next(x for x in (tmp_path / "t.md").read_text().splitlines() if x.startswith("| ncal+LA |"))
     assert f"| {rows['ncal+LA']['ensemble']['macro_f1']:.3f} | {delta:+.3f} [" in line
+
+
+@pytest.mark.slow
+def test_with_model_lora_runs_train_on_a_long_tailed_fraction_and_zero_shot_scores_as_infer_does(tmp_path):
+    from checkpoint_with_tokenizer import TEXTS, make_checkpoint_with_tokenizer
+    from training_runs import command_env, write_jsonl
+
+    from bench.reproduce import ZERO_SHOT_INSTRUCTION
+    from ncal_core.infer import main as infer_main
+
+    base = make_checkpoint_with_tokenizer(tmp_path / "base", hidden_size=32, intermediate_size=64, layers=1, heads=2,
+                                          kv_heads=1)
+    sizes = {"回忆": 40, "识别": 12, "推断": 8}
+    train = [{"id": f"{label}{i}", "question": TEXTS[i % 6], "class": label}
+             for label, n in sizes.items() for i in range(n)]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    test = write_jsonl(tmp_path / "test.jsonl", [{"id": f"t{i}", "question": TEXTS[i % 6], "class": label}
+                                                 for i, label in enumerate(list(sizes) * 3)])
+    out = tmp_path / "out"
+
+    def reproduce() -> str:
+        return subprocess.run([sys.executable, "-m", "bench.reproduce", "--model", str(base), "--train",
+                               str(tmp_path / "train.jsonl"), "--test", str(test), "--train_fraction", "0.5",
+                               "--dev_per_class", "2", "--methods", "zero_shot,sft,ncal", "--seeds", "0", "--out",
+                               str(out), "--", "--max_steps", "2", "--per_device_train_batch_size", "4"],
+                              check=True, env=command_env(tmp_path / "cache"), capture_output=True, cwd=REPO,
+                              text=True).stdout
+
+    reproduce()
+    subset = [json.loads(line) for line in (out / "train_f0.5.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {label: sum(r["class"] == label for r in subset) for label in sizes} == {"回忆": 20, "识别": 6, "推断": 4}
+    assert all(r in train for r in subset)  # rows of the training file, as they were
+    config = json.loads((out / "runs" / "sft-s0" / "ncal_run.json").read_text())["config"]
+    assert {k: config[k] for k in ("model_name_or_path", "use_lora", "lora_r", "lora_alpha", "target_modules",
+                                   "learning_rate", "dataset_path", "num_train_epochs", "dev_per_class")} == {
+        "model_name_or_path": str(base), "use_lora": True, "lora_r": 8, "lora_alpha": 32.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "learning_rate": 2e-4,
+        "dataset_path": str(out / "train_f0.5.jsonl"), "num_train_epochs": 2.0, "dev_per_class": 2}
+
+    cache = out / "runs" / "zero_shot" / "scores.json"
+    zero_shot = json.loads(cache.read_text(encoding="utf-8"))
+    record = json.loads((out / "runs" / "sft-s0" / "ncal_run.json").read_text())
+    assert zero_shot["instruction"] == ZERO_SHOT_INSTRUCTION and zero_shot["checkpoint"] == str(base)
+    assert zero_shot["dev_ids"] == json.loads((out / "runs" / "sft-s0" / "dev_ids.json").read_text())
+    assert zero_shot["test_ids"] == [f"t{i}" for i in range(9)]
+    assert zero_shot["label_counts"] == record["label_counts"] and zero_shot["labels"] == record["labels"]
+    predictions = tmp_path / "zero_shot.jsonl"
+    assert infer_main(["--model_path", str(base), "--prompts_file", str(test), "--instruction", ZERO_SHOT_INSTRUCTION,
+                       "--output_file", str(predictions)]) == 0
+    expected = [[row["scores"][label] for label in zero_shot["labels"]]
+                for row in map(json.loads, predictions.read_text(encoding="utf-8").splitlines())]
+    assert torch.allclose(torch.tensor(zero_shot["test"]["scores"]).softmax(1), torch.tensor(expected), atol=1e-5)
+
+    rows = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [r["method"] for r in rows] == ["zero_shot", "zero_shot+LA", "sft", "sft+LA", "ncal", "ncal+LA"]
+    assert "delta_vs_sft" in rows[0] and "twin" not in rows[0] and rows[4]["twin"] == "sft"
+    scored = cache.stat().st_mtime_ns
+    assert "training again" not in reproduce() and cache.stat().st_mtime_ns == scored  # all of it reused

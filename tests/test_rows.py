@@ -102,11 +102,22 @@ def test_conversation_rows_keep_system_turn_and_drop_the_answer(tmp_path):
     assert from_array[0].where == f"{tmp_path / 'c.json'}:2"
 
 
-def test_json_array_items_are_named_by_the_line_they_start_on(tmp_path):
+def test_json_array_items_are_placed_by_the_line_they_start_on_and_named_by_position(tmp_path):
     text = '[\n  {"question": "a", "class": "x"},\n\n  {"question": "b",\n   "class": "y"}\n]\n'
     examples = load_examples(write(tmp_path / "a.json", text))
     assert [e.where for e in examples] == [f"{tmp_path / 'a.json'}:2", f"{tmp_path / 'a.json'}:4"]
-    assert [e.id for e in examples] == ["a:2", "a:4"]
+    assert [e.id for e in examples] == ["a:1", "a:2"]
+
+
+def test_a_compact_json_array_loads_with_ids_by_position(tmp_path):
+    """json.dump(rows, f) writes one line: the rows without an id are told apart by their place in the array."""
+    rows = [{"question": "a", "class": "x"}, {"question": "b", "class": "y"}, {"id": "own", "question": "c",
+                                                                             "class": "x"}]
+    examples = load_examples(write(tmp_path / "a.json", json.dumps(rows)))
+    assert [e.id for e in examples] == ["a:1", "a:2", "own"]
+    assert [e.where for e in examples] == [f"{tmp_path / 'a.json'}:1 (item {n})" for n in (1, 2, 3)]
+    with pytest.raises(NCALError, match=r"a\.json:1 \(item 2\): question: must be a string"):
+        load_examples(write(tmp_path / "a.json", json.dumps([rows[0], {"question": 1, "class": "y"}])))
 
 
 def test_example_files_shipped_with_the_project_load():

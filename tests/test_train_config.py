@@ -49,7 +49,7 @@ def test_the_process_group_timeout_reaches_accelerate():
 REFUSED = {
     "truncation": "right", "pooling": "max", "tc_variant": "pair", "tc_backend": "cuda", "e_w": 0.0, "lambda_lc": -1.0,
     "resample": "half", "dev_per_class": -1, "val_size": 1.5, "resample_epochs": -1, "la_loss_tau": -0.5,
-    "logit_adjust_tau": -1.0, "dev_weighting": "prior",
+    "logit_adjust_tau": -1.0, "dev_weighting": "prior", "head": "mlp",
     "lr_scheduler_type": "step", "save_strategy": "always", "eval_strategy": "always", "eval_steps": 0, "torch_dtype": "int8",
     "ddp_timeout": 0, "lora_r": 0, "lora_dropout": 1.0, "learning_rate": 0.0, "warmup_ratio": 1.0,
     "per_device_train_batch_size": 0, "per_device_eval_batch_size": 0, "gradient_accumulation_steps": 0,

@@ -8,6 +8,7 @@ import random
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -98,19 +99,22 @@ def eval_report(output_dir: Path) -> dict:
     return json.loads((output_dir / "eval.json").read_text(encoding="utf-8"))
 
 
-def trained_lora_run(root: Path) -> tuple[Path, dict[str, str]]:
-    """(output folder, command environment) of a few LoRA steps over a small random Qwen2 with a tokenizer, its
-    post-hoc tau fixed at 1.5 (the commands that read the run must apply it)."""
+def trained_lora_run(root: Path, base: Path | None = None, rows: int = 48, flags: Sequence[str] = ()
+                     ) -> tuple[Path, dict[str, str]]:
+    """(output folder, command environment) of a few LoRA steps over `base` (default: a small random Qwen2 with a
+    tokenizer) on `rows` TMWPL-format rows, its post-hoc tau fixed at 1.5 (the commands that read the run must apply
+    it); `flags` go last, overriding the defaults here."""
     from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
 
-    base = make_checkpoint_with_tokenizer(root / "base", hidden_size=32, intermediate_size=64, layers=2, heads=2,
-                                          kv_heads=1)
+    if base is None:
+        base = make_checkpoint_with_tokenizer(root / "base", hidden_size=32, intermediate_size=64, layers=2, heads=2,
+                                              kv_heads=1)
     env = command_env(root / "cache")
     out = root / "run"
     result = run("ncal_core.train", ["--model_name_or_path", str(base), "--dataset_path",
-                                     str(write_jsonl(root / "train.jsonl", tmwpl_rows(48))), "--eval_dataset_path",
+                                     str(write_jsonl(root / "train.jsonl", tmwpl_rows(rows))), "--eval_dataset_path",
                                      "none", "--output_dir", str(out), "--max_steps", "6", "--learning_rate", "5e-3",
                                      "--per_device_train_batch_size", "8", "--save_strategy", "no",
-                                     "--logit_adjust_tau", "1.5"], env)
+                                     "--logit_adjust_tau", "1.5", *flags], env)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, env

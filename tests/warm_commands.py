@@ -9,7 +9,7 @@ as the interpreter does.
 
 Protocol: one JSON request per line on stdin, {"id", "module", "argv", "env", "cwd", "stdout", "stderr"};
 after stdin closes, every request has been answered with one JSON line on stdout, {"id", "returncode"}.
-Usage: python tests/warm_commands.py [max_children]
+Usage: python tests/warm_commands.py [max_children]; `run_warm` runs a list of requests through it.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ import json
 import os
 import pkgutil
 import runpy
+import subprocess
 import sys
 import traceback
+from pathlib import Path
 
-COMMANDS = {"ncal_core.infer", "ncal_core.analyze"}  # run as modules; `ncal_core.train` runs its __main__
+# run as modules; `ncal_core.train` runs its __main__
+COMMANDS = {"ncal_core.infer", "ncal_core.analyze", "ncal_core.export", "ncal_core.serve"}
 
 
 def preload() -> None:
@@ -60,6 +63,14 @@ def child(request: dict) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_warm(requests: list[dict], env: dict[str, str], cwd: Path, at_once: int = 3) -> dict[str, int]:
+    """Run the requests through this server, `at_once` at a time; returns each one's exit code by id."""
+    server = subprocess.run([sys.executable, __file__, str(at_once)], capture_output=True, text=True, cwd=cwd,
+                            input="".join(json.dumps(r) + "\n" for r in requests), env=env, timeout=600)
+    assert server.returncode == 0, server.stderr
+    return {a["id"]: a["returncode"] for a in map(json.loads, server.stdout.splitlines())}
 
 
 def main() -> None:

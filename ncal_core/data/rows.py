@@ -12,6 +12,7 @@ import io
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 class Example:
     """One row: the chat turns to render (never the answer), its class name and where it came from."""
 
-    id: str  # the row's "id", else "<file stem>:<line>" ("<data set name>:<row>" for a datasets row)
+    id: str  # the row's "id", else "<file stem>:<line>" (":<item>" in a JSON array, ":<row>" for a datasets row)
     messages: list[dict]  # [{"role", "content"}, ...]: an optional leading system turn, then user (and assistant) turns
     label: str | None
     where: str  # "path:line" ("path[split]:row N" for a datasets row), for error messages
@@ -98,14 +99,6 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _read_rows(path: Path) -> list[tuple[int, object]]:
-    """The JSON values of a JSONL file or of a file holding one JSON array, with line numbers."""
-    text = _read_text(path)
-    if text.lstrip().startswith("["):
-        return _json_array_rows(path, text)
-    return _jsonl_rows(path, text)
-
-
 @dataclass(frozen=True)
 class _Row:
     """One row as read, before its format is known."""
@@ -117,7 +110,16 @@ class _Row:
 
 
 def _json_rows(path: Path) -> list[_Row]:
-    return [_Row(at(path, line), f"line {line}", f"{path.stem}:{line}", value) for line, value in _read_rows(path)]
+    """The rows of a JSONL file (named by line) or of a file holding one JSON array in any layout (named by position:
+    item N, with its line; `path:line (item N)` where items share a line)."""
+    text = _read_text(path)
+    if not text.lstrip().startswith("["):
+        return [_Row(at(path, line), f"line {line}", f"{path.stem}:{line}", value)
+                for line, value in _jsonl_rows(path, text)]
+    items = _json_array_rows(path, text)
+    starts = Counter(line for line, _ in items)
+    return [_Row(at(path, line) if starts[line] == 1 else f"{at(path, line)} (item {n})", f"item {n}",
+                 f"{path.stem}:{n}", value) for n, (line, value) in enumerate(items, start=1)]
 
 
 def _csv_rows(path: Path, delimiter: str, text_column: str, label_column: str, require_labels: bool) -> list[_Row]:
@@ -322,6 +324,17 @@ def label_set(examples: Iterable[Example], source: str | Path) -> list[str]:
     if len(labels) < 2:
         raise NCALError(f"{at(source)}: classification needs at least 2 classes, found {labels}")
     return labels
+
+
+def check_class_names(flag: str, names: list[str] | None) -> None:
+    """Class names given by a flag: at least two, none repeated (an empty one the flag parser refuses)."""
+    if names is None:
+        return
+    if len(names) < 2:
+        raise NCALError(f"{flag}: needs at least 2 classes, got {names}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise NCALError(f"{flag}: names the class {', '.join(map(repr, repeated))} twice")
 
 
 def check_labels(examples: Iterable[Example], labels: list[str], source: str | Path) -> None:

@@ -13,6 +13,7 @@ from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.rows import Example
 from ncal_core.distributed import gather_shards, shard
 from ncal_core.durable import write_json
+from ncal_core.evaluation.classify import classify
 from ncal_core.evaluation.collapse import neural_collapse
 from ncal_core.evaluation.features import pooled_features
 from ncal_core.evaluation.metrics import classification_report, format_report, weighted_macro_f1
@@ -20,13 +21,15 @@ from ncal_core.evaluation.scoring import score_labels
 from ncal_core.evaluation.tau_choice import TAU_GRID, choose_tau, dev_row_weights
 from ncal_core.loss.logit_adjustment import adjust_scores
 from ncal_core.loss.tc import TCConfig
+from ncal_core.model.classifier import QwenClassifier
 from ncal_core.model.qwen import QwenModel
 
 
-def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], *, tc: TCConfig,
+def evaluate(model: QwenModel | QwenClassifier, builder: PromptBuilder, rows: Sequence[Example], *, tc: TCConfig,
              batch_size: int = 32, prior_log: Tensor | None = None, tau: float | None = 0.0,
              weighting: str | None = None, rank: int = 0, world: int = 1) -> tuple[dict[str, Any], Tensor]:
-    """Constrained label scoring of labelled rows -> (classification report with NC figures, TC features [N, H]).
+    """Constrained label scoring (or a classifier's logits) of labelled rows -> (classification report with NC
+    figures, TC features [N, H]).
 
     With `tau`, the label scores are logit-adjusted (minus tau * the training log prior) before the argmax;
     tau None chooses it on these rows, which are then a development split (evaluation.tau_choice), by
@@ -38,11 +41,14 @@ def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], 
     model.eval()
     gold = [builder.labels.index(row.label) for row in rows]
     mine = builder.encode_all([rows[i] for i in shard(len(rows), rank, world)])  # tokenized once, in one batch
-    scores = score_labels(model, [row.input_ids[:row.prompt_len] for row in mine], builder.label_ids,
-                          batch_size=batch_size)
-    scores = gather_shards(scores.cpu(), len(rows), world)
-    features = gather_shards(pooled_features(model, mine, builder.tokenizer.pad_token_id, tc, batch_size),
-                             len(rows), world)
+    prompts = [row.input_ids[:row.prompt_len] for row in mine]
+    if isinstance(model, QwenClassifier):  # one forward a row: the head's logits and its input, the TC feature
+        scores, features = classify(model, prompts, builder.tokenizer.pad_token_id, batch_size, tc.e_w)
+    else:
+        scores = score_labels(model, prompts, builder.label_ids, batch_size=batch_size).cpu()
+        features = pooled_features(model, mine, builder.tokenizer.pad_token_id, tc, batch_size)
+    scores = gather_shards(scores, len(rows), world)
+    features = gather_shards(features, len(rows), world)
     model.train(was_training)
     plain = classification_report(gold, scores.argmax(dim=1).tolist(), builder.labels)
     choice: dict[str, Any] = {}
@@ -61,7 +67,12 @@ def evaluate(model: QwenModel, builder: PromptBuilder, rows: Sequence[Example], 
         report["dev_weighting"] = weighting
         report["weighted_macro_f1"] = weighted_macro_f1(gold, predictions, len(builder.labels), weights)
     report["unadjusted"] = {"accuracy": plain["accuracy"], "macro_f1": plain["macro_f1"]}
-    report["neural_collapse"] = neural_collapse(features, torch.tensor(gold), len(builder.labels))
+    present = len(set(gold))
+    if present >= 2:
+        report["neural_collapse"] = neural_collapse(features, torch.tensor(gold), len(builder.labels))
+    else:  # accuracy and per-class figures still hold for rows of one class
+        report["skipped"] = {"neural_collapse": f"needs rows of at least 2 classes; these hold {present}",
+                             "sphere.png": "the class-mean sphere needs rows of at least 2 classes"}
     return report, features
 
 
@@ -79,10 +90,13 @@ def write_report(output_dir: Path, report: dict[str, Any], features: Tensor, gol
     if report.get("logit_adjust_tau"):
         print(f"(label scores logit-adjusted with tau {report['logit_adjust_tau']}; without: accuracy "
               f"{report['unadjusted']['accuracy']:.4f}, macro-F1 {report['unadjusted']['macro_f1']:.4f})")
-    nc = report["neural_collapse"]
-    print(f"NC1 {nc['nc1']:.4f}   NC2 cos {nc['nc2_cos_mean']:.4f} ± {nc['nc2_cos_std']:.4f} "
-          f"(ETF {nc['etf_cos']:.4f})   equinorm CV {nc['equinorm_cv']:.4f}")
-    sphere_plot(features, torch.tensor(list(gold)), labels, output_dir / "sphere.png")
+    if "neural_collapse" in report:
+        nc = report["neural_collapse"]
+        print(f"NC1 {nc['nc1']:.4f}   NC2 cos {nc['nc2_cos_mean']:.4f} ± {nc['nc2_cos_std']:.4f} "
+              f"(ETF {nc['etf_cos']:.4f})   equinorm CV {nc['equinorm_cv']:.4f}")
+        sphere_plot(features, torch.tensor(list(gold)), labels, output_dir / "sphere.png")
+    for what, why in report.get("skipped", {}).items():
+        print(f"skipped {what}: {why}")
     f1_bars(report, output_dir / "per_class_f1.png")
     if (output_dir / "metrics.jsonl").is_file():
         training_curves(output_dir / "metrics.jsonl", output_dir / "training_curves.png")

@@ -22,11 +22,13 @@ from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.rows import Example
 from ncal_core.durable import read_json
 from ncal_core.errors import NCALError
+from ncal_core.evaluation.classify import classify
 from ncal_core.evaluation.scoring import score_labels
 from ncal_core.loss.logit_adjustment import log_prior
 from ncal_core.loss.tc import TCConfig
+from ncal_core.model.classifier import QwenClassifier, attach_head, is_classifier_folder, load_classifier
 from ncal_core.model.hub import checkpoint_folder
-from ncal_core.model.lora import load_adapter
+from ncal_core.model.lora import adapter_head, load_adapter
 from ncal_core.model.qwen import QwenModel, load_model
 from ncal_core.model.tokenizer import load_tokenizer
 from ncal_core.run_record import RunRecord
@@ -44,6 +46,12 @@ class Predictor:
     truncation: str
     tc: TCConfig                  # the run's TC feature settings (the defaults for a model of no run of ours)
     eos_ids: list[int]  # where --generate stops: the tokenizer's eos and generation_config.json's eos_token_id
+    classifier: QwenClassifier | None = None  # a head model's (model is then its decoder, without an LM head)
+
+    @property
+    def scorer(self) -> QwenModel | QwenClassifier:
+        """What predicts the class: the classifier, else the decoder with its LM head (label scoring)."""
+        return self.classifier or self.model
 
     def prompt_builder(self, labels: list[str], instruction: str | None = None) -> PromptBuilder:
         """Prompts built as the training run built them; a given `instruction` replaces the run's."""
@@ -130,13 +138,22 @@ def tau_offset(tau: float, path: str | Path, run: RunRecord | None, labels: list
     return -tau * training_log_prior(path, run, labels)
 
 
+def class_scores(predictor: Predictor, prompts: list[list[int]], label_ids: list[list[int]], batch_size: int = 16
+                 ) -> torch.Tensor:
+    """[N, K]: a classification head's logits (one forward a prompt), else each label's summed log-probability
+    after each prompt (evaluation.scoring)."""
+    if predictor.classifier is not None:
+        return classify(predictor.classifier, prompts, predictor.tokenizer.pad_token_id, batch_size)[0]
+    return score_labels(predictor.model, prompts, label_ids, batch_size=batch_size)
+
+
 def label_scorer(predictor: Predictor, labels: list[str], offset: torch.Tensor, instruction: str | None = None,
                  batch_size: int = 16) -> Callable[[list[Example]], torch.Tensor]:
     """rows -> log-softmax over the labels [N, K] of the model's label scores plus `offset` (tau_offset)."""
     builder = predictor.prompt_builder(labels, instruction)
 
     def score(rows: list[Example]) -> torch.Tensor:
-        scores = score_labels(predictor.model, builder.prompt_ids_all(rows), builder.label_ids, batch_size=batch_size)
+        scores = class_scores(predictor, builder.prompt_ids_all(rows), builder.label_ids, batch_size)
         return torch.log_softmax(scores + offset.to(scores.device), dim=1)
 
     return score
@@ -150,12 +167,18 @@ def say_tau(taus: list[float], given: bool) -> None:
 
 @contextmanager
 def progress(model: torch.nn.Module, total: int | None, desc: str) -> Iterator[None]:
-    """A progress bar ticking once per forward pass of `model` (one per batch), on stderr."""
-    with tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True) as bar:
-        def tick(*_: Any) -> None:  # returns None: a forward hook's return value would replace the output
-            bar.update()
+    """A progress bar on stderr counting the rows of each forward pass of `model` towards `total`.
 
-        hook = model.register_forward_hook(tick)
+    Rows, not batches: a batch may be split into several passes to bound its tokens, so only rows can be counted
+    before the work starts.
+    """
+    with tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True) as bar:
+        def tick(_module: torch.nn.Module, args: tuple, kwargs: dict, _output: Any) -> None:
+            # returns None: a forward hook's return value would replace the output
+            ragged = kwargs.get("ragged")
+            bar.update(ragged.batch.rows if ragged is not None else (args[0] if args else kwargs["input_ids"]).shape[0])
+
+        hook = model.register_forward_hook(tick, with_kwargs=True)
         try:
             yield
         finally:
@@ -184,9 +207,17 @@ def load_folder(folder: ModelFolder, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> Predictor:
     """The Predictor of a folder open_model_folder has already checked (and whose run record it read)."""
     path, run = folder.path, folder.run
+    classifier = None
     if folder.base is not None:
         model = load_model(folder.base, dtype=dtype, device=device)
         load_adapter(model, path)
+        head = adapter_head(path)
+        if head is not None:  # a SEQ_CLS adapter: its head predicts, as saved (an etf head's frame included)
+            classifier = attach_head(model, head.shape[0], "linear", 0)
+            classifier.score.load_weight(head, str(path))
+    elif is_classifier_folder(path):
+        classifier = load_classifier(path, dtype=dtype, device=device)
+        model = classifier.model
     else:
         model = load_model(path, dtype=dtype, device=device)
     tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else folder.base or path
@@ -194,7 +225,20 @@ def load_folder(folder: ModelFolder, dtype: torch.dtype = torch.float32,
     tokenizer = load_tokenizer(tokenizer_dir)
     setting = run.setting if run else (lambda name, default: default)
     tc = TCConfig(pooling=setting("pooling", TCConfig.pooling), e_w=setting("e_w", TCConfig.e_w))
-    return Predictor(model=model, tokenizer=tokenizer, labels=run.labels if run else None,
+    labels = run.labels if run else classifier_labels(path) if classifier is not None else None
+    return Predictor(model=model, tokenizer=tokenizer, labels=labels, classifier=classifier,
                      instruction=setting("instruction", None), cutoff_len=setting("cutoff_len", 2048),
                      truncation=setting("truncation", "left"), tc=tc,
                      eos_ids=_generation_eos(folder, tokenizer.eos_token_id))
+
+
+def classifier_labels(path: Path) -> list[str] | None:
+    """The class names a transformers sequence-classification config.json names (id2label), None without one."""
+    config = path / "config.json"
+    id2label = read_json(config, "model config").get("id2label") if config.is_file() else None
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        return [str(id2label[str(i)]) for i in range(len(id2label))]
+    except KeyError:
+        raise NCALError(f"{config}: id2label: keys must be 0..{len(id2label) - 1}") from None

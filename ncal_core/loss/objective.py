@@ -60,6 +60,11 @@ class TrainingObjective(nn.Module):
         self.padding_free = padding_free
         self.tc = tc
 
+    @property
+    def scorer(self) -> QwenModel:
+        """What evaluation scores the labels with: the decoder and its LM head."""
+        return self.model
+
     def forward(self, batch: Batch) -> ObjectiveOutput:
         """One right-padded micro-batch."""
         # either path needs no padding mask: a real token never attends to the pads after it, so the causal

@@ -18,13 +18,16 @@ LORA_PARAMS = ("lora_A", "lora_B")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# a sequence-classification adapter's head, saved whole (modules_to_save), as PEFT writes it
+HEAD_KEY = f"{PEFT_PREFIX}score.weight"
+# the heads PEFT itself puts in modules_to_save for task_type SEQ_CLS; of them, Qwen has `score`
+SEQ_CLS_MODULES = ("classifier", "score", "pre_classifier")
 
 # adapter_config.json keys whose non-empty / true value changes the math in a way this module does not implement
 UNSUPPORTED_IF_SET = (
     "use_rslora",
     "use_dora",
     "lora_bias",
-    "modules_to_save",
     "rank_pattern",
     "alpha_pattern",
     "layers_to_transform",
@@ -210,15 +213,22 @@ def save_adapter(
     alpha: float,
     dropout: float,
     target_modules: list[str],
+    head: Tensor | None = None,
 ) -> None:
-    """Write adapter_config.json + adapter_model.safetensors that peft's PeftModel.from_pretrained loads."""
+    """Write adapter_config.json + adapter_model.safetensors that peft's PeftModel.from_pretrained loads.
+
+    head: a classifier's score.weight [K, H]; given, the adapter is a SEQ_CLS one with `score` in modules_to_save,
+    which PeftModel.from_pretrained(AutoModelForSequenceClassification...) loads.
+    """
     out_dir = Path(out_dir)
     tensors = lora_state_dict(model)
     if not tensors:
         raise ValueError("the model has no LoRA layers to save (call inject_lora first)")
+    if head is not None:
+        tensors[HEAD_KEY] = head.detach()
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "CAUSAL_LM" if head is None else "SEQ_CLS",
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -230,7 +240,7 @@ def save_adapter(
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": None if head is None else ["score"],
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -254,6 +264,10 @@ def read_adapter_config(path: Path) -> dict:
     for key in UNSUPPORTED_IF_SET:
         if config.get(key):
             raise refuse(key, "it changes the LoRA update")
+    modules = config.get("modules_to_save")
+    if modules and (config.get("task_type") != "SEQ_CLS" or not isinstance(modules, list)
+                    or not set(modules) <= set(SEQ_CLS_MODULES)):
+        raise refuse("modules_to_save", "only a SEQ_CLS adapter's classification head")
     if config.get("bias", "none") != "none":
         raise refuse("bias", "only 'none': trained biases are not loaded")
     if config.get("init_lora_weights", True) not in PLAIN_INITS:
@@ -284,15 +298,26 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     """Copy a PEFT adapter folder's factors into the LoRA layers the model already has (same r and targets)."""
     weights = Path(adapter_dir) / WEIGHTS_FILE
     # peft saves without the adapter name, but some tools keep it: ...q_proj.lora_A.default.weight
-    tensors = ((file, key.replace(".default.", "."), t) for file, key, t in read_tensors([weights]))
+    tensors = ((file, key.replace(".default.", "."), t) for file, key, t in read_tensors([weights])
+               if key != HEAD_KEY)
     assign_parameters(model, tensors, peft_key, source=weights, select=is_lora_param, in_place=True)
 
 
-def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+def adapter_head(adapter_dir: str | Path) -> Tensor | None:
+    """The score.weight [K, H] a SEQ_CLS adapter saved, None for an adapter without a head."""
+    weights = Path(adapter_dir) / WEIGHTS_FILE
+    return next((t for _, key, t in read_tensors([weights]) if key == HEAD_KEY), None)
+
+
+def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float,
+                       dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """A base checkpoint's tensors (Hugging Face keys) with a PEFT adapter's updates folded in: W + scaling * B A,
-    computed in fp32 and kept in each weight's dtype. A pure function: neither input is changed."""
+    computed in fp32 and stored in `dtype` (default: each weight's own; a float32 export of a bf16 base must not
+    round the sum back to bf16). A pure function: neither input is changed."""
     merged = dict(base)
     factors = {key.replace(".default.", "."): t for key, t in adapter.items()}
+    if HEAD_KEY in factors:  # a SEQ_CLS adapter's head, saved whole
+        merged["score.weight"] = factors[HEAD_KEY]
     for key, lora_a in factors.items():
         if not key.endswith(".lora_A.weight"):
             continue
@@ -302,5 +327,5 @@ def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scal
         if weight_key not in base or lora_b is None:
             raise ValueError(f"{key}: no {weight_key} in the base or no lora_B beside it")
         weight = base[weight_key]
-        merged[weight_key] = (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+        merged[weight_key] = (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(dtype or weight.dtype)
     return merged

@@ -14,6 +14,7 @@ from ncal_core.data.rows import label_column_flag, text_column_flag
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.tau_choice import DEV_WEIGHTINGS, TAU_GRID
 from ncal_core.loss.tc import TCConfig
+from ncal_core.model.classifier import HEADS
 
 BUILTIN_TINY = "tiny"
 TRACKERS = ("none", "tensorboard", "wandb", "all")
@@ -66,6 +67,10 @@ class TrainConfig:
     tiny_num_layers: int = flag(4, "decoder layers of the built-in tiny model")
     tiny_vocab_size: int = flag(4096, "BPE vocabulary of the built-in tiny model, trained on the training texts")
     tiny_tied_embeddings: bool = flag(True, "the built-in tiny model's LM head shares the input embedding's weights")
+    head: str = flag("lm", "what predicts the class: lm (label scoring with the LM head: the label's tokens are "
+                           "trained and scored), linear (a K-way linear layer `score` on the last prompt token, as "
+                           "transformers' Qwen2ForSequenceClassification) or etf (that layer fixed to a simplex ETF "
+                           "times a learned temperature); a head's TC feature is its own input: docs/heads.md")
     # LoRA
     use_lora: bool | None = flag(None, "train LoRA adapters instead of every weight; default: true, except for "
                                      "the tiny model trained from scratch")
@@ -79,7 +84,8 @@ class TrainConfig:
     e_w: float = flag(TCConfig.e_w, "norm bound of the features in the TC loss")
     class_diff: bool = flag(TCConfig.class_diff, "TC over pairs of different classes only (else all pairs)")
     pooling: str = flag(TCConfig.pooling, "TC feature: last (last prompt token), seq_last (last real token) or mean "
-                                          "(prompt mean)")
+                                          "(prompt mean); with --head linear or etf, always the head's input (the "
+                                          "last prompt token)")
     tc_backend: str = flag(TCConfig.backend, "TC loss implementation: auto (Triton on CUDA GPUs of sm_80 or newer with triton "
                                    "installed, else PyTorch with one warning on a GPU), triton or torch")
     tc_variant: str = flag(TCConfig.variant, "pairs: the paper's batch Gram loss; etf_target: dot regression of every row to "
@@ -153,6 +159,8 @@ class TrainConfig:
         if self.truncation not in ("left", "middle"):
             bad("truncation", f"must be left or middle, not {self.truncation!r}")
         self.tc.check()
+        if self.head not in HEADS:
+            bad("head", f"must be {', '.join(HEADS[:-1])} or {HEADS[-1]}, not {self.head!r}")
         if self.resample not in RESAMPLING:
             bad("resample", f"must be none, balanced or sqrt, not {self.resample!r}")
         if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):

@@ -44,9 +44,9 @@ class FlopModel:
     def of(cls, model: QwenModel) -> FlopModel:
         c = model.config
         per_token = sum((6 if p.requires_grad else 4) * p.numel() for p in model.layers.parameters() if p.dim() == 2)
-        head = model.lm_head.weight
+        head = model.lm_head.weight if model.lm_head is not None else None  # a classifier's K-way head: negligible
         return cls(per_token, 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim,
-                   (6 if head.requires_grad else 4) * head.numel())
+                   0 if head is None else (6 if head.requires_grad else 4) * head.numel())
 
     def __call__(self, tokens: float, sq_tokens: float, targets: float) -> float:
         return self.per_token * tokens + self.per_squared_token * sq_tokens + self.per_target * targets

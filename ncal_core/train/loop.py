@@ -22,11 +22,13 @@ from ncal_core.cli import parse_config
 from ncal_core.durable import add_files, write_json
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.evaluate import evaluate, write_report
+from ncal_core.model.classifier import QwenClassifier, save_classifier
 from ncal_core.model.hub import is_hub_id
 from ncal_core.model.lora import load_adapter_weights, save_adapter
-from ncal_core.model.qwen import load_weights_into, save_model
+from ncal_core.model.qwen import QwenModel, load_weights_into, save_model
 from ncal_core.train.checkpoint import prune_checkpoints, save_checkpoint
 from ncal_core.train.config import TrainConfig
+from ncal_core.train.heads import restore_classifier
 from ncal_core.train.log import FlopModel, MetricsLog, device_peak_flops, step_line
 from ncal_core.train.resume import rng_state
 from ncal_core.train.setup import Run, setup
@@ -44,16 +46,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def save_weights(run: Run, folder: Path) -> None:
     """The trained weights (the adapter, or the whole model), the tokenizer and the run record, into folder."""
-    cfg = run.cfg
+    cfg, scorer = run.cfg, run_scorer(run)
     if run.use_lora:
         # a hub id stays a hub id (the adapter loads on any machine with that model), a folder is recorded absolute
         base = cfg.model_name_or_path if is_hub_id(cfg.model_name_or_path) else str(run.base)
         save_adapter(run.model, folder, base_model_name_or_path=base, r=cfg.lora_r, alpha=cfg.lora_alpha,
-                     dropout=cfg.lora_dropout, target_modules=cfg.target_modules)
+                     dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                     head=scorer.score.weight if isinstance(scorer, QwenClassifier) else None)
+    elif isinstance(scorer, QwenClassifier):
+        save_classifier(scorer, folder, run.data.labels, run.tokenizer.pad_token_id)
     else:
         save_model(run.model, folder)
     run.tokenizer.save_pretrained(folder)
     run.record.write(folder)
+
+
+def run_scorer(run: Run) -> QwenModel | QwenClassifier:
+    """What predicts the class: the decoder with its LM head (label scoring), or a classifier (--head)."""
+    return run.accelerator.unwrap_model(run.parts.objective).scorer
 
 
 def checkpoint(run: Run) -> Path | None:
@@ -80,7 +90,7 @@ def run_eval(run: Run, log: MetricsLog, rows: list, split: str, tag: str, tau: f
     """Score labelled rows (sharded over ranks) with post-hoc adjustment by tau (None: chosen on these rows, the
     development split) and log the figures."""
     cfg, acc = run.cfg, run.accelerator
-    report, features = evaluate(run.model, run.builder, rows, tc=run.tc or cfg.tc,
+    report, features = evaluate(run_scorer(run), run.builder, rows, tc=run.tc or cfg.tc,
                                 batch_size=cfg.per_device_eval_batch_size, prior_log=run.parts.prior_log, tau=tau,
                                 weighting=cfg.dev_weighting if split == "dev" else None, rank=acc.process_index,
                                 world=acc.num_processes)
@@ -142,7 +152,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if run.main_proc:
         print(plan_summary(train_path=data.train_path, labels=data.labels, counts=data.counts,
                            dev_rows=len(data.dev_rows), eval_path=data.eval_path, eval_rows=len(data.eval_rows),
-                           model_name=cfg.model_name_or_path, model=run.model, use_lora=run.use_lora,
+                           model_name=cfg.model_name_or_path, model=run_scorer(run), use_lora=run.use_lora,
                            total_steps=run.total_steps, per_device=cfg.per_device_train_batch_size,
                            world=acc.num_processes, accumulation=cfg.gradient_accumulation_steps,
                            output_dir=run.output_dir, tau=cfg.logit_adjust_tau), flush=True)
@@ -209,7 +219,10 @@ def restore_best(run: Run) -> bool:
                   "which was not kept (--save_strategy no, or deleted): the final weights are scored and saved",
                   flush=True)
         return False
-    if run.use_lora:
+    scorer = run_scorer(run)
+    if isinstance(scorer, QwenClassifier):
+        restore_classifier(scorer, folder, run.use_lora)
+    elif run.use_lora:
         load_adapter_weights(run.model, folder)
     else:
         load_weights_into(run.model, folder)
@@ -219,7 +232,43 @@ def restore_best(run: Run) -> bool:
 def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
     """The weights the development split chose (the final ones, or with --load_best_model_at_end an earlier
     checkpoint that beat them) scored once on the test rows, with that split's figures beside them; the weights and
-    the report; what the run wrote."""
+    the report; what the run wrote.
+
+    The final weights are written first: anything after training that fails (an evaluation, a picture, a tracker)
+    leaves them, the run record and one line saying what failed and how to do only that part again.
+    """
+    if run.main_proc:
+        add_files(run.output_dir, lambda folder: save_weights(run, folder))
+    phase = AfterTraining(run)
+    try:
+        report = evaluate_trained(run, log, phase)
+        phase.now = "ending the trackers"
+        run.accelerator.wait_for_everyone()
+        run.accelerator.end_training()
+    except Exception as err:  # noqa: BLE001 (the weights are saved: the failure becomes one line on how to go on)
+        raise NCALError(phase.failed(err)) from err
+    return report
+
+
+class AfterTraining:
+    """What a run is doing after its last step, for the line that says what failed and how to redo it."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.now = "scoring the development split"
+
+    def failed(self, err: Exception) -> str:
+        out, data = self.run.output_dir, self.run.data
+        redo = f"python -m ncal_core.infer --model_path {out} --prompts_file ROWS"
+        if data.eval_rows:
+            redo = (f"python -m ncal_core.analyze --model_path {out} --prompts_file {data.eval_path} --output_dir "
+                    f"{out / 'analysis'}")
+        return (f"{self.now} failed after training ({type(err).__name__}: {err}); the trained weights and run record "
+                f"are saved in {out}; redo only that part with: {redo}")
+
+
+def evaluate_trained(run: Run, log: MetricsLog, phase: AfterTraining) -> dict[str, Any]:
+    """finish's scoring: the development split's choice of weights and tau, then the test rows; their report."""
     data, state = run.data, run.state
     report: dict[str, Any] = {}
     dev = score_dev(run, log, "final") if data.dev_rows else None
@@ -232,7 +281,13 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
         dev = score_dev(run, log, f"best: {Path(weights_from).name}")  # its figures and tau, for these weights
     if not dev:
         run.record.logit_adjust_tau = run.cfg.logit_adjust_tau or 0.0
+    if run.main_proc:  # the chosen weights, and the tau chosen for them, replace what was written at the end
+        if weights_from == "final":
+            run.record.write(run.output_dir)
+        else:
+            add_files(run.output_dir, lambda folder: save_weights(run, folder))
     if data.eval_rows:  # with the tau the development split chose for these weights
+        phase.now = f"scoring the test rows of {data.eval_path}"
         report, features = run_eval(run, log, data.eval_rows, "test", "final", run.record.logit_adjust_tau)
     if dev and report:  # the test figures, with the development split's beside them
         report["dev"] = {key: dev[key] for key in ("accuracy", "macro_f1", "weighted_macro_f1", "dev_weighting",
@@ -243,13 +298,11 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
         if state.best_checkpoint:
             report["dev"]["best_checkpoint"] = {"path": state.best_checkpoint, "macro_f1": state.best_macro_f1}
     if run.main_proc:
-        add_files(run.output_dir, lambda folder: save_weights(run, folder))
+        phase.now = "writing the report"
         if data.dev_rows:
             write_json(run.output_dir / "dev_ids.json", [r.id for r in data.dev_rows])
         if data.eval_rows:
             gold = [data.labels.index(row.label) for row in data.eval_rows]
             write_report(run.output_dir, report, features, gold, data.labels)
         print(outputs_summary(run.output_dir), flush=True)
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
     return report

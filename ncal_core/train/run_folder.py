@@ -17,6 +17,12 @@ def prepare_output_dir(output_dir: Path, cfg, *, resuming: bool) -> None:
     """Create the folder, refusing one that holds something else unless --overwrite_output_dir."""
     if output_dir.exists() and not output_dir.is_dir():
         raise NCALError(f"--output_dir {output_dir}: exists and is not a folder")
+    base = Path(cfg.model_name_or_path)
+    # the final weights would write over a base in the folder itself, and starting over deletes its checkpoints
+    if base.is_dir() and (base.resolve() == output_dir.resolve()
+                          or (not resuming and output_dir.resolve() in base.resolve().parents)):
+        raise NCALError(f"--output_dir {output_dir}: holds --model_name_or_path {base}, which this run would write "
+                        "over; name another folder")
     # a run file alone is left by a run that stopped before writing anything (bad data, a bad checkpoint)
     entries = [e for e in output_dir.iterdir() if e.name != RUN_FILE] if output_dir.is_dir() else []
     if entries and not resuming:

@@ -23,6 +23,7 @@ from ncal_core.data.prompts import EncodedRow, PromptBuilder
 from ncal_core.data.registry import resolve_dataset
 from ncal_core.data.rows import Example, check_labels, class_counts, dev_split, label_set, load_examples
 from ncal_core.errors import NCALError
+from ncal_core.loss.classifier_objective import prompt_rows
 from ncal_core.loss.logit_adjustment import label_decisions, log_prior
 from ncal_core.loss.objective import TrainingObjective, compile_layers
 from ncal_core.loss.tc import TCConfig, resolve_backend, simplex_etf
@@ -34,6 +35,7 @@ from ncal_core.model.tokenizer import load_tokenizer
 from ncal_core.run_record import RunRecord
 from ncal_core.train.checkpoint import read_optimizer_state, read_rng, read_state, resolve_checkpoint
 from ncal_core.train.config import BUILTIN_TINY, TrainConfig, uses_lora, uses_tc
+from ncal_core.train.heads import head_objective
 from ncal_core.train.resume import check_resume, rank_rng, resume_settings, set_rng_state
 from ncal_core.train.run_folder import prepare_output_dir, truncate_log
 from ncal_core.train.schedule import make_optimizer, make_scheduler, set_peak_lr
@@ -180,7 +182,9 @@ def _load_model(cfg: TrainConfig, base: Path, resume: Path | None, use_lora: boo
                 ) -> QwenModel:
     """The model to train: the base (or a full checkpoint to resume), with new or resumed LoRA adapters."""
     torch.manual_seed(cfg.seed)
-    model = load_model(resume if resume and not use_lora else base, dtype=DTYPES[cfg.torch_dtype], device=device)
+    # a head run's checkpoint is a sequence classifier: heads.head_objective loads it onto the base
+    full_resume = resume and not use_lora and cfg.head == "lm"
+    model = load_model(resume if full_resume else base, dtype=DTYPES[cfg.torch_dtype], device=device)
     if use_lora:
         if resume:
             load_adapter(model, resume)
@@ -250,15 +254,22 @@ def setup(cfg: TrainConfig) -> Run:
     builder = PromptBuilder(tokenizer, data.labels, instruction=cfg.instruction, cutoff_len=cfg.cutoff_len,
                             truncation=cfg.truncation)
     encoded = builder.encode_all(data.train_rows)
+    if cfg.head != "lm":
+        encoded = prompt_rows(encoded)
     model = _load_model(cfg, base, resume, use_lora, device)
     K = len(data.labels)
-    decisions = label_decisions(builder.label_ids, data.counts).to(device) if cfg.la_loss_tau > 0 else None
+    decisions = label_decisions(builder.label_ids, data.counts).to(device) \
+        if cfg.la_loss_tau > 0 and cfg.head == "lm" else None
     tc = replace(cfg.tc, backend=resolve_backend(cfg.tc_backend, device)) \
         if uses_tc(cfg.use_etf_loss, cfg.lambda_lc) else None
-    objective = TrainingObjective(model, tc=tc, padding_free=cfg.padding_free, decisions=decisions)
+    prior_log = log_prior(data.counts).to(device)
+    if cfg.head == "lm":
+        objective = TrainingObjective(model, tc=tc, padding_free=cfg.padding_free, decisions=decisions)
+    else:
+        objective = head_objective(cfg, model, K, prior_log, tc, resume, use_lora)
     etf_targets = simplex_etf(K, model.config.hidden_size, cfg.seed).to(device) \
         if tc and tc.variant == "etf_target" else None
-    optimizer = make_optimizer(model, lr, cfg.weight_decay)
+    optimizer = make_optimizer(objective, lr, cfg.weight_decay)  # the model's weights and a head's
 
     sampler = _sampler(cfg, encoded, K, world)
     steps_per_epoch = len(sampler) // cfg.gradient_accumulation_steps
@@ -282,7 +293,7 @@ def setup(cfg: TrainConfig) -> Run:
                        use_lora=use_lora, learning_rate=lr)
     parts = StepParts(accelerator=accelerator, objective=objective, optimizer=optimizer, scheduler=scheduler,
                       encoded=encoded, pad_id=tokenizer.pad_token_id, cfg=cfg,
-                      prior_log=log_prior(data.counts).to(device), etf_targets=etf_targets, tc=tc,
+                      prior_log=prior_log, etf_targets=etf_targets, tc=tc,
                       decisions=decisions)
     return Run(parts=parts, data=data, base=base, tokenizer=tokenizer, builder=builder, record=record, sampler=sampler,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, state=state)

@@ -102,6 +102,11 @@ class StepParts:
         return self.accelerator.process_index
 
 
+def row_targets(row: EncodedRow) -> int:
+    """What a row's loss sums over: its label tokens and eos, or (a head run's prompt-only row) its one class."""
+    return max(1, len(row.input_ids) - row.prompt_len)
+
+
 def _micro_batch_loss(parts: StepParts, batch: Any, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
     """(loss to back-propagate, LM sum, TC loss) of one micro-batch already on the device."""
     cfg, accum = parts.cfg, parts.cfg.gradient_accumulation_steps
@@ -128,7 +133,7 @@ def train_step(parts: StepParts, group: list[list[int]], since_log: StepRecord) 
     """
     cfg, acc, encoded = parts.cfg, parts.accelerator, parts.encoded
     per_rank = cfg.per_device_train_batch_size
-    n_tokens = sum(len(encoded[i].input_ids) - encoded[i].prompt_len for rows in group for i in rows)
+    n_tokens = sum(row_targets(encoded[i]) for rows in group for i in rows)
     record = since_log
     for k, rows in enumerate(group):
         mine = rows[parts.rank * per_rank:(parts.rank + 1) * per_rank]
@@ -139,7 +144,7 @@ def train_step(parts: StepParts, group: list[list[int]], since_log: StepRecord) 
             loss, lm_sum, tc = _micro_batch_loss(parts, batch, n_tokens)
         acc.backward(loss)
         record = record + _micro_record(lm_sum, tc, host_batch, [len(encoded[i].input_ids) for i in mine],
-                                        len(host_batch.target), cfg.padding_free, parts.world)
+                                        sum(row_targets(encoded[i]) for i in mine), cfg.padding_free, parts.world)
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(parts.objective.parameters(), cfg.max_grad_norm)
     parts.optimizer.step()
