@@ -13,6 +13,10 @@ with its traceback and the others still run; `passed` is true only when no part 
   `--steps` steps on TMWPL train, without and with gradient checkpointing: samples/s, tokens/s, MFU against
   the GPU's dense bf16 peak, peak torch.cuda.max_memory_allocated against bench/memory_model.py.
 - `train_2proc`: the same run through 2 processes (accelerate), when there are >= 2 GPUs; else skipped.
+- `qlora_step`: bench/scale_check.py's QLoRA step (NF4 base) at Qwen2.5-0.5B's shapes on one GPU: the bytes of
+  its weights, gradients and AdamW state within SCALE_RTOL of bench/memory_model.py's per_gpu, and its peak.
+- `fsdp_2proc_step`: the same for LoRA, QLoRA and full fine-tuning sharded by FSDP2 over 2 processes (torchrun,
+  NCCL), when there are >= 2 GPUs; else skipped.
 - `eval_gpu_vs_cpu`: the trained adapter scored on `--eval_rows` TMWPL test rows on the GPU (fp32 and
   bf16) and on the CPU (fp32) with ncal_core.evaluation.evaluate.evaluate; macro-F1 within EVAL_TOLERANCE.
 
@@ -43,7 +47,7 @@ from unittest import mock
 
 import torch
 
-from ncal_core.durable import write_json
+from ncal_core.durable import read_json, write_json
 from ncal_core.train.log import peak_bf16_tflops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +67,9 @@ WARMUP_STEPS = 5  # left out of the rates: allocator growth, Triton and cuBLAS f
 # (one flip in 128 rows moves macro-F1 by ~0.01).
 EVAL_TOLERANCE = {"float32": 0.0, "bfloat16": 0.02}
 SUBPROCESS_TIMEOUT_S = 300
+# bench/scale_check.py's steps: per-GPU rows and tokens, and how far its measured bytes may stray from the model
+SCALE_BATCH, SCALE_SEQ = 8, 512
+SCALE_RTOL = 0.1
 
 
 class SkipPart(Exception):
@@ -218,6 +225,23 @@ def predicted_peak(plan: list[dict[str, int]], a, checkpointing: bool) -> dict[s
     return {"predicted_bytes": total, "predicted_at": {"batch": batch, "seq": seq}}
 
 
+def scale_check_command(runs: list[str], out: Path) -> list[str]:
+    """bench/scale_check.py on the GPU at Qwen2.5-0.5B's shapes, all 24 layers, SCALE_BATCH rows of SCALE_SEQ."""
+    return [sys.executable, "-m", "bench.scale_check", "--device", "cuda", "--layers", "24", "--batch",
+            str(SCALE_BATCH), "--seq", str(SCALE_SEQ), "--runs", *runs, "--json", str(out)]
+
+
+def scale_steps(runs: list[str], out: Path) -> dict[str, Any]:
+    """The runs' measured weights, gradients and AdamW state per process against memory_model.per_gpu's terms."""
+    proc = subprocess.run(scale_check_command(runs, out), cwd=REPO, env=without_interpreter(), capture_output=True,
+                          text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    if proc.returncode:
+        raise RuntimeError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    report = read_json(out)
+    ratios = [r for row in report["rows"] for r in row["measured_over_predicted"].values()]
+    return {"passed": all(abs(r - 1) <= SCALE_RTOL for r in ratios), "tolerance": SCALE_RTOL, **report}
+
+
 class Run:
     """What the parts share: the arguments, a work folder, and the 0.5B-shaped checkpoint built once when needed."""
 
@@ -287,6 +311,16 @@ class Run:
                             self.peak_tflops)
         return {"passed": result["losses_finite"], "processes": 2, "global_batch": 2 * self.args.batch, **result}
 
+    def qlora_step(self) -> dict[str, Any]:
+        """One QLoRA step (NF4 base) on one GPU: its memory against the memory model's."""
+        return scale_steps(["qlora:1"], self.workdir / "qlora_step.json")
+
+    def fsdp_2proc_step(self) -> dict[str, Any]:
+        """One FSDP2 step over 2 processes (LoRA, QLoRA, full fine-tuning), when there are >= 2 GPUs."""
+        if torch.cuda.device_count() < 2:
+            raise SkipPart(f"{torch.cuda.device_count()} CUDA device here; the FSDP2 step needs 2")
+        return scale_steps(["lora:2", "qlora:2", "full:2"], self.workdir / "fsdp_2proc_step.json")
+
     def eval_gpu_vs_cpu(self) -> dict[str, Any]:
         """The adapter of train_qwen05b's first run scored on the GPU (fp32, bf16) and the CPU (fp32), same rows."""
         from ncal_core.data.rows import load_examples
@@ -336,7 +370,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def parts(run: Run) -> dict[str, Callable[[], dict[str, Any]]]:
     """The parts in the order they run (the evaluation reads the adapter train_qwen05b leaves)."""
     return {"cuda_tests": lambda: cuda_tests(run.workdir), "kernel_timings": kernel_timings,
-            "train_qwen05b": run.train_qwen05b, "train_2proc": run.train_2proc, "eval_gpu_vs_cpu": run.eval_gpu_vs_cpu}
+            "train_qwen05b": run.train_qwen05b, "train_2proc": run.train_2proc, "qlora_step": run.qlora_step,
+            "fsdp_2proc_step": run.fsdp_2proc_step, "eval_gpu_vs_cpu": run.eval_gpu_vs_cpu}
 
 
 def check(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

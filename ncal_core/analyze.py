@@ -15,6 +15,7 @@ from ncal_core.evaluation.plots import training_curves
 from ncal_core.evaluation.predictor import (
     check_device,
     load_folder,
+    model_labels,
     open_model_folder,
     pick_device,
     pick_dtype,
@@ -45,8 +46,10 @@ class AnalyzeConfig:
     output_dir: str | None = flag(None, "where eval.json, sphere.png, per_class_f1.png and training_curves.png go: "
                                         "not the --model_path folder, nor another run's or model's (unless "
                                         "--overwrite_output_dir)")
-    labels: list[str] | None = flag(None, "class names when the model folder records none (default: sorted gold labels)")
-    pooling: str | None = flag(None, "feature pooling: last, seq_last or mean (default: the training run's)")
+    labels: list[str] | None = flag(None, "class names when the model folder records none (default: a classification "
+                                        "head's id2label, in the order of its outputs; else the sorted gold labels)")
+    pooling: str | None = flag(None, "feature pooling: last, seq_last or mean (default: the training run's; a "
+                                   "classification head model: last, its head's input)")
     instruction: str | None = flag(None, "system turn before each prompt (default: the training run's)")
     logit_adjust_tau: float | None = flag(None, "post-hoc logit adjustment: label scores - tau * log training prior "
                                              "(default: the tau of the training run's evaluation, else 0)")
@@ -79,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(AnalyzeConfig, argv, description=__doc__.splitlines()[0], prog="python -m ncal_core.analyze")
     cfg.check()
     folder = open_model_folder(cfg.model_path, cfg.base_model_path, cfg.revision)
+    if folder.num_classes is not None and cfg.pooling not in (None, "last"):
+        raise NCALError(f"--pooling {cfg.pooling}: {cfg.model_path} is a classification head model, whose features "
+                        "are its head's input, the last token's hidden state; drop --pooling")
     run = folder.run
     rows = load_examples(cfg.prompts_file, text_column=cfg.text_column, label_column=cfg.label_column,
                          dataset_split=cfg.dataset_split)
-    labels = cfg.labels or (run and run.labels) or label_set(rows, cfg.prompts_file)
+    labels = model_labels(folder, cfg.labels) or label_set(rows, cfg.prompts_file)
     check_labels(rows, labels, cfg.prompts_file)
     tau = run_tau(run, cfg.logit_adjust_tau)
     prior = training_log_prior(cfg.model_path, run, labels) if tau else None

@@ -28,9 +28,11 @@ from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.generate import greedy_generate
 from ncal_core.evaluation.metrics import classification_report, format_report
 from ncal_core.evaluation.predictor import (
+    ModelFolder,
     check_device,
     label_scorer,
     load_folder,
+    model_labels,
     open_model_folder,
     pick_device,
     pick_dtype,
@@ -69,8 +71,9 @@ class InferConfig:
     metrics_file: str | None = flag(None, "write the report (accuracy, macro_f1, per class, confusion, and "
                                           "predict_seconds: the time the predictions took, loading the model(s) not "
                                           "counted) as JSON")
-    labels: list[str] | None = flag(None, "the class names, when the model folder does not record them "
-                                        "(default: the sorted gold labels of --prompts_file)")
+    labels: list[str] | None = flag(None, "the class names, when the model folder does not record them (default: a "
+                                        "classification head's id2label, in the order of its outputs; else the "
+                                        "sorted gold labels of --prompts_file)")
     instruction: str | None = flag(None, "system turn before each prompt (default: the training run's)")
     batch_size: int = flag(16, "prompts scored per forward pass")
     logit_adjust_tau: float | None = flag(None, "post-hoc logit adjustment: label scores - tau * log training prior "
@@ -119,14 +122,20 @@ def _rows(cfg: InferConfig) -> list[Example]:
     return []
 
 
-def _check_ensemble(paths: list[str], runs: list[dict], labels: list[str]) -> None:
-    """The models of an ensemble score one label set: each that records its labels was trained on it."""
+def _check_ensemble(paths: list[str], folders: list[ModelFolder], own_labels: list[list[str] | None],
+                    labels: list[str]) -> None:
+    """The models of an ensemble score one label set: each that records its labels was trained on it, and a head
+    model's outputs are those classes in that order."""
     if len(paths) == 1:
         return
-    for path, run in zip(paths, runs):
-        if run and run.labels and set(run.labels) != set(labels):
-            raise NCALError(f"--model_path {path}: trained on the labels {','.join(run.labels)}, not "
+    for path, folder, own in zip(paths, folders, own_labels):
+        if own and set(own) != set(labels):
+            raise NCALError(f"--model_path {path}: trained on the labels {','.join(own)}, not "
                             f"{','.join(labels)}; the models of an ensemble score one label set")
+        if folder.num_classes is not None and own != labels:
+            raise NCALError(f"--model_path {path}: its classification head's outputs are the classes "
+                            f"{','.join(own)} in that order, not {','.join(labels)}; the models of an ensemble "
+                            "score one label set")
 
 
 def _table_row(output: dict) -> dict:
@@ -164,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     # every model's folder and records are checked before the first is read
     folders = [open_model_folder(path, cfg.base_model_path, cfg.revision) for path in cfg.model_path]
     runs = [folder.run for folder in folders]
+    own_labels = [model_labels(folder, cfg.labels) for folder in folders]
     # a plain checkpoint or a foreign adapter records none: the sorted gold labels of the rows
-    labels = cfg.labels or (runs[0] and runs[0].labels) or label_set(rows, f"{cfg.prompts_file or '--prompt'} "
-                                                                           "(the model records no labels: --labels)")
+    labels = own_labels[0] or label_set(rows, f"{cfg.prompts_file or '--prompt'} (the model records no labels: "
+                                              "--labels)")
     gold_rows = [row for row in rows if row.label is not None]
     if gold_rows:
         check_labels(gold_rows, labels, cfg.prompts_file or "--prompt")
-    _check_ensemble(cfg.model_path, runs, labels)
+    _check_ensemble(cfg.model_path, folders, own_labels, labels)
     # --generate computes no label scores to adjust
     taus = [0.0 if cfg.generate else run_tau(run, cfg.logit_adjust_tau) for run in runs]
     offsets = [tau_offset(tau, path, run, labels) for tau, path, run in zip(taus, cfg.model_path, runs)]

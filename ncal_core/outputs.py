@@ -1,8 +1,10 @@
 """Where a command writes, checked before it reads a model or scores a row.
 
-An output may not be one of the command's inputs (the rows, a model folder), may not write over a training run's or
-a model's own files, and its folder must exist or be creatable and be writable. Each check fails as one NCALError
-naming the flag, so a mistake costs nothing and loses nothing.
+An output may not be one of the command's inputs (the rows, a model folder), may not write over a file inside a data
+set folder it reads, nor over a training run's or a model's own files (its records, weights, tokenizer and reports;
+what a command wrote there before, such as predictions, it may write again), and its folder must exist or be
+creatable and be writable. Each check fails as one NCALError naming the flag, so a mistake costs nothing and loses
+nothing.
 """
 
 from __future__ import annotations
@@ -10,13 +12,19 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable
+from fnmatch import fnmatch
 from pathlib import Path
 
 from ncal_core.errors import NCALError
+from ncal_core.model.tokenizer import TOKENIZER_FILES
 from ncal_core.run_record import RUN_FILE
 
 # files that make a folder a model's or a training run's (a run, a checkpoint, an export, a base checkpoint)
 RECORD_FILES = (RUN_FILE, "config.json", "adapter_config.json", "metrics.jsonl", "trainer_state.json")
+# the files of such a folder no output may replace: its records, weights, optimizer and RNG state, tokenizer, the
+# run's reports and pictures, a model card
+OWN_FILES = (*RECORD_FILES, *TOKENIZER_FILES, "*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt",
+             "generation_config.json", "eval.json", "dev_ids.json", "*.png", "after_training_error*.txt", "README.md")
 
 
 def records_of(folder: Path) -> str | None:
@@ -26,6 +34,19 @@ def records_of(folder: Path) -> str | None:
     if any((folder / name).is_file() for name in RECORD_FILES):
         return "a model"
     return None
+
+
+def own_file(path: Path) -> bool:
+    """Whether `path` is one of the files of a model's or a run's folder (whether or not it exists yet)."""
+    return path.parent.is_dir() and records_of(path.parent) is not None and any(
+        fnmatch(path.name, pattern) for pattern in OWN_FILES)
+
+
+def _inside_data_folder(path: Path, given: Path) -> bool:
+    """Whether `path` lies inside the input folder `given` and that folder is a data set (a model's or a run's folder
+    keeps its own files by name, see own_file)."""
+    return (given.is_dir() and records_of(given) is None
+            and Path(os.path.realpath(given)) in Path(os.path.realpath(path)).parents)
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -46,17 +67,18 @@ def writable_folder(flag: str, folder: Path, shown: Path | None = None) -> None:
 
 
 def check_output_file(flag: str, path: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> Path:
-    """A file the command will write: not a folder, not an input file given as (flag, path), not an existing file of
-    a model's or a run's folder; its folder made and writable."""
+    """A file the command will write: not a folder, not an input file given as (flag, path) nor an existing file
+    inside an input data set folder, not one of a model's or a run's own files; its folder made and writable."""
     out = Path(path)
     if out.is_dir():
         raise NCALError(f"{flag} {out}: is a folder; name a file")
     for input_flag, given in inputs:
         if given is not None and _same(out, Path(given)):
             raise NCALError(f"{flag} {out}: is the {input_flag} file; name another output file")
-    holder = records_of(out.parent) if out.parent.is_dir() else None
-    if holder and out.exists():
-        raise NCALError(f"{flag} {out}: a file of {holder} ({out.parent}); name another output file")
+        if given is not None and out.exists() and _inside_data_folder(out, Path(given)):
+            raise NCALError(f"{flag} {out}: a file of the {input_flag} folder {given}; name another output file")
+    if own_file(out):
+        raise NCALError(f"{flag} {out}: a file of {records_of(out.parent)} ({out.parent}); name another output file")
     writable_folder(flag, out.parent, out)
     return out
 
@@ -76,6 +98,11 @@ def check_output_dir(flag: str, path: str | Path, inputs: Iterable[tuple[str, st
             raise NCALError(f"{flag} {out}: is {input_flag}; name another folder")
         if any(_same(out / name, given) for name in writes):
             raise NCALError(f"{flag} {out}: would write over the {input_flag} file {given}; name another folder")
+        over = next((name for name in writes if (out / name).exists() and _inside_data_folder(out / name, given)),
+                    None)
+        if over:
+            raise NCALError(f"{flag} {out}: would write over {out / over} of the {input_flag} folder {given}; name "
+                            "another folder")
     holder = records_of(out) if out.is_dir() else None
     if holder and not overwrite:
         raise NCALError(f"{flag} {out}: holds the records of {holder}; name another folder, or pass "

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ncal_core.cli import flag, parse_config
-from ncal_core.data.rows import Example
+from ncal_core.data.rows import Example, check_class_names
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.predictor import (
     check_device,
     label_scorer,
     load_folder,
+    model_labels,
     open_model_folder,
     pick_device,
     pick_dtype,
@@ -35,12 +36,14 @@ from ncal_core.evaluation.predictor import (
 class ServeConfig:
     """Flags of `python -m ncal_core.serve`."""
 
-    model_path: str | None = flag(None, "a training output, checkpoint or export of ours that records its labels: a "
-                                        "folder or a hub id")
+    model_path: str | None = flag(None, "a training output, checkpoint or export of ours that records its labels, or a "
+                                        "classification checkpoint naming them in id2label: a folder or a hub id")
     base_model_path: str | None = flag(None, "the base checkpoint under an adapter, a folder or a hub id")
     revision: str | None = flag(None, "the hub revision of a --model_path that is a hub id; default: main")
     host: str = flag("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = flag(8000, "port to listen on")
+    labels: list[str] | None = flag(None, "the class names, when the model folder records none (a classification "
+                                        "head's: in the order of its outputs)")
     logit_adjust_tau: float | None = flag(None, "post-hoc logit adjustment (default: the training run's tau)")
     max_batch_size: int = flag(32, "texts scored in one batch at most, gathered from requests that arrive together")
     max_wait_ms: float = flag(5.0, "how long the first request of a batch waits for others")
@@ -59,6 +62,7 @@ class ServeConfig:
         if self.max_wait_ms < 0:
             raise NCALError(f"--max_wait_ms: must be >= 0, not {self.max_wait_ms}")
         check_device(self.device, self.dtype)
+        check_class_names("--labels", self.labels)
 
 
 class Classifier:
@@ -67,10 +71,11 @@ class Classifier:
     def __init__(self, cfg: ServeConfig) -> None:
         folder = open_model_folder(cfg.model_path, cfg.base_model_path, cfg.revision)
         run = folder.run
-        if not run or not run.labels:
+        labels = model_labels(folder, cfg.labels)
+        if not labels:
             raise NCALError(f"--model_path {cfg.model_path}: records no label set (serve a training output, "
-                            "checkpoint or export of ours)")
-        self.labels = run.labels
+                            "checkpoint or export of ours, or pass --labels)")
+        self.labels = labels
         tau = run_tau(run, cfg.logit_adjust_tau)
         device = pick_device(cfg.device)
         predictor = load_folder(folder, dtype=pick_dtype(cfg.dtype, device), device=device)

@@ -234,3 +234,162 @@ def test_an_adapter_peft_saved_over_a_sequence_classifier_predicts_with_peft_log
         expected = peft_model.eval()(input_ids=ids, attention_mask=mask).logits
         got, _ = predictor.classifier(ids, lens)
     assert rel_err(got, expected) <= FP32_REL
+
+
+def test_a_seq_cls_adapter_without_a_score_head_is_refused_in_one_line(tmp_path):
+    """PEFT's SEQ_CLS modules_to_save may name `classifier`, which Qwen lacks: such an adapter holds no head and is
+    not a causal-LM adapter either."""
+    from ncal_core.evaluation.predictor import load_predictor
+
+    base = make_hf_checkpoint(tmp_path / "base")
+    model = load_model(base)
+    inject_lora(model, 2, 4.0, 0.0, ["q_proj"])
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base), r=2, alpha=4.0, dropout=0.0,
+                 target_modules=["q_proj"])
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}))
+    with pytest.raises(NCALError, match=r"adapter_model.safetensors: base_model.model.score.weight: missing; a SEQ_CLS "
+                                        r"adapter of a Qwen model saves its classification head `score`$"):
+        load_predictor(tmp_path / "adapter")
+
+
+def shuffled_head(path, seed: int = 0, order: tuple[int, ...] = (2, 0, 1)):
+    """A classification checkpoint over the training rows' classes whose id2label is in `order` (by default not
+    sorted), with a tokenizer and no run record; (its folder, its labels in output order)."""
+    from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
+    from training_runs import LABELS as ROW_LABELS
+
+    from ncal_core.model.tokenizer import load_tokenizer
+
+    base = make_checkpoint_with_tokenizer(path.parent / f"{path.name}-base", seed=seed, hidden_size=32,
+                                          intermediate_size=64, layers=1, heads=2, kv_heads=1)
+    classifier = attach_head(load_model(base), 3, "linear", seed=seed)
+    with torch.no_grad():
+        classifier.score.linear_weight.mul_(100.0)  # clear margins between the classes
+    labels = [ROW_LABELS[i] for i in order]
+    tokenizer = load_tokenizer(base)
+    save_classifier(classifier, path, labels, pad_token_id=tokenizer.pad_token_id)
+    tokenizer.save_pretrained(path)
+    return path, labels
+
+
+def head_predictions(folder, rows: list[dict], labels: list[str]) -> list[str]:
+    """The classes a head model's outputs name for the rows: output i is labels[i]."""
+    from ncal_core.data.rows import Example
+    from ncal_core.evaluation.predictor import label_scorer, load_predictor
+
+    examples = [Example(id=r["id"], messages=[{"role": "user", "content": r["question"]}], label=None, where=r["id"])
+                for r in rows]
+    scores = label_scorer(load_predictor(folder), labels, torch.zeros(len(labels)))(examples)
+    return [labels[i] for i in scores.argmax(dim=1).tolist()]
+
+
+def test_infer_and_analyze_name_a_heads_outputs_by_its_id2label_not_the_sorted_gold_labels(tmp_path):
+    from training_runs import tmwpl_rows, write_jsonl
+
+    from ncal_core.analyze import main as analyze
+    from ncal_core.evaluation.metrics import classification_report
+    from ncal_core.infer import main as infer
+
+    head, labels = shuffled_head(tmp_path / "head")
+    rows = tmwpl_rows(9, seed=3)
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    expected = head_predictions(head, rows, labels)
+    assert infer(["--model_path", str(head), "--prompts_file", str(data), "--output_file",
+                  str(tmp_path / "preds.jsonl")]) == 0
+    written = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [p["prediction"] for p in written] == expected
+    # an ensemble of the model with itself predicts as the model does
+    assert infer(["--model_path", f"{head},{head}", "--prompts_file", str(data), "--output_file",
+                  str(tmp_path / "ensemble.jsonl")]) == 0
+    written = [json.loads(line) for line in (tmp_path / "ensemble.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [p["prediction"] for p in written] == expected
+    assert analyze(["--model_path", str(head), "--prompts_file", str(data), "--output_dir",
+                    str(tmp_path / "analysis")]) == 0
+    report = json.loads((tmp_path / "analysis" / "eval.json").read_text(encoding="utf-8"))
+    gold = [r["class"] for r in rows]
+    reference = classification_report([report["labels"].index(g) for g in gold],
+                                      [report["labels"].index(p) for p in expected], report["labels"])
+    assert report["per_class"] == reference["per_class"]
+
+
+def test_labels_that_do_not_number_a_heads_outputs_are_refused_in_one_line(tmp_path):
+    from training_runs import tmwpl_rows, write_jsonl
+
+    from ncal_core.analyze import main as analyze
+    from ncal_core.infer import main as infer
+
+    head, labels = shuffled_head(tmp_path / "head")
+    data = write_jsonl(tmp_path / "rows.jsonl", [r for r in tmwpl_rows(6) if r["class"] in labels[:2]])
+    message = rf"^--labels: 2 class names, but the classification head of {head} has 3 outputs$"
+    with pytest.raises(NCALError, match=message):
+        infer(["--model_path", str(head), "--prompt", "x", "--labels", ",".join(labels[:2])])
+    with pytest.raises(NCALError, match=message):
+        analyze(["--model_path", str(head), "--prompts_file", str(data), "--labels", ",".join(labels[:2]),
+                 "--output_dir", str(tmp_path / "analysis")])
+
+
+def test_an_ensemble_of_heads_whose_outputs_name_the_classes_in_other_orders_is_refused(tmp_path):
+    from training_runs import tmwpl_rows, write_jsonl
+
+    from ncal_core.infer import main as infer
+
+    first, labels = shuffled_head(tmp_path / "first")
+    second, other = shuffled_head(tmp_path / "second", seed=1, order=(0, 1, 2))
+    data = write_jsonl(tmp_path / "rows.jsonl", tmwpl_rows(3))
+    with pytest.raises(NCALError, match=rf"^--model_path {second}: its classification head's outputs are the classes "
+                                        rf"{','.join(other)} in that order, not {','.join(labels)}; the models of an "
+                                        "ensemble score one label set$"):
+        infer(["--model_path", f"{first},{second}", "--prompts_file", str(data)])
+
+
+def test_serve_names_a_heads_outputs_by_its_id2label(tmp_path):
+    pytest.importorskip("fastapi")
+    from training_runs import tmwpl_rows
+
+    from ncal_core.serve import Classifier, ServeConfig
+
+    head, labels = shuffled_head(tmp_path / "head")
+    rows = tmwpl_rows(6, seed=4)
+    served = Classifier(ServeConfig(model_path=str(head)))([r["question"] for r in rows])
+    assert [answer["label"] for answer in served] == head_predictions(head, rows, labels)
+    assert list(served[0]["scores"]) == labels
+    with pytest.raises(NCALError, match=rf"^--labels: 2 class names, but the classification head of {head} has 3 "
+                                        "outputs$"):
+        Classifier(ServeConfig(model_path=str(head), labels=labels[:2]))
+
+
+def test_analyze_refuses_a_pooling_a_head_model_does_not_use(tmp_path):
+    from training_runs import tmwpl_rows, write_jsonl
+
+    from ncal_core.analyze import main as analyze
+
+    head, _ = shuffled_head(tmp_path / "head")
+    data = write_jsonl(tmp_path / "rows.jsonl", tmwpl_rows(6))
+    with pytest.raises(NCALError, match=rf"^--pooling mean: {head} is a classification head model, whose features are "
+                                        r"its head's input, the last token's hidden state; drop --pooling$"):
+        analyze(["--model_path", str(head), "--prompts_file", str(data), "--pooling", "mean", "--output_dir",
+                 str(tmp_path / "analysis")])
+    assert analyze(["--model_path", str(head), "--prompts_file", str(data), "--pooling", "last", "--output_dir",
+                    str(tmp_path / "analysis")]) == 0
+
+
+def test_labels_that_do_not_number_a_seq_cls_adapters_head_are_refused_in_one_line(tmp_path):
+    from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
+
+    from ncal_core.infer import main as infer
+
+    base = make_checkpoint_with_tokenizer(tmp_path / "base", hidden_size=32, intermediate_size=64, layers=1, heads=2,
+                                          kv_heads=1)
+    model = load_model(base)
+    inject_lora(model, 2, 4.0, 0.0, ["q_proj"])
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base), r=2, alpha=4.0, dropout=0.0,
+                 target_modules=["q_proj"], head=attach_head(model, 3, "linear", seed=0).score.weight)
+    with pytest.raises(NCALError, match=rf"^--labels: 2 class names, but the classification head of "
+                                        rf"{tmp_path / 'adapter'} has 3 outputs$"):
+        infer(["--model_path", str(tmp_path / "adapter"), "--prompt", "x", "--labels", "a,b"])
+    with pytest.raises(NCALError, match=rf"^--model_path {tmp_path / 'adapter'}: a classification head of 3 classes "
+                                        "that records no class names; pass --labels, in the order of the head's "
+                                        "outputs$"):
+        infer(["--model_path", str(tmp_path / "adapter"), "--prompt", "x"])

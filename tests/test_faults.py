@@ -79,6 +79,7 @@ def analyze_args(*args: str) -> list[str]:
 
 
 P = {"p.jsonl": jsonl(*ROWS)}
+DATA_SET = {"ds/dataset_dict.json": '{"splits": ["train"]}', "ds/train/state.json": "mine"}  # a save_to_disk folder
 TRAIN_ARGS = ["--dataset_path", "{tmp}/t.jsonl", "--overwrite_output_dir", "true", "--max_steps", "1", "--val_size",
               "0", "--per_device_train_batch_size", "2", "--save_strategy", "no"]
 FAULTS = [
@@ -114,6 +115,9 @@ FAULTS = [
     Fault("infer_metrics_over_a_runs_log", "infer", infer_args("--prompts_file", "{tmp}/p.jsonl", "--metrics_file",
                                                                "{models}/run/metrics.jsonl"),
           "a file of a training run", P),
+    Fault("infer_output_over_a_file_of_the_data_set_folder", "infer",
+          infer_args("--prompts_file", "{tmp}/ds", "--output_file", "{tmp}/ds/train/state.json"),
+          "--output_file {tmp}/ds/train/state.json: a file of the --prompts_file folder", DATA_SET),
     # infer: what it reads
     Fault("infer_duplicate_labels", "infer", ["--model_path", "{models}/plain", "--prompt", "三角形", "--labels",
                                               "a,b,a"], "--labels: names the class 'a' twice"),
@@ -151,6 +155,10 @@ FAULTS = [
     Fault("analyze_would_write_over_its_rows", "analyze",
           ["--model_path", "{models}/run", "--prompts_file", "{tmp}/eval.json", "--output_dir", "{tmp}"],
           "would write over the --prompts_file file", {"eval.json": json.dumps(ROWS, ensure_ascii=False)}),
+    Fault("analyze_would_write_over_a_file_of_the_data_set_folder", "analyze",
+          ["--model_path", "{models}/run", "--prompts_file", "{tmp}/ds", "--output_dir", "{tmp}/ds/train"],
+          "would write over {tmp}/ds/train/eval.json of the --prompts_file folder",
+          {**DATA_SET, "ds/train/eval.json": "mine"}),
     Fault("analyze_rows_of_one_class", "analyze", analyze_args("--output_dir", "{tmp}/out"), None,
           {"p.jsonl": jsonl(*[r for r in ROWS if r["class"] == LABELS[0]])}, writes="out/eval.json"),
     Fault("analyze_duplicate_labels", "analyze", analyze_args("--output_dir", "{tmp}/out", "--labels", "a,b,a"),
@@ -289,6 +297,21 @@ def test_a_fault_is_one_line_and_loses_nothing(case, outcomes, models):
 
 
 
+def test_infer_writes_its_own_output_file_in_a_run_folder_again(models, tmp_path):
+    """The second infer with one --output_file inside the run's folder was refused as writing over the run's files;
+    only the run's own files are kept from outputs."""
+    run_dir = Path(shutil.copytree(models / "run", tmp_path / "run"))
+    record = hashes(run_dir)
+    preds = run_dir / "predictions.jsonl"
+    argv = ["--model_path", str(run_dir), "--prompts_file", str(write_jsonl(tmp_path / "p.jsonl", ROWS)),
+            "--output_file", str(preds)]
+    assert infer.main(argv) == 0
+    first = preds.read_bytes()
+    assert infer.main(argv) == 0
+    assert preds.read_bytes() == first and len(first.splitlines()) == len(ROWS)
+    assert {name: digest for name, digest in hashes(run_dir).items() if name != preds.name} == record
+
+
 # ---------------------------------------------------------------- progress bars
 
 def test_progress_bars_count_to_what_they_announce(models, tmp_path, monkeypatch, capsys):
@@ -330,12 +353,16 @@ def reference_weights(tmp_path_factory):
     return final_weights(tmp / "out")
 
 
-def _fail_scoring(split: str):
+def _fail_scoring(split: str, after: int = 0):
+    """loop.run_eval failing on `split` from its (after + 1)-th scoring on."""
     real = loop.run_eval
+    done = []
 
     def failing(run, log, rows, this_split, tag, tau):
         if this_split == split:
-            raise RuntimeError(f"injected into the {split} scoring")
+            done.append(tag)
+            if len(done) > after:
+                raise RuntimeError(f"injected into the {split} scoring")
         return real(run, log, rows, this_split, tag, tau)
 
     return failing
@@ -374,6 +401,10 @@ def test_a_failure_after_training_keeps_the_weights_and_says_how_to_redo_that_pa
     assert "python -m ncal_core.analyze --model_path" in lines[0]
     assert max_abs_diff(final_weights(out), reference_weights) == 0.0
     assert (out / "ncal_run.json").is_file() and hashes(tmp_path / "data") == inputs
+    # the line is for the user; the traceback, which a bug's report needs, is kept beside the weights
+    assert f"its traceback is in {out / loop.ERROR_FILE}" in lines[0]
+    kept = (out / loop.ERROR_FILE).read_text(encoding="utf-8")
+    assert kept.startswith("Traceback (most recent call last):") and ", in failing\n" in kept  # where it was raised
 
 
 def test_a_test_file_of_one_class_is_scored_and_the_figures_it_cannot_make_are_named(tmp_path, capsys,
@@ -388,3 +419,18 @@ def test_a_test_file_of_one_class_is_scored_and_the_figures_it_cannot_make_are_n
     assert not (out / "sphere.png").exists() and (out / "per_class_f1.png").is_file()
     assert "skipped neural_collapse: needs rows of at least 2 classes" in capsys.readouterr().out
     assert max_abs_diff(final_weights(out), reference_weights) == 0.0
+
+
+def test_the_weights_saved_before_a_failed_final_scoring_carry_no_tau_chosen_for_other_weights(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """The development split scored at step 1 chose a tau for those weights; the final weights were saved with it,
+    and infer would have applied it when the final scoring then failed."""
+    argv = [*_train_argv(tmp_path, tmwpl_rows(9, seed=1, prefix="t")), "--eval_strategy", "steps", "--eval_steps", "1"]
+    monkeypatch.setattr(loop, "run_eval", _fail_scoring("dev", after=1))
+    assert _exit_code(argv) == 2
+    assert "scoring the development split failed after training" in capsys.readouterr().err
+    out = tmp_path / "out"
+    chosen = [line["logit_adjust_tau"] for line in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if line.get("split") == "dev"]
+    assert len(chosen) == 1 and chosen[0] is not None  # step 1's choice, for step 1's weights
+    assert json.loads((out / "ncal_run.json").read_text())["logit_adjust_tau"] is None

@@ -134,3 +134,31 @@ def test_throughput_counts_model_flops_at_qwen25_05b_shapes_as_a_hand_computatio
     assert got["samples_per_s"] == pytest.approx(4.0) and got["real_tokens_per_s"] == pytest.approx(200.0)
     assert got["mfu"] == pytest.approx(flops / 0.5 / 989e12)
     assert got["losses_finite"] and math.isclose(got["first_loss"], 2.0)
+
+
+def test_the_scale_steps_run_bench_scale_check_on_the_gpu_at_qwen25_05b_shapes(gpu_check, tmp_path):
+    cmd = gpu_check.scale_check_command(["lora:2", "full:2"], tmp_path / "s.json")
+    assert cmd[1:3] == ["-m", "bench.scale_check"]
+    flags = cmd[2:]
+    assert flags[flags.index("--device") + 1] == "cuda" and flags[flags.index("--layers") + 1] == "24"
+    assert flags[flags.index("--runs") + 1: flags.index("--runs") + 3] == ["lora:2", "full:2"]
+    help_text = subprocess.run(cmd[:2] + ["--help"], capture_output=True, text=True, timeout=60).stdout
+    assert all(flag in help_text for flag in flags if flag.startswith("--"))
+
+
+def test_the_fsdp_step_is_skipped_with_one_gpu_and_the_scale_steps_pass_only_within_tolerance(gpu_check, tmp_path,
+                                                                                                monkeypatch):
+    monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 1)
+    run = gpu_check.Run(gpu_check.parse_args(["--workdir", str(tmp_path)]), tmp_path, None)
+    with pytest.raises(gpu_check.SkipPart, match="the FSDP2 step needs 2"):
+        run.fsdp_2proc_step()
+
+    def fake_run(cmd, **kwargs):
+        out = Path(cmd[cmd.index("--json") + 1])
+        rows = [{"method": "qlora", "processes": 1, "measured_over_predicted": {"weights": ratio, "grads_and_adamw": 1}}]
+        out.write_text(json.dumps({"rows": rows}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    for ratio, passed in ((1.05, True), (0.85, False)):
+        assert run.qlora_step()["passed"] is passed

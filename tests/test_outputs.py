@@ -64,3 +64,39 @@ def test_a_new_folder_must_be_absent_or_empty_and_its_parent_writable(tmp_path):
         check_new_folder("--output_dir", tmp_path / "a_file" / "out")
     assert not check_new_folder("--output_dir", tmp_path / "p" / "out").exists()
     assert (tmp_path / "p").is_dir()
+
+
+def test_a_file_an_earlier_command_wrote_in_a_model_folder_may_be_written_again_but_not_its_own_files(tmp_path):
+    """Running infer twice with one output file in a model's folder was refused the second time: only the folder's
+    own files (records, weights, tokenizer, reports) are kept from any output, existing or not."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    preds = check_output_file("--output_file", model / "preds.jsonl", [("--model_path", str(model))])
+    preds.write_text("{}\n")
+    assert check_output_file("--output_file", model / "preds.jsonl", [("--model_path", str(model))]) == preds
+    for name in ("model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                 "tokenizer.json", "generation_config.json", "optimizer.pt", "eval.json", "dev_ids.json",
+                 "sphere.png", "after_training_error.txt", "README.md", RUN_FILE, "metrics.jsonl"):
+        with pytest.raises(NCALError, match=rf"{name}: a file of a model"):
+            check_output_file("--output_file", model / name, [("--model_path", str(model))])
+    assert not (model / "eval.json").exists()  # refused before it exists, too
+
+
+def test_an_existing_file_inside_an_input_data_set_folder_is_never_an_output(tmp_path):
+    """A data set saved by save_to_disk is a folder of none of a model's files: its state.json was once returned as
+    a writable output."""
+    ds = tmp_path / "ds"
+    (ds / "train").mkdir(parents=True)
+    (ds / "train" / "state.json").write_text("mine")
+    (ds / "dataset_dict.json").write_text("mine")
+    for out in (ds / "dataset_dict.json", ds / "train" / "state.json", tmp_path / "." / "ds" / "train" / "state.json"):
+        with pytest.raises(NCALError, match=r"a file of the --prompts_file folder"):
+            check_output_file("--output_file", out, [("--prompts_file", str(ds))])
+    assert check_output_file("--output_file", ds / "new.jsonl", [("--prompts_file", str(ds))]) == ds / "new.jsonl"
+    (ds / "out").mkdir()
+    (ds / "out" / "eval.json").write_text("mine")
+    with pytest.raises(NCALError, match=r"would write over .*eval\.json of the --prompts_file folder"):
+        check_output_dir("--output_dir", ds / "out", [("--prompts_file", str(ds))], writes=["eval.json"],
+                         overwrite=False)
+    assert (ds / "train" / "state.json").read_text() == "mine" and (ds / "out" / "eval.json").read_text() == "mine"

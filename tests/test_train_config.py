@@ -54,7 +54,8 @@ REFUSED = {
     "ddp_timeout": 0, "lora_r": 0, "lora_dropout": 1.0, "learning_rate": 0.0, "warmup_ratio": 1.0,
     "per_device_train_batch_size": 0, "per_device_eval_batch_size": 0, "gradient_accumulation_steps": 0,
     "logging_steps": 0, "save_steps": 0, "cutoff_len": 0, "save_total_limit": 0, "num_train_epochs": 0.0,
-    "max_grad_norm": -1.0, "label_types": ["a"], "fp16": True, "report_to": "mlflow",
+    "max_grad_norm": -1.0, "label_types": ["a"], "fp16": True, "report_to": "mlflow", "quantization": "int8",
+    "fsdp": True,
 }
 
 
@@ -74,7 +75,13 @@ def test_every_checked_flag_has_a_refused_value():
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_a_refused_value_is_one_line_naming_the_flag(name):
-    extra = {"bf16": True} if name == "fp16" else {"use_lora": True} if name == "lora_r" else {}
+    extra = {"fp16": {"bf16": True}, "lora_r": {"use_lora": True}, "fsdp": {"head": "linear"}}.get(name, {})
     with pytest.raises(NCALError) as err:
         TrainConfig(**{name: REFUSED[name], **extra}).check()
     assert str(err.value).startswith(f"--{name}:") and "\n" not in str(err.value)
+
+
+def test_label_types_are_checked_as_every_class_flag_is():
+    """--label_types had its own copy of the class-name check, which did not say which class was repeated."""
+    with pytest.raises(NCALError, match=r"^--label_types: names the class 'a' twice$"):
+        TrainConfig(label_types=["a", "b", "a"]).check()

@@ -21,17 +21,24 @@ from ncal_core.cli import DTYPES
 from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.rows import Example
 from ncal_core.durable import read_json
-from ncal_core.errors import NCALError
+from ncal_core.errors import NCALError, at
 from ncal_core.evaluation.classify import classify
 from ncal_core.evaluation.scoring import score_labels
 from ncal_core.loss.logit_adjustment import log_prior
 from ncal_core.loss.tc import TCConfig
-from ncal_core.model.classifier import QwenClassifier, attach_head, is_classifier_folder, load_classifier
+from ncal_core.model.classifier import (
+    QwenClassifier,
+    attach_head,
+    is_classifier_folder,
+    load_adapter_head,
+    load_classifier,
+    num_labels,
+)
 from ncal_core.model.hub import checkpoint_folder
-from ncal_core.model.lora import adapter_head, load_adapter
+from ncal_core.model.lora import adapter_head_size, load_adapter
 from ncal_core.model.qwen import QwenModel, load_model
 from ncal_core.model.tokenizer import load_tokenizer
-from ncal_core.run_record import RunRecord
+from ncal_core.run_record import RUN_FILE, RunRecord
 
 
 @dataclass
@@ -67,6 +74,7 @@ class ModelFolder:
     path: Path
     run: RunRecord | None  # what its training run recorded; None for a model of no run of ours
     base: Path | None    # the base checkpoint under an adapter; None for a full checkpoint
+    num_classes: int | None = None  # K of a classification head model; None for one scoring labels with its LM head
 
 
 def open_model_folder(model_path: str | Path, base_model_path: str | Path | None = None,
@@ -82,11 +90,31 @@ def open_model_folder(model_path: str | Path, base_model_path: str | Path | None
             raise NCALError(f"{path / 'adapter_config.json'}: base_model_name_or_path: names no base checkpoint; "
                             "pass --base_model_path")
         what = "--base_model_path" if base_model_path else f"{path / 'adapter_config.json'}: base_model_name_or_path"
-        return ModelFolder(path, run, checkpoint_folder(base, what=what))
+        return ModelFolder(path, run, checkpoint_folder(base, what=what), adapter_head_size(path))
     if (path / "config.json").is_file():
-        return ModelFolder(path, run, None)
+        config = path / "config.json"
+        return ModelFolder(path, run, None, num_labels(read_json(config), config) if is_classifier_folder(path)
+                           else None)
     raise NCALError(f"--model_path {model_path}: neither a checkpoint (config.json) nor an adapter "
                     "(adapter_config.json)")
+
+
+def model_labels(folder: ModelFolder, given: list[str] | None) -> list[str] | None:
+    """The class names of a model's scores: --labels (`given`), else its run's. A head model's output i is the class i
+    it was trained on: lacking both, its config.json's id2label, and never the gold labels of the rows; their number
+    must be the head's. None: a model scoring labels by name that records none (the caller takes the rows' labels)."""
+    labels = given or (folder.run.labels if folder.run else None)
+    if folder.num_classes is None:
+        return labels
+    labels = labels or classifier_labels(folder.path)
+    if labels is None:
+        raise NCALError(f"--model_path {folder.path}: a classification head of {folder.num_classes} classes that "
+                        "records no class names; pass --labels, in the order of the head's outputs")
+    if len(labels) != folder.num_classes:
+        source = "--labels" if given else at(folder.path / RUN_FILE, None, "labels")
+        raise NCALError(f"{source}: {len(labels)} class names, but the classification head of {folder.path} has "
+                        f"{folder.num_classes} outputs")
+    return labels
 
 
 def check_device(device: str | None, dtype: str) -> None:
@@ -211,10 +239,10 @@ def load_folder(folder: ModelFolder, dtype: torch.dtype = torch.float32,
     if folder.base is not None:
         model = load_model(folder.base, dtype=dtype, device=device)
         load_adapter(model, path)
-        head = adapter_head(path)
-        if head is not None:  # a SEQ_CLS adapter: its head predicts, as saved (an etf head's frame included)
-            classifier = attach_head(model, head.shape[0], "linear", 0)
-            classifier.score.load_weight(head, str(path))
+        num_classes = adapter_head_size(path)
+        if num_classes is not None:  # a SEQ_CLS adapter: its head predicts, as saved (an etf head's frame included)
+            classifier = attach_head(model, num_classes, "linear", 0)
+            load_adapter_head(classifier, path)
     elif is_classifier_folder(path):
         classifier = load_classifier(path, dtype=dtype, device=device)
         model = classifier.model

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ncal_core.durable import read_json, write_json
 from ncal_core.errors import NCALError, at
 from ncal_core.layout import Ragged
+from ncal_core.model.lora import adapter_head
 from ncal_core.model.qwen import ARCHITECTURES, ModelConfig, QwenModel
 from ncal_core.model.weights import assign_parameters, checkpoint_files, hf_name, read_tensors, write_safetensors
 
@@ -106,6 +107,15 @@ def attach_head(model: QwenModel, num_classes: int, kind: str, seed: int, frame:
                                                 device=model.embed_tokens.weight.device, frame=frame))
 
 
+def load_adapter_head(classifier: QwenClassifier, adapter_dir: str | Path) -> None:
+    """The head a SEQ_CLS adapter saved into the classifier's score, in place (an etf head's frame and temperature
+    included); an adapter without one is refused."""
+    head = adapter_head(adapter_dir)
+    if head is None:
+        raise NCALError(f"{adapter_dir}: the adapter holds no classification head (score.weight)")
+    classifier.score.load_weight(head, str(adapter_dir))
+
+
 def classifier_tensors(classifier: QwenClassifier) -> dict[str, Tensor]:
     """Every weight under transformers' sequence-classification keys."""
     tensors = {hf_name(name): p.detach() for name, p in classifier.model.named_parameters()}
@@ -123,11 +133,11 @@ def seq_cls_config(config: dict, labels: list[str], pad_token_id: int) -> dict:
             "label2id": {label: i for i, label in enumerate(labels)}, "pad_token_id": pad_token_id}
 
 
-def save_classifier(classifier: QwenClassifier, path: str | Path, labels: list[str], pad_token_id: int,
-                    dtype: torch.dtype | None = None) -> None:
-    """config.json + model.safetensors that transformers' AutoModelForSequenceClassification loads."""
+def save_classifier(classifier: QwenClassifier, path: str | Path, labels: list[str], pad_token_id: int) -> None:
+    """config.json + model.safetensors (in the decoder's dtype) that transformers' AutoModelForSequenceClassification
+    loads."""
     path = Path(path)
-    dtype = dtype or classifier.model.embed_tokens.weight.dtype
+    dtype = classifier.model.embed_tokens.weight.dtype
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / "config.json", seq_cls_config(classifier.config.to_hf(dtype), labels, pad_token_id))
     write_safetensors(classifier_tensors(classifier), path, dtype=dtype)
@@ -171,14 +181,15 @@ def load_classifier_weights(classifier: QwenClassifier, path: str | Path) -> Non
     _assign(classifier, Path(path), in_place=True)
 
 
-def load_classifier(path: str | Path, kind: str = "linear", dtype: torch.dtype = torch.float32,
+def load_classifier(path: str | Path, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> QwenClassifier:
-    """A sequence-classification folder (ours or transformers') as a QwenClassifier in eval mode."""
+    """A sequence-classification folder (ours or transformers') as a QwenClassifier in eval mode, its head a linear
+    one whatever it was trained as (an etf head is saved as the score.weight it computes)."""
     path = Path(path)
     config_path = path / "config.json"
     hf = read_json(config_path)
     config = ModelConfig.from_hf(hf, str(config_path))
     classifier = QwenClassifier(QwenModel(config, device="meta"),
-                                ClassifierHead(config.hidden_size, num_labels(hf, config_path), kind, device=device))
+                                ClassifierHead(config.hidden_size, num_labels(hf, config_path), "linear", device=device))
     _assign(classifier, path, dtype=dtype, device=device)
     return classifier.eval()

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ncal_core.durable import read_json, write_json
 from ncal_core.errors import NCALError, at
-from ncal_core.model.weights import assign_parameters, hf_name, read_tensors, write_safetensors
+from ncal_core.model.weights import assign_parameters, hf_name, read_tensors, tensor_shapes, write_safetensors
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LORA_PARAMS = ("lora_A", "lora_B")
@@ -199,9 +199,10 @@ def peft_key(name: str) -> str:
     return f"{PEFT_PREFIX}{hf_name(name)}.weight"
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Only the LoRA factors, under PEFT's key names."""
-    return {peft_key(name): p.detach() for name, p in model.named_parameters() if is_lora_param(name)}
+def lora_state_dict(model: nn.Module, weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Only the LoRA factors, under PEFT's key names; of `weights` by parameter name where given."""
+    params = dict(model.named_parameters()) if weights is None else weights
+    return {peft_key(name): p.detach() for name, p in params.items() if is_lora_param(name)}
 
 
 def save_adapter(
@@ -213,15 +214,17 @@ def save_adapter(
     alpha: float,
     dropout: float,
     target_modules: list[str],
+    weights: dict[str, Tensor] | None = None,
     head: Tensor | None = None,
 ) -> None:
     """Write adapter_config.json + adapter_model.safetensors that peft's PeftModel.from_pretrained loads.
 
+    weights: the LoRA factors by parameter name (a sharded model's, consolidated); default: the model's own.
     head: a classifier's score.weight [K, H]; given, the adapter is a SEQ_CLS one with `score` in modules_to_save,
     which PeftModel.from_pretrained(AutoModelForSequenceClassification...) loads.
     """
     out_dir = Path(out_dir)
-    tensors = lora_state_dict(model)
+    tensors = lora_state_dict(model, weights)
     if not tensors:
         raise ValueError("the model has no LoRA layers to save (call inject_lora first)")
     if head is not None:
@@ -303,10 +306,22 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     assign_parameters(model, tensors, peft_key, source=weights, select=is_lora_param, in_place=True)
 
 
-def adapter_head(adapter_dir: str | Path) -> Tensor | None:
-    """The score.weight [K, H] a SEQ_CLS adapter saved, None for an adapter without a head."""
+def adapter_head_size(adapter_dir: str | Path) -> int | None:
+    """K of the head a SEQ_CLS adapter saved (read from the file's header), None for a causal-LM adapter; a SEQ_CLS
+    adapter without one (its head a module Qwen lacks) is refused rather than read as a causal-LM adapter."""
     weights = Path(adapter_dir) / WEIGHTS_FILE
-    return next((t for _, key, t in read_tensors([weights]) if key == HEAD_KEY), None)
+    shape = tensor_shapes(weights).get(HEAD_KEY)
+    if shape is None and read_json(Path(adapter_dir) / CONFIG_FILE).get("task_type") == "SEQ_CLS":
+        raise NCALError(f"{at(weights, None, HEAD_KEY)}: missing; a SEQ_CLS adapter of a Qwen model saves its "
+                        "classification head `score`")
+    return None if shape is None else shape[0]
+
+
+def adapter_head(adapter_dir: str | Path) -> Tensor | None:
+    """The score.weight [K, H] a SEQ_CLS adapter saved, None for a causal-LM adapter (see adapter_head_size)."""
+    if adapter_head_size(adapter_dir) is None:
+        return None
+    return next(t for _, key, t in read_tensors([Path(adapter_dir) / WEIGHTS_FILE]) if key == HEAD_KEY)
 
 
 def merge_lora_weights(base: dict[str, Tensor], adapter: dict[str, Tensor], scaling: float,

@@ -431,16 +431,20 @@ def load_weights_into(model: QwenModel, path: str | Path) -> None:
 
 
 def save_model(
-    model: QwenModel, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9
+    model: QwenModel, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9,
+    weights: dict[str, Tensor] | None = None,
 ) -> None:
-    """Write config.json + model.safetensors (or shards + index) that transformers' AutoModelForCausalLM loads."""
+    """Write config.json + model.safetensors (or shards + index) that transformers' AutoModelForCausalLM loads.
+
+    weights: the tensors by parameter name (a sharded model's, consolidated); default: the model's own."""
     path = Path(path)
-    params = dict(model.named_parameters())  # tied lm_head.weight is left out, as transformers does
     plain = set(dict(QwenModel(model.config, device="meta").named_parameters()))
+    # tied lm_head.weight is left out, as transformers does
+    params = dict(model.named_parameters()) if weights is None else {k: v for k, v in weights.items() if k in plain}
     if set(params) != plain:
         extra = sorted(set(params) ^ plain)
         raise ValueError(f"the model is not a plain QwenModel (merge LoRA first); differing parameters: {extra[:3]}")
-    dtype = dtype or model.embed_tokens.weight.dtype
+    dtype = dtype or params["embed_tokens.weight"].dtype
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / "config.json", model.config.to_hf(dtype))
     tensors = {hf_name(name): p for name, p in params.items()}

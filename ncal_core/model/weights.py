@@ -53,6 +53,17 @@ def read_tensors(files: Iterable[Path]) -> Iterator[tuple[Path, str, torch.Tenso
             raise NCALError(f"{file}: not a readable safetensors file ({err})") from None
 
 
+def tensor_shapes(file: Path) -> dict[str, list[int]]:
+    """Each tensor's shape in a safetensors file, from its header alone (no tensor is read)."""
+    if not file.is_file():
+        raise NCALError(f"{file}: file not found")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
+    except SafetensorError as err:
+        raise NCALError(f"{file}: not a readable safetensors file ({err})") from None
+
+
 def assign_parameters(
     model: nn.Module,
     tensors: Iterable[tuple[Path, str, torch.Tensor]],

@@ -1,7 +1,8 @@
 """Checkpoints written atomically and read back without executing anything from them.
 
 A checkpoint is a folder `checkpoint-<step>` holding the trainable weights (a PEFT adapter or a
-full Hugging Face checkpoint), `optimizer.pt` (tensors only; read with weights_only=True),
+full Hugging Face checkpoint), `optimizer.pt` (tensors only; read with weights_only=True; a sharded
+run's `optimizer/`, torch.distributed.checkpoint's files),
 `rng.safetensors` and `trainer_state.json`. It is written into a hidden temporary folder, every
 file fsynced, then renamed into place, so a crash leaves either the old set or the new one; a
 temporary folder left by a crash is ignored with a warning.
@@ -34,12 +35,13 @@ _WARNED: set[Path] = set()  # half-written checkpoints already reported by this 
 
 
 def save_checkpoint(output_dir: Path, *, save_weights: Callable[[Path], None],
-                    optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor],
+                    save_optimizer: Callable[[Path], None], rng: dict[str, torch.Tensor],
                     state: TrainState) -> Path:
-    """Write `checkpoint-<state.step>` atomically; `save_weights(folder)` writes the model part."""
+    """Write `checkpoint-<state.step>` atomically; `save_weights(folder)` writes the model part,
+    `save_optimizer(folder)` the optimizer state (optimizer.pt, or a sharded run's optimizer/ folder)."""
     def fill(folder: Path) -> None:
         save_weights(folder)
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        save_optimizer(folder)
         save_file({k: v.contiguous() for k, v in rng.items()}, str(folder / "rng.safetensors"))
         write_json(folder / STATE_FILE, asdict(state))
 

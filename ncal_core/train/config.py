@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ncal_core.cli import flag
 from ncal_core.data.batching import RESAMPLING
-from ncal_core.data.rows import label_column_flag, text_column_flag
+from ncal_core.data.rows import check_class_names, label_column_flag, text_column_flag
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.tau_choice import DEV_WEIGHTINGS, TAU_GRID
 from ncal_core.loss.tc import TCConfig
@@ -18,6 +18,7 @@ from ncal_core.model.classifier import HEADS
 
 BUILTIN_TINY = "tiny"
 TRACKERS = ("none", "tensorboard", "wandb", "all")
+QUANTIZATIONS = ("none", "nf4")
 
 
 def uses_lora(use_lora: bool | None, model_name_or_path: str) -> bool:
@@ -125,6 +126,11 @@ class TrainConfig:
     bf16: bool = flag(False, "bfloat16 autocast (CPU or GPU)")
     fp16: bool = flag(False, "float16 autocast with a gradient scaler (GPU only)")
     gradient_checkpointing: bool = flag(False, "recompute each decoder layer in the backward pass to save memory")
+    fsdp: bool = flag(False, "shard weights, gradients and optimizer state over the processes (PyTorch FSDP2: each "
+                             "decoder layer, then the rest) instead of a whole copy on each; under torchrun or "
+                             "accelerate launch --multi_gpu (docs/scale.md)")
+    quantization: str = flag("none", "the frozen base's decoder linears stored in 4 bits: none or nf4 (QLoRA, "
+                                     "torchao's NF4; needs --use_lora true and pip install 'ncal[qlora]')")
     torch_compile: bool = flag(False, "compile the decoder layers with torch.compile")
     ddp_timeout: int = flag(1800, "seconds a process waits for the others (NCCL/gloo timeout) before failing; rank 0 "
                                   "writes checkpoints alone, so a large full fine-tune may need more")
@@ -194,6 +200,15 @@ class TrainConfig:
             bad("torch_dtype", f"{self.torch_dtype} weights cannot be fully fine-tuned (no fp32 master copy); use "
                                "--torch_dtype float32 with --bf16 true (or --fp16 true on a GPU) for mixed precision, "
                                "or --use_lora true")
+        if self.fsdp and self.head != "lm":
+            bad("fsdp", f"shards label scoring's objective only, not --head {self.head}; use --head lm, or train the "
+                        "head without --fsdp")
+        if self.quantization not in QUANTIZATIONS:
+            bad("quantization", f"must be {' or '.join(QUANTIZATIONS)}, not {self.quantization!r}")
+        if self.quantization != "none" and not uses_lora(self.use_lora, self.model_name_or_path):
+            bad("quantization", "a quantized base is frozen: it trains only with --use_lora true")
+        if self.quantization == "nf4" and importlib.util.find_spec("torchao") is None:
+            bad("quantization", "nf4 needs torchao (pip install 'ncal[qlora]')")
         if self.ddp_timeout < 1:
             bad("ddp_timeout", f"must be >= 1 second, not {self.ddp_timeout}")
         if self.use_lora and self.lora_r < 1:
@@ -212,7 +227,4 @@ class TrainConfig:
             bad("num_train_epochs", "must be > 0 unless --max_steps is set")
         if self.max_grad_norm < 0:
             bad("max_grad_norm", f"must be >= 0, not {self.max_grad_norm}")
-        if self.label_types is not None and len(self.label_types) < 2:
-            bad("label_types", "needs at least 2 classes")
-        if self.label_types is not None and len(set(self.label_types)) != len(self.label_types):
-            bad("label_types", "names a class twice")
+        check_class_names("--label_types", self.label_types)

@@ -9,8 +9,8 @@ from torch import Tensor
 from ncal_core.errors import NCALError
 from ncal_core.loss.classifier_objective import ClassifierObjective
 from ncal_core.loss.tc import TCConfig, simplex_etf
-from ncal_core.model.classifier import QwenClassifier, attach_head, load_classifier_weights
-from ncal_core.model.lora import adapter_head, load_adapter_weights
+from ncal_core.model.classifier import QwenClassifier, attach_head, load_adapter_head, load_classifier_weights
+from ncal_core.model.lora import load_adapter_weights
 from ncal_core.model.qwen import QwenModel
 from ncal_core.train.config import TrainConfig
 
@@ -36,8 +36,5 @@ def restore_classifier(classifier: QwenClassifier, folder: Path, use_lora: bool)
         load_classifier_weights(classifier, folder)
         return
     load_adapter_weights(classifier.model, folder)
-    head = adapter_head(folder)
-    if head is None:
-        raise NCALError(f"{folder}: the adapter holds no classification head (score.weight)")
-    classifier.score.load_weight(head, str(folder))
+    load_adapter_head(classifier, folder)
 

@@ -10,7 +10,9 @@ and checkpoints; the run ends with the weights that split chose scored once on t
 from __future__ import annotations
 
 import math
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,14 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ncal_core.cli import parse_config
-from ncal_core.durable import add_files, write_json
+from ncal_core.durable import add_files, write_json, write_text
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.evaluate import evaluate, write_report
 from ncal_core.model.classifier import QwenClassifier, save_classifier
 from ncal_core.model.hub import is_hub_id
 from ncal_core.model.lora import load_adapter_weights, save_adapter
 from ncal_core.model.qwen import QwenModel, load_weights_into, save_model
+from ncal_core.train import fsdp
 from ncal_core.train.checkpoint import prune_checkpoints, save_checkpoint
 from ncal_core.train.config import TrainConfig
 from ncal_core.train.heads import restore_classifier
@@ -36,6 +39,8 @@ from ncal_core.train.step import StepRecord, host_values, train_step
 from ncal_core.train.stop import StopRequests
 from ncal_core.train.summary import outputs_summary, plan_summary
 
+ERROR_FILE = "after_training_error.txt"  # the traceback of a failure after training, beside the saved weights
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and train."""
@@ -44,19 +49,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save_weights(run: Run, folder: Path) -> None:
-    """The trained weights (the adapter, or the whole model), the tokenizer and the run record, into folder."""
+def gathered_weights(run: Run) -> dict[str, torch.Tensor] | None:
+    """Every rank of a sharded run: the trained weights consolidated on the main process (None unsharded)."""
+    return fsdp.full_weights(run.model, only_trainable=run.use_lora) if run.sharded else None
+
+
+def save_weights(run: Run, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The trained weights (the adapter, or the whole model), the tokenizer and the run record, into folder.
+
+    weights: a sharded run's, from gathered_weights; default: the model's own."""
     cfg, scorer = run.cfg, run_scorer(run)
     if run.use_lora:
         # a hub id stays a hub id (the adapter loads on any machine with that model), a folder is recorded absolute
         base = cfg.model_name_or_path if is_hub_id(cfg.model_name_or_path) else str(run.base)
         save_adapter(run.model, folder, base_model_name_or_path=base, r=cfg.lora_r, alpha=cfg.lora_alpha,
-                     dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                     dropout=cfg.lora_dropout, target_modules=cfg.target_modules, weights=weights,
                      head=scorer.score.weight if isinstance(scorer, QwenClassifier) else None)
     elif isinstance(scorer, QwenClassifier):
         save_classifier(scorer, folder, run.data.labels, run.tokenizer.pad_token_id)
     else:
-        save_model(run.model, folder)
+        save_model(run.model, folder, weights=weights)
     run.tokenizer.save_pretrained(folder)
     run.record.write(folder)
 
@@ -76,10 +88,19 @@ def checkpoint(run: Run) -> Path | None:
     if accelerator.num_processes > 1:  # each rank draws dropout from its own stream: the main process saves all
         for r, theirs in enumerate(gather_object([rng])):
             rng.update({f"{name}.rank{r}": value for name, value in theirs.items()})
+    weights, objective, optimizer = gathered_weights(run), run.parts.objective, run.parts.optimizer
+
+    def save_optimizer(folder: Path | None) -> None:
+        if run.sharded:  # every rank writes its shard of the optimizer state into the main process's folder
+            fsdp.save_optimizer(objective, optimizer, folder)
+        elif folder is not None:
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
     if not run.main_proc:
+        save_optimizer(None)
         return None
-    folder = save_checkpoint(run.output_dir, save_weights=lambda f: save_weights(run, f),
-                             optimizer=run.parts.optimizer, rng=rng, state=state)
+    folder = save_checkpoint(run.output_dir, save_weights=lambda f: save_weights(run, f, weights),
+                             save_optimizer=save_optimizer, rng=rng, state=state)
     best = Path(state.best_checkpoint) if state.best_checkpoint else None
     prune_checkpoints(run.output_dir, run.cfg.save_total_limit, protect=best)
     return folder
@@ -90,10 +111,11 @@ def run_eval(run: Run, log: MetricsLog, rows: list, split: str, tag: str, tau: f
     """Score labelled rows (sharded over ranks) with post-hoc adjustment by tau (None: chosen on these rows, the
     development split) and log the figures."""
     cfg, acc = run.cfg, run.accelerator
-    report, features = evaluate(run_scorer(run), run.builder, rows, tc=run.tc or cfg.tc,
-                                batch_size=cfg.per_device_eval_batch_size, prior_log=run.parts.prior_log, tau=tau,
-                                weighting=cfg.dev_weighting if split == "dev" else None, rank=acc.process_index,
-                                world=acc.num_processes)
+    with fsdp.unsharded_root(run.parts.objective):
+        report, features = evaluate(run_scorer(run), run.builder, rows, tc=run.tc or cfg.tc,
+                                    batch_size=cfg.per_device_eval_batch_size, prior_log=run.parts.prior_log,
+                                    tau=tau, weighting=cfg.dev_weighting if split == "dev" else None,
+                                    rank=acc.process_index, world=acc.num_processes)
     line = {"step": run.state.step, "epoch": run.state.epoch, "eval": tag, "split": split, "rows": len(rows),
             "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"],
             "logit_adjust_tau": report["logit_adjust_tau"]}
@@ -220,7 +242,9 @@ def restore_best(run: Run) -> bool:
                   flush=True)
         return False
     scorer = run_scorer(run)
-    if isinstance(scorer, QwenClassifier):
+    if run.sharded:
+        fsdp.load_full_weights(run.model, fsdp.read_weights(run.model, folder, run.use_lora))
+    elif isinstance(scorer, QwenClassifier):
         restore_classifier(scorer, folder, run.use_lora)
     elif run.use_lora:
         load_adapter_weights(run.model, folder)
@@ -237,8 +261,13 @@ def finish(run: Run, log: MetricsLog) -> dict[str, Any]:
     The final weights are written first: anything after training that fails (an evaluation, a picture, a tracker)
     leaves them, the run record and one line saying what failed and how to do only that part again.
     """
+    # the tau recorded so far was chosen for a checkpoint's weights: the final ones carry the flag's (None: chosen on
+    # the development split) until evaluate_trained records the one chosen for them
+    run.record.logit_adjust_tau = run.cfg.logit_adjust_tau
+    weights = gathered_weights(run)
     if run.main_proc:
-        add_files(run.output_dir, lambda folder: save_weights(run, folder))
+        (run.output_dir / ERROR_FILE).unlink(missing_ok=True)  # an earlier run's failure, not this one's
+        add_files(run.output_dir, lambda folder: save_weights(run, folder, weights))
     phase = AfterTraining(run)
     try:
         report = evaluate_trained(run, log, phase)
@@ -263,8 +292,23 @@ class AfterTraining:
         if data.eval_rows:
             redo = (f"python -m ncal_core.analyze --model_path {out} --prompts_file {data.eval_path} --output_dir "
                     f"{out / 'analysis'}")
-        return (f"{self.now} failed after training ({type(err).__name__}: {err}); the trained weights and run record "
-                f"are saved in {out}; redo only that part with: {redo}")
+        return (f"{self.now} failed after training ({type(err).__name__}: {err}{self.keep_traceback(err)}); the "
+                f"trained weights and run record are saved in {out}; redo only that part with: {redo}")
+
+    def keep_traceback(self, err: Exception) -> str:
+        """Write the traceback of anything but a user's mistake beside the weights (a bug's, for its report); where
+        it is, for the one line. Printed to stderr instead when the folder cannot take it."""
+        if isinstance(err, NCALError):
+            return ""
+        rank = self.run.accelerator.process_index
+        path = self.run.output_dir / (ERROR_FILE if rank == 0 else f"after_training_error.rank{rank}.txt")
+        text = "".join(traceback.format_exception(err))
+        try:
+            write_text(path, text)
+        except OSError:
+            print(text, file=sys.stderr, end="", flush=True)
+            return ""
+        return f"; its traceback is in {path}"
 
 
 def evaluate_trained(run: Run, log: MetricsLog, phase: AfterTraining) -> dict[str, Any]:
@@ -281,11 +325,12 @@ def evaluate_trained(run: Run, log: MetricsLog, phase: AfterTraining) -> dict[st
         dev = score_dev(run, log, f"best: {Path(weights_from).name}")  # its figures and tau, for these weights
     if not dev:
         run.record.logit_adjust_tau = run.cfg.logit_adjust_tau or 0.0
+    weights = gathered_weights(run) if weights_from != "final" else None
     if run.main_proc:  # the chosen weights, and the tau chosen for them, replace what was written at the end
         if weights_from == "final":
             run.record.write(run.output_dir)
         else:
-            add_files(run.output_dir, lambda folder: save_weights(run, folder))
+            add_files(run.output_dir, lambda folder: save_weights(run, folder, weights))
     if data.eval_rows:  # with the tau the development split chose for these weights
         phase.now = f"scoring the test rows of {data.eval_path}"
         report, features = run_eval(run, log, data.eval_rows, "test", "final", run.record.logit_adjust_tau)

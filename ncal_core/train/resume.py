@@ -20,7 +20,7 @@ from ncal_core.train.state import TrainState
 # flags a resumed run must keep; the global batch (batch x processes x accumulation) is checked as a product
 FIXED_ON_RESUME = ("model_name_or_path", "use_lora", "lora_r", "lora_alpha", "target_modules", "dataset_path",
                    "seed", "resample", "resample_epochs", "pooling", "head", "tiny_hidden_size", "tiny_num_layers",
-                   "tiny_vocab_size", "tiny_tied_embeddings")
+                   "tiny_vocab_size", "tiny_tied_embeddings", "fsdp", "quantization")
 SAID_ON_RESUME = ("learning_rate", "num_train_epochs", "max_steps")
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from ncal_core.durable import TMP_PREFIX, write_text
 from ncal_core.errors import NCALError
+from ncal_core.outputs import writable_folder
 from ncal_core.run_record import RUN_FILE, RunRecord
 from ncal_core.train.checkpoint import PREFIX
 
@@ -38,12 +38,7 @@ def prepare_output_dir(output_dir: Path, cfg, *, resuming: bool) -> None:
             if ours and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-")
-        probe.close()
-    except OSError as err:
-        raise NCALError(f"--output_dir {output_dir}: cannot write there ({err.strerror})") from None
+    writable_folder("--output_dir", output_dir)
     RunRecord(config=asdict(cfg)).write(output_dir)
 
 

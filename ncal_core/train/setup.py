@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from transformers import PreTrainedTokenizerBase
 
 from ncal_core.cli import DTYPES
@@ -29,10 +29,12 @@ from ncal_core.loss.objective import TrainingObjective, compile_layers
 from ncal_core.loss.tc import TCConfig, resolve_backend, simplex_etf
 from ncal_core.model.hub import checkpoint_folder
 from ncal_core.model.lora import inject_lora, load_adapter
+from ncal_core.model.quantize import quantize_base
 from ncal_core.model.qwen import QwenModel, load_model
 from ncal_core.model.tiny import tiny_checkpoint
 from ncal_core.model.tokenizer import load_tokenizer
 from ncal_core.run_record import RunRecord
+from ncal_core.train import fsdp
 from ncal_core.train.checkpoint import read_optimizer_state, read_rng, read_state, resolve_checkpoint
 from ncal_core.train.config import BUILTIN_TINY, TrainConfig, uses_lora, uses_tc
 from ncal_core.train.heads import head_objective
@@ -95,6 +97,11 @@ class Run:
     @property
     def main_proc(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def sharded(self) -> bool:
+        """Whether FSDP2 shards the weights over the processes (ours, or accelerate's FSDP plugin)."""
+        return fsdp.is_sharded(self.parts.objective)
 
     @property
     def model(self) -> QwenModel:
@@ -178,18 +185,24 @@ def _read_resume(cfg: TrainConfig, resume: Path, world: int, main_proc: bool
     return state, rng
 
 
-def _load_model(cfg: TrainConfig, base: Path, resume: Path | None, use_lora: bool, device: torch.device
-                ) -> QwenModel:
-    """The model to train: the base (or a full checkpoint to resume), with new or resumed LoRA adapters."""
+def _load_model(cfg: TrainConfig, base: Path, resume: Path | None, use_lora: bool, device: torch.device,
+                world: int) -> QwenModel:
+    """The model to train: the base (or a full checkpoint to resume), with new or resumed LoRA adapters, its
+    frozen base quantized with --quantization (splittable over the processes with --fsdp)."""
     torch.manual_seed(cfg.seed)
     # a head run's checkpoint is a sequence classifier: heads.head_objective loads it onto the base
     full_resume = resume and not use_lora and cfg.head == "lm"
-    model = load_model(resume if full_resume else base, dtype=DTYPES[cfg.torch_dtype], device=device)
+    # sharded: read into host memory, and fully_shard moves each unit's shard to the GPU (a whole copy of a
+    # large model would not fit on one)
+    load_device = torch.device("cpu") if cfg.fsdp and world > 1 else device
+    model = load_model(resume if full_resume else base, dtype=DTYPES[cfg.torch_dtype], device=load_device)
     if use_lora:
         if resume:
             load_adapter(model, resume)
         else:
             inject_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    if cfg.quantization == "nf4":
+        quantize_base(model, shards=world if cfg.fsdp else 1)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.torch_compile:
         compile_layers(model)
@@ -207,11 +220,14 @@ def _sampler(cfg: TrainConfig, encoded: list[EncodedRow], num_classes: int, worl
                                 megabatch_batches=MEGABATCH_BATCHES if cfg.group_by_length else 1)
 
 
-def _restore(accelerator: Accelerator, optimizer, scheduler, resume: Path, state: TrainState,
+def _restore(accelerator: Accelerator, objective, optimizer, scheduler, resume: Path, state: TrainState,
              rng: dict[str, torch.Tensor], lr: float, output_dir: Path) -> None:
     """Continue a checkpoint: optimizer, schedule (at this run's peak rate), loss scale, RNG and the log."""
     try:
-        optimizer.load_state_dict(read_optimizer_state(resume))
+        if fsdp.is_sharded(objective):
+            fsdp.load_optimizer(objective, optimizer, resume)
+        else:
+            optimizer.load_state_dict(read_optimizer_state(resume))
     except ValueError as err:
         raise NCALError(f"{resume / 'optimizer.pt'}: does not fit the model being trained ({err})") from None
     scheduler.load_state_dict(state.scheduler)
@@ -256,7 +272,7 @@ def setup(cfg: TrainConfig) -> Run:
     encoded = builder.encode_all(data.train_rows)
     if cfg.head != "lm":
         encoded = prompt_rows(encoded)
-    model = _load_model(cfg, base, resume, use_lora, device)
+    model = _load_model(cfg, base, resume, use_lora, device, world)
     K = len(data.labels)
     decisions = label_decisions(builder.label_ids, data.counts).to(device) \
         if cfg.la_loss_tau > 0 and cfg.head == "lm" else None
@@ -269,6 +285,12 @@ def setup(cfg: TrainConfig) -> Run:
         objective = head_objective(cfg, model, K, prior_log, tc, resume, use_lora)
     etf_targets = simplex_etf(K, model.config.hidden_size, cfg.seed).to(device) \
         if tc and tc.variant == "etf_target" else None
+    # accelerate's own FSDP plugin (accelerate config, on GPUs) shards in prepare(); otherwise --fsdp shards here
+    accelerate_shards = accelerator.distributed_type == DistributedType.FSDP
+    if cfg.fsdp and world > 1 and not accelerate_shards:
+        fsdp.shard_objective(objective, device, cfg.bf16)  # before the optimizer: it takes the sharded parameters
+    elif cfg.fsdp and world == 1 and main_proc:
+        print("note: --fsdp true with one process: nothing to shard, the model trains whole", flush=True)
     optimizer = make_optimizer(objective, lr, cfg.weight_decay)  # the model's weights and a head's
 
     sampler = _sampler(cfg, encoded, K, world)
@@ -280,11 +302,14 @@ def setup(cfg: TrainConfig) -> Run:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, math.ceil(cfg.warmup_ratio * total_steps),
                                total_steps)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    if fsdp.is_sharded(objective):
+        optimizer = accelerator.prepare(optimizer)  # not the objective: that would wrap it in DDP as well
+    else:
+        objective, optimizer = accelerator.prepare(objective, optimizer)
 
     if resume:
         state = saved_state
-        _restore(accelerator, optimizer, scheduler, resume, state, rng, lr, output_dir)
+        _restore(accelerator, objective, optimizer, scheduler, resume, state, rng, lr, output_dir)
     else:
         state = TrainState()
         torch.manual_seed(cfg.seed + rank)

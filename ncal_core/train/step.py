@@ -7,7 +7,7 @@ so no step waits for the device. Only `host_values`, called at log steps, reads 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from ncal_core.distributed import gather_features
 from ncal_core.loss.logit_adjustment import LabelDecisions, logit_adjusted_loss
 from ncal_core.loss.objective import TrainingObjective
 from ncal_core.loss.tc import TCConfig, tc_batch_loss
+from ncal_core.train import fsdp
 from ncal_core.train.config import TrainConfig
 
 
@@ -124,6 +125,14 @@ def _micro_batch_loss(parts: StepParts, batch: Any, n_tokens: int) -> tuple[Tens
     return loss, lm_sum, tc
 
 
+def _gradient_sync(parts: StepParts, sync: bool) -> AbstractContextManager:
+    """Gradients reduced over ranks at the step's last micro-batch only (DDP's no_sync; FSDP2's flag)."""
+    if fsdp.is_sharded(parts.objective):
+        fsdp.set_gradient_sync(parts.objective, sync)
+        return nullcontext()
+    return nullcontext() if sync else parts.accelerator.no_sync(parts.objective)
+
+
 def train_step(parts: StepParts, group: list[list[int]], since_log: StepRecord) -> StepRecord:
     """Forward and backward over a group of global micro-batches (this rank's slice of each), then the update.
 
@@ -140,7 +149,7 @@ def train_step(parts: StepParts, group: list[list[int]], since_log: StepRecord) 
         host_batch = collate([encoded[i] for i in mine], parts.pad_id, ATTENTION_BLOCKS if cfg.padding_free else 1)
         batch = host_batch.to(parts.device)
         sync = k == len(group) - 1
-        with (nullcontext() if sync else acc.no_sync(parts.objective)), acc.autocast():
+        with _gradient_sync(parts, sync), acc.autocast():
             loss, lm_sum, tc = _micro_batch_loss(parts, batch, n_tokens)
         acc.backward(loss)
         record = record + _micro_record(lm_sum, tc, host_batch, [len(encoded[i].input_ids) for i in mine],
