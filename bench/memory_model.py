@@ -205,6 +205,21 @@ def scale_doc(batch: int, seq: int, r: int, label_tokens: int) -> str:
     return "\n".join(lines)
 
 
+def _gpus(row: dict[str, Any]) -> str:
+    n = row["gpus"]
+    return "1 GPU" if n == 1 else f"{n} GPUs, FSDP2" if n <= 8 else f"{n // 8} nodes of 8, FSDP2"
+
+
+def plan_summary(batch: int, seq: int, r: int, label_tokens: int) -> str:
+    """The README's table: for each size and method, the fewest 80 GB GPUs it fits on and the GB each holds."""
+    lines = [f"| model ({batch} rows x {seq} tokens per GPU) | " + " | ".join(METHODS) + " |",
+             "|---" * (len(METHODS) + 1) + "|"]
+    for name in SCALE_ARCHS:
+        rows = [plan(name, method, batch, seq, r, label_tokens) for method in METHODS]
+        lines.append(f"| {name} | " + " | ".join(f"{_gpus(row)}: {row['total'] / 1e9:.1f} GB" for row in rows) + " |")
+    return "\n".join(lines)
+
+
 def layer_activation_bytes(a: ModelConfig, batch: int, seq: int, r: int, act_bytes: int = 2) -> int:
     """Bytes one decoder layer keeps for its backward (the formula in the module docstring)."""
     H, nh, nkv, D = a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
@@ -275,12 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--label_tokens", type=int, default=3, help="target tokens per row (label + eos)")
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
+    parser.add_argument("--plan", action="store_true", help="instead: the fewest 80 GB GPUs each size and method fits "
+                        "on (the README's table)")
     parser.add_argument("--scale", action="store_true", help="instead: per-GPU memory of Qwen2.5-0.5B to -72B x "
                         "LoRA/QLoRA/full x DDP/FSDP2 x 1-8 GPUs, and the fewest GPUs each fits with its launch "
                         "command (docs/scale.md's generated part), as markdown")
     args = parser.parse_args(argv)
     if min(args.batch, args.seq, args.lora_r, args.label_tokens) < 1:
         parser.error("--batch, --seq, --lora_r and --label_tokens must be >= 1")
+    if args.plan:
+        print(plan_summary(args.batch, args.seq, args.lora_r, args.label_tokens))
+        return 0
     if args.scale:
         rows = scale_rows(args.batch, args.seq, args.lora_r, args.label_tokens)
         print(scale_doc(args.batch, args.seq, args.lora_r, args.label_tokens))
