@@ -136,17 +136,18 @@ def test_throughput_counts_model_flops_at_qwen25_05b_shapes_as_a_hand_computatio
     assert got["losses_finite"] and math.isclose(got["first_loss"], 2.0)
 
 
-def test_the_scale_steps_run_bench_scale_check_on_the_gpu_at_qwen25_05b_shapes(gpu_check, tmp_path):
+def test_the_scale_steps_run_bench_scale_check_on_the_gpu_at_qwen25_05b_shapes(tmp_path):
     cmd = gpu_check.scale_check_command(["lora:2", "full:2"], tmp_path / "s.json")
     assert cmd[1:3] == ["-m", "bench.scale_check"]
-    flags = cmd[2:]
+    flags = cmd[3:]
     assert flags[flags.index("--device") + 1] == "cuda" and flags[flags.index("--layers") + 1] == "24"
     assert flags[flags.index("--runs") + 1: flags.index("--runs") + 3] == ["lora:2", "full:2"]
-    help_text = subprocess.run(cmd[:2] + ["--help"], capture_output=True, text=True, timeout=60).stdout
+    help_text = subprocess.run(cmd[:3] + ["--help"], cwd=gpu_check.REPO, capture_output=True, text=True,
+                               timeout=60).stdout
     assert all(flag in help_text for flag in flags if flag.startswith("--"))
 
 
-def test_the_fsdp_step_is_skipped_with_one_gpu_and_the_scale_steps_pass_only_within_tolerance(gpu_check, tmp_path,
+def test_the_fsdp_step_is_skipped_with_one_gpu_and_the_scale_steps_pass_only_within_tolerance(tmp_path,
                                                                                                 monkeypatch):
     monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: 1)
     run = gpu_check.Run(gpu_check.parse_args(["--workdir", str(tmp_path)]), tmp_path, None)
