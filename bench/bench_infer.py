@@ -1,6 +1,6 @@
 """Prediction throughput of our constrained label scoring against transformers' generate, side by side.
 
-    python bench/bench_infer.py [--quick] [--model tiny|Qwen2.5-0.5B] [--model_path DIR] [--rows N]
+    python -m bench.bench_infer [--quick] [--model tiny|Qwen2.5-0.5B] [--model_path DIR] [--rows N]
         [--single_rows N] [--batch_size B] [--threads N] [--json PATH] [--workdir DIR]
         [--reference_code DIR [--reference_python PY]] [--head] [--no_generate]
 
@@ -58,13 +58,9 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import memory_model  # noqa: E402
-from bench_train import build_checkpoint, print_table, run_and_write, run_measured, write_tokenizer  # noqa: E402
-from paper_code import (  # noqa: E402
+from bench import memory_model
+from bench.bench_train import REPO, build_checkpoint, print_table, run_and_write, run_measured, write_tokenizer
+from bench.paper_code import (
     code_script,
     differenced_runs,
     inference_command,
@@ -72,13 +68,12 @@ from paper_code import (  # noqa: E402
     write_prompts,
     write_slow_tokenizer_files,
 )
-
-from ncal_core.data.prompts import PromptBuilder  # noqa: E402
-from ncal_core.data.registry import resolve_dataset  # noqa: E402
-from ncal_core.data.rows import Example, label_set, load_examples  # noqa: E402
-from ncal_core.evaluation.metrics import classification_report  # noqa: E402
-from ncal_core.model.tokenizer import load_tokenizer  # noqa: E402
-from ncal_core.run_record import RunRecord  # noqa: E402
+from ncal_core.data.prompts import PromptBuilder
+from ncal_core.data.registry import resolve_dataset
+from ncal_core.data.rows import Example, label_set, load_examples
+from ncal_core.evaluation.metrics import classification_report
+from ncal_core.model.tokenizer import load_tokenizer
+from ncal_core.run_record import RunRecord
 
 MODELS = ("tiny", "Qwen2.5-0.5B")
 TRAIN_FULL = ["--num_train_epochs", "1"]
@@ -199,7 +194,7 @@ def run_ours(case: Case, batch: int, workdir: Path, threads: int, timeout: float
 def run_generate(side: str, case: Case, batch: int, workdir: Path, threads: int, timeout: float) -> dict[str, Any]:
     """bench/generate_baseline.py over the case's prompt ids; its texts mapped to labels by exact match."""
     out = workdir / f"{side}.json"
-    cmd = [sys.executable, str(Path(__file__).with_name("generate_baseline.py")), "--model", str(case.folder),
+    cmd = [sys.executable, "-m", "bench.generate_baseline", "--model", str(case.folder),
            "--prompts", str(case.ids_file), "--batch", str(batch), "--max_new_tokens", str(case.max_new_tokens),
            "--out", str(out)]
     proc = run_measured(cmd, workdir / side, threads, timeout)

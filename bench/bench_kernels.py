@@ -1,9 +1,9 @@
 """The TC-loss Triton kernels: a compile-only resource report, GPU timings, or (no GPU) an interpreter error table.
 
-    python bench/bench_kernels.py --compile-only --arch sm_80,sm_90 [--json PATH]
+    python -m bench.bench_kernels --compile-only --arch sm_80,sm_90 [--json PATH]
         compiles every specialisation the launchers can launch; prints registers, spills and shared
         memory per kernel; exits 1 on any compile failure or spill.
-    python bench/bench_kernels.py [--json PATH]
+    python -m bench.bench_kernels [--json PATH]
         on a CUDA GPU: fused Triton vs eager PyTorch vs torch.compile, forward + backward, at
         Qwen2.5-0.5B/7B shapes; without one: says so and runs a small interpreter correctness pass.
 

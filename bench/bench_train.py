@@ -1,6 +1,6 @@
 """Training speed and memory of our loop against the reference's way (HF Trainer + PEFT + full logits), side by side.
 
-    python bench/bench_train.py [--quick] [--json PATH] [--workdir DIR] [--repeats N] [--[no-]levers]
+    python -m bench.bench_train [--quick] [--json PATH] [--workdir DIR] [--repeats N] [--[no-]levers]
         [--model bench|Qwen2.5-0.5B|Qwen2.5-1.5B] [--dtype float32|bfloat16] [--reference_code DIR
         [--reference_python PY]]
 
@@ -74,12 +74,8 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import memory_model  # noqa: E402
-from paper_code import (  # noqa: E402
+from bench import memory_model
+from bench.paper_code import (
     as_flags,
     code_script,
     differenced_runs,
@@ -87,16 +83,20 @@ from paper_code import (  # noqa: E402
     write_conversations,
     write_slow_tokenizer_files,
 )
-
-from ncal_core.data.batching import (  # noqa: E402
+from ncal_core.data.batching import (
     ATTENTION_BLOCKS,
     collate,
 )
-from ncal_core.data.prompts import EncodedRow, PromptBuilder  # noqa: E402
-from ncal_core.data.registry import resolve_dataset  # noqa: E402
-from ncal_core.data.rows import label_set, load_examples  # noqa: E402
-from ncal_core.model.tokenizer import load_tokenizer  # noqa: E402
+from ncal_core.data.prompts import EncodedRow, PromptBuilder
+from ncal_core.data.registry import resolve_dataset
+from ncal_core.data.rows import label_set, load_examples
+from ncal_core.model.lora import inject_lora
+from ncal_core.model.qwen import ModelConfig, QwenModel
+from ncal_core.model.tiny import tiny_config
+from ncal_core.model.tokenizer import load_tokenizer
+from ncal_core.train.log import FlopModel
 
+REPO = Path(__file__).resolve().parents[1]
 # Qwen's real tokenizer, never committed: ../shared/tokenizers/qwen3 (or under $NCAL_SHARED_DIR, as the tests)
 QWEN_TOKENIZER = Path(os.environ.get("NCAL_SHARED_DIR", REPO.parent / "shared")) / "tokenizers" / "qwen3"
 QWEN_VOCAB = 151_936  # Qwen2.5's embedding rows
@@ -107,8 +107,8 @@ LORA_R = 8
 TRAINING = {"lora_r": LORA_R, "lora_alpha": 32, "lora_dropout": 0.1, "lambda_lc": LAMBDA_LC, "learning_rate": 2e-4,
             "seed": SEED}
 # the default model; its vocab is the qwen shape's, and bpe4k's checkpoint replaces it with its tokenizer's size
-BENCH_ARCH = memory_model.Arch("bench", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024,
-                               vocab=QWEN_VOCAB, tied=True)
+BENCH_ARCH = tiny_config(QWEN_VOCAB, hidden_size=256, num_layers=4)  # 4 heads of 64, 2 KV heads, MLP 1024, tied
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # --model -> architecture (Qwen2.5-7B is left out: its fp32 weights alone exceed this machine's memory)
 ARCHS = {"bench": BENCH_ARCH, **{name: memory_model.QWEN25[name] for name in ("Qwen2.5-0.5B", "Qwen2.5-1.5B")}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -158,7 +158,7 @@ def write_tokenizer(folder: Path, shape: str, texts: list[str]) -> None:
         raise SystemExit(f"shape qwen needs Qwen's tokenizer at {QWEN_TOKENIZER} (set NCAL_SHARED_DIR)")
 
 
-def build_checkpoint(folder: Path, arch: memory_model.Arch, dtype: torch.dtype = torch.float32,
+def build_checkpoint(folder: Path, arch: ModelConfig, dtype: torch.dtype = torch.float32,
                      device: str = "cpu") -> None:
     """A random Qwen2 of arch's shape, initialised on `device` and saved by transformers in `dtype`, next to the
     tokenizer already in folder (whose eos and pad ids its config takes)."""
@@ -166,11 +166,9 @@ def build_checkpoint(folder: Path, arch: memory_model.Arch, dtype: torch.dtype =
 
     tokenizer = load_tokenizer(folder)
     # TMWPL's rows are under 400 tokens; a longer RoPE table would only cost memory
-    config = Qwen2Config(vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
-                         num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
-                         num_key_value_heads=arch.kv_heads, tie_word_embeddings=arch.tied, rope_theta=1e6,
-                         max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = Qwen2Config.from_dict({**dataclasses.replace(arch, max_position_embeddings=4096).to_hf(),
+                                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                                    "bos_token_id": None})
     torch.manual_seed(SEED)
     with torch.device(device):
         model = Qwen2ForCausalLM(config)
@@ -184,7 +182,7 @@ class Shape:
 
     name: str
     folder: Path
-    arch: memory_model.Arch
+    arch: ModelConfig
     dtype: str
     labels: list[str]
     rows: list[EncodedRow]
@@ -192,7 +190,7 @@ class Shape:
     ids_file: Path  # the same rows as ids, for the baseline
 
 
-def prepare_shape(name: str, arch: memory_model.Arch, dtype: str, workdir: Path, train_path: Path,
+def prepare_shape(name: str, arch: ModelConfig, dtype: str, workdir: Path, train_path: Path,
                   row_limit: int | None) -> Shape:
     """Build the checkpoint, pick the rows, encode them once with PromptBuilder and write them for both sides."""
     examples = load_examples(train_path)
@@ -202,7 +200,7 @@ def prepare_shape(name: str, arch: memory_model.Arch, dtype: str, workdir: Path,
     folder = workdir / f"model-{name}"
     write_tokenizer(folder, name, texts)
     if name == "bpe4k":
-        arch = dataclasses.replace(arch, vocab=len(load_tokenizer(folder)))
+        arch = dataclasses.replace(arch, vocab_size=len(load_tokenizer(folder)))
     build_checkpoint(folder, arch, DTYPES[dtype])
     lines = [line for line in train_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if row_limit is not None and row_limit < len(examples):
@@ -243,26 +241,22 @@ def logged_steps(metrics_file: Path) -> list[dict[str, Any]]:
              "padded_sq": r["attended"]} for r in records]
 
 
-def flops_per_token_and_row(a: memory_model.Arch) -> tuple[float, float, float]:
-    """(FLOPs per real token, per squared row length, per target token) of forward + backward with LoRA r=LORA_R."""
-    H, L, I, r, nh, nkv, D = a.hidden, a.layers, a.intermediate, LORA_R, a.heads, a.kv_heads, a.head_dim
-    qkv, o, mlp = H * nh * D + 2 * H * nkv * D, nh * D * H, 3 * H * I
-    lora = r * (H + nh * D) + 2 * r * (H + nkv * D) + r * (nh * D + H)
-    return L * (4 * (qkv + o + mlp) + 6 * lora) - 2 * qkv, 12 * L * nh * D, 4 * H * a.vocab
+def flop_model(a: ModelConfig) -> FlopModel:
+    """The FLOP model ncal_core.train's log counts MFU with, for architecture `a` under both sides' LoRA (r=LORA_R
+    on q/k/v/o, the rest frozen); the model is built on the meta device, so no weight is allocated."""
+    model = QwenModel(a, device=torch.device("meta"))
+    inject_lora(model, LORA_R, TRAINING["lora_alpha"], 0.0, LORA_TARGETS)
+    return FlopModel.of(model)
 
 
-def model_flops(stats: dict[str, int], a: memory_model.Arch) -> float:
+def model_flops(stats: dict[str, int], flops: FlopModel) -> float:
     """Model FLOPs of one step: real tokens, the head only where the objective needs it."""
-    per_token, per_sq, per_target = flops_per_token_and_row(a)
-    return per_token * stats["tokens"] + per_sq * stats["sq_tokens"] + per_target * stats["targets"]
+    return flops(stats["tokens"], stats["sq_tokens"], stats["targets"])
 
 
-def executed_flops(stats: dict[str, int], a: memory_model.Arch, full_head: bool) -> float:
+def executed_flops(stats: dict[str, int], flops: FlopModel, full_head: bool) -> float:
     """FLOPs actually run: every padded position through the layers, and the head everywhere with full logits."""
-    per_token, per_sq, per_target = flops_per_token_and_row(a)
-    padded = stats["padded"]
-    return (per_token * padded + per_sq * stats["padded_sq"]
-            + per_target * (padded if full_head else stats["targets"]))
+    return flops(stats["padded"], stats["padded_sq"], stats["padded"] if full_head else stats["targets"])
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float) -> dict[str, float]:
@@ -279,12 +273,12 @@ def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float) ->
     return {"sustained": flop * calls / (time.perf_counter() - start) / 1e9, "best": flop / best / 1e9}
 
 
-def machine_matmul(token_rows: int, a: memory_model.Arch, dtype: torch.dtype,
+def machine_matmul(token_rows: int, a: ModelConfig, dtype: torch.dtype,
                    seconds: float) -> dict[str, dict[str, float]]:
     """Square (peak-like) and model-shaped (tokens x hidden x MLP width) matmul GFLOP/s in dtype."""
     return {"mm_1024": matmul_gflops(1024, 1024, 1024, dtype, seconds),
             "mm_2048": matmul_gflops(2048, 2048, 2048, dtype, seconds),
-            "mm_model": matmul_gflops(token_rows, a.hidden, a.intermediate, dtype, seconds)}
+            "mm_model": matmul_gflops(token_rows, a.hidden_size, a.intermediate_size, dtype, seconds)}
 
 
 # ---------------------------------------------------------------- running the two sides
@@ -330,28 +324,30 @@ def run_measured(cmd: list[str], log_stem: Path, threads: int, timeout: float) -
     return {"wall_s": wall, "cpu_s": usage["cpu_s"], "peak_rss_mb": usage["maxrss_kib"] / 1024}  # Linux: KiB
 
 
-def rates(steps: list[dict[str, Any]], a: memory_model.Arch, full_head: bool) -> dict[str, float]:
+def rates(steps: list[dict[str, Any]], a: ModelConfig, full_head: bool) -> dict[str, float]:
     """Samples/s, tokens/s and FLOPs over the steady-state steps (each: batch_stats + its "seconds").
 
     A step that ran its executed FLOPs STALL times slower than the run's median step is counted as stalled
     by other processes and left out of the rates (`samples_per_s_all_steps` keeps it in).
     """
+    flops_of = flop_model(a)
+
     def rate(s: dict[str, Any]) -> float:
-        return executed_flops(s, a, full_head) / s["seconds"]
+        return executed_flops(s, flops_of, full_head) / s["seconds"]
 
     median = statistics.median(rate(s) for s in steps)
     kept = [s for s in steps if rate(s) * STALL >= median]
     seconds = sum(s["seconds"] for s in kept)
     rows, tokens = sum(s["rows"] for s in kept), sum(s["tokens"] for s in kept)
     padded = sum(s["padded"] for s in kept)
-    flops = sum(model_flops(s, a) for s in kept)
+    flops = sum(model_flops(s, flops_of) for s in kept)
     return {"steady_steps": len(steps), "stalled_steps": len(steps) - len(kept), "steady_s": seconds,
             "samples_per_s": rows / seconds,
             "samples_per_s_all_steps": sum(s["rows"] for s in steps) / sum(s["seconds"] for s in steps),
             "real_tokens_per_s": tokens / seconds, "padded_tokens_per_s": padded / seconds,
             "pad_fraction": 1 - tokens / padded, "mean_width": padded / rows,
             "model_gflops_per_step": flops / len(kept) / 1e9,
-            "executed_gflops_per_step": sum(executed_flops(s, a, full_head) for s in kept) / len(kept) / 1e9,
+            "executed_gflops_per_step": sum(executed_flops(s, flops_of, full_head) for s in kept) / len(kept) / 1e9,
             "model_gflops_per_s": flops / seconds / 1e9}
 
 
@@ -362,7 +358,7 @@ def train_flags(shape: Shape, batch: int, steps: int, out_dir: Path, flags: list
             "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
             "--output_dir", str(out_dir), "--overwrite_output_dir", "true", "--use_lora", "true",
             *as_flags(TRAINING),
-            "--target_modules", "q_proj,k_proj,v_proj,o_proj",
+            "--target_modules", ",".join(LORA_TARGETS),
             "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
             "--max_steps", str(steps), "--logging_steps", "1", "--torch_dtype", shape.dtype,
             # uniform rows, as the baseline's sampler (and our_plan) draws them; TC on one token, as the baseline's
@@ -380,7 +376,7 @@ def run_ours(shape: Shape, batch: int, steps: int, warmup: int, flags: list[str]
     logged = logged_steps(out_dir / "metrics.jsonl")
     if len(logged) != steps:
         raise RuntimeError(f"{out_dir}/metrics.jsonl: expected one line per step 1..{steps}")
-    return {"side": "ours", "shape": shape.name, "vocab": shape.arch.vocab, "dtype": shape.dtype, "batch": batch,
+    return {"side": "ours", "shape": shape.name, "vocab": shape.arch.vocab_size, "dtype": shape.dtype, "batch": batch,
             "steps": steps, "warmup_steps": warmup, "flags": " ".join(flags),
             "max_width": max(len(r.input_ids) for r in shape.rows),
             **proc, **rates(logged[warmup:], shape.arch, full_head=False)}
@@ -392,9 +388,9 @@ def widest_batch_fits(shape: Shape, batch: int) -> bool:
     weights' dtype)."""
     width, a = max(len(r.input_ids) for r in shape.rows), shape.arch
     size = DTYPES[shape.dtype].itemsize
-    logits = 4 * batch * width * a.vocab * 4
+    logits = 4 * batch * width * a.vocab_size * 4
     step = (logits + size * memory_model.parameter_count(a)
-            + a.layers * memory_model.layer_activation_bytes(a, batch, width, LORA_R, size))
+            + a.num_hidden_layers * memory_model.layer_activation_bytes(a, batch, width, LORA_R, size))
     available = psutil.virtual_memory().available
     return logits < LOGITS_MEMORY_SHARE * available and step < MEMORY_SHARE * available
 
@@ -405,7 +401,7 @@ def run_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, wo
     steps."""
     out = workdir / f"baseline-{tag}.json"
     longest_first = widest_batch_fits(shape, batch)
-    cmd = [sys.executable, str(Path(__file__).with_name("reference_baseline.py")), "--model", str(shape.folder),
+    cmd = [sys.executable, "-m", "bench.reference_baseline", "--model", str(shape.folder),
            "--rows", str(shape.ids_file), "--num_classes", str(len(shape.labels)), "--batch", str(batch),
            "--steps", str(steps), "--lambda_lc", str(LAMBDA_LC), "--seed", str(SEED), "--dtype", shape.dtype,
            "--output_dir", str(workdir / f"baseline-{tag}"), "--out", str(out)]
@@ -417,7 +413,7 @@ def run_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: str, wo
         raise RuntimeError(f"baseline logged {len(ends)} step ends and {len(batches)} batches for {steps} steps")
     steady = [{**b, "padded": b["rows"] * b["width"], "padded_sq": b["rows"] * b["width"] ** 2,  # one padded batch
                "seconds": end - before} for b, end, before in zip(batches, ends, [log["train_begin"], *ends])]
-    return {"side": "baseline", "code": RECREATION, "shape": shape.name, "vocab": shape.arch.vocab,
+    return {"side": "baseline", "code": RECREATION, "shape": shape.name, "vocab": shape.arch.vocab_size,
             "dtype": shape.dtype, "batch": batch, "steps": steps, "warmup_steps": warmup,
             "flags": "--longest_first" if longest_first else "", "longest_first": longest_first,
             "rss_note": "" if longest_first else "the baseline's widest batch would not fit",
@@ -444,14 +440,15 @@ def run_paper_baseline(shape: Shape, batch: int, steps: int, warmup: int, tag: s
     samples_per_s = batch * steps_per_s
     mean = {key: statistics.mean(batch_stats([r])[key] for r in shape.rows) for key in ("tokens", "sq_tokens",
                                                                                         "targets")}
+    step_flops = model_flops(mean, flop_model(shape.arch))
     return {"side": "baseline", "code": f"the paper's code: {code / 'train.py'} under {python}", "shape": shape.name,
-            "vocab": shape.arch.vocab, "dtype": shape.dtype, "batch": batch, "steps": steps, "warmup_steps": warmup,
+            "vocab": shape.arch.vocab_size, "dtype": shape.dtype, "batch": batch, "steps": steps,
+            "warmup_steps": warmup,
             "flags": "", "longest_first": False,
             "rss_note": "the paper's code meets its widest batch at a random step, which a short run may miss",
             **long, "wall_s_short": short["wall_s"], "samples_per_s": samples_per_s,
             "samples_per_s_all_steps": samples_per_s, "real_tokens_per_s": samples_per_s * mean["tokens"],
-            "model_gflops_per_step": batch * model_flops(mean, shape.arch) / 1e9,
-            "model_gflops_per_s": samples_per_s * model_flops(mean, shape.arch) / 1e9}
+            "model_gflops_per_step": batch * step_flops / 1e9, "model_gflops_per_s": samples_per_s * step_flops / 1e9}
 
 
 # ---------------------------------------------------------------- the label-only head, in process
@@ -486,7 +483,8 @@ def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
         F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                         ignore_index=-100).backward()
 
-    result = {"shape": shape.name, "vocab": shape.arch.vocab, "batch": batch, "width": int(data.input_ids.shape[1]),
+    result = {"shape": shape.name, "vocab": shape.arch.vocab_size, "batch": batch,
+              "width": int(data.input_ids.shape[1]),
               "targets": len(data.target)}
     for name, fn in (("label_only", label_only), ("label_only_unpacked", lambda: label_only(pack=False)),
                      ("full_logits", full_logits)):
@@ -499,8 +497,8 @@ def head_microbench(shape: Shape, batch: int, reps: int) -> dict[str, Any]:
         result[f"{name}_ms"] = 1000 * min(times[1:])  # the least disturbed by other processes
     result["speedup"] = result["full_logits_ms"] / result["label_only_ms"]
     result["packing_speedup"] = result["label_only_unpacked_ms"] / result["label_only_ms"]
-    result["full_logits_mb"] = data.input_ids.numel() * shape.arch.vocab * 4 * 2 / 2**20  # fp32 logits + grad
-    result["label_logits_mb"] = len(data.target) * shape.arch.vocab * 4 * 2 / 2**20
+    result["full_logits_mb"] = data.input_ids.numel() * shape.arch.vocab_size * 4 * 2 / 2**20  # fp32 logits + grad
+    result["label_logits_mb"] = len(data.target) * shape.arch.vocab_size * 4 * 2 / 2**20
     return result
 
 
@@ -556,7 +554,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 class Plan:
     """What one invocation trains and how often, resolved from its flags."""
 
-    arch: memory_model.Arch  # each shape's checkpoint takes its own tokenizer's vocab
+    arch: ModelConfig  # each shape's checkpoint takes its own tokenizer's vocab
     runs: dict[tuple[str, int], tuple[int, int]]  # (shape, batch) -> (steps, warm-up steps left out of the rates)
     row_limit: int | None  # TMWPL train rows the shapes keep (None: all)
     repeats: int
@@ -683,7 +681,7 @@ def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, An
                 print(f"lever {tag}: {run['samples_per_s']:.1f}/s {run['peak_rss_mb']:.0f} MB", flush=True)
     write_report(args.json, {"mode": "quick" if args.quick else "full", "partial": True, "runs": runs,
                              "levers": levers})
-    heads = [head_microbench(shape, 8, 3 if shape.arch.vocab > 10_000 else 5) for shape in shapes.values()]
+    heads = [head_microbench(shape, 8, 3 if shape.arch.vocab_size > 10_000 else 5) for shape in shapes.values()]
 
     mm_after = machine_matmul(mm_rows, plan.arch, mm_dtype, mm_seconds)
     load.append(os.getloadavg()[0])
@@ -693,7 +691,7 @@ def run_all(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, An
         run["mfu"] = run["model_gflops_per_s"] / peak
         run["mfu_vs_sustained_mm"] = run["model_gflops_per_s"] / sustained
     comparisons = [compare(ours, base) for ours, base in pairs]
-    memory_rows = [memory_model.memory(a, 8, 512) for a in memory_model.QWEN25.values()]
+    memory_rows = [{"model": name, **memory_model.memory(a, 8, 512)} for name, a in memory_model.QWEN25.items()]
 
     print_table(f"Steady-state training, model {args.model}, {plan.dtype} weights on CPU (fastest of the repeats)",
                 runs,

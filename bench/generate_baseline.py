@@ -1,6 +1,6 @@
 """transformers' greedy `generate` over prompt ids, as the baselines of bench/bench_infer.py.
 
-    python bench/generate_baseline.py --model DIR --prompts IDS.jsonl --batch 16 --max_new_tokens 4 --out OUT.json
+    python -m bench.generate_baseline --model DIR --prompts IDS.jsonl --batch 16 --max_new_tokens 4 --out OUT.json
 
 `AutoModelForCausalLM` in fp32 decodes each prompt greedily (do_sample off, one beam, the KV cache on) for
 at most --max_new_tokens new tokens, stopping at the model's eos. --batch 1 runs one prompt at a time; a

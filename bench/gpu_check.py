@@ -1,6 +1,6 @@
 """One GPU check of the whole project, written as one JSON record: tests, kernel timings, a 0.5B-shaped run, evaluation.
 
-    python bench/gpu_check.py [--out FILE] [--tokenizer DIR] [--data DIR] [--steps N] [--batch N] [--eval_rows N]
+    python -m bench.gpu_check [--out FILE] [--tokenizer DIR] [--data DIR] [--steps N] [--batch N] [--eval_rows N]
 
 Sized for at most 8 minutes on one H100 / H200. Parts, each run on its own (a part that raises is recorded
 with its traceback and the others still run; `passed` is true only when no part failed):
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -48,12 +47,11 @@ from unittest import mock
 
 import torch
 
+from ncal_core.durable import read_json, write_json
+from ncal_core.train.log import peak_bf16_tflops
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(BENCH))
-
-from ncal_core.train.log import peak_bf16_tflops  # noqa: E402
 
 ASSETS = REPO / ".gpu_assets"
 SHARED = Path(os.environ.get("NCAL_SHARED_DIR", REPO.parent / "shared"))
@@ -130,7 +128,7 @@ def add_part(record: dict[str, Any], name: str, entry: dict[str, Any]) -> None:
 def write_record(path: Path, record: dict[str, Any]) -> None:
     """The record as JSON, rewritten after every part so that a run cut short keeps what it measured."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_json(path, record)
 
 
 # ---------------------------------------------------------------- assets
@@ -175,7 +173,7 @@ def cuda_tests(workdir: Path) -> dict[str, Any]:
 
 def kernel_timings() -> dict[str, Any]:
     """bench_kernels.timing_report() at KERNEL_SHAPES."""
-    import bench_kernels
+    from bench import bench_kernels
 
     with mock.patch.object(bench_kernels, "GPU_SHAPES", KERNEL_SHAPES):
         return {"shapes": KERNEL_SHAPES, "rows": bench_kernels.timing_report()}
@@ -184,8 +182,8 @@ def kernel_timings() -> dict[str, Any]:
 # ---------------------------------------------------------------- the 0.5B-shaped runs
 
 def arch():
-    """Qwen2.5-0.5B as memory_model knows it: hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied."""
-    import memory_model
+    """Qwen2.5-0.5B (an ncal_core ModelConfig): hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied."""
+    from bench import memory_model
 
     return memory_model.QWEN25["Qwen2.5-0.5B"]
 
@@ -193,7 +191,7 @@ def arch():
 def train_flags(model: Path, data: Path, out: Path, batch: int, steps: int, checkpointing: bool) -> list[str]:
     """LoRA (bench_train.LORA_R, the rank its FLOP count assumes) on q/k/v/o + TC (Triton) on bf16 weights,
     uniform rows, one log line per step, nothing saved but the final adapter."""
-    import bench_train
+    from bench import bench_train
 
     return ["--model_name_or_path", str(model), "--dataset_path", str(data / "TMWPL_train.jsonl"),
             "--eval_dataset_path", "none", "--save_strategy", "no", "--eval_strategy", "no",
@@ -206,8 +204,9 @@ def train_flags(model: Path, data: Path, out: Path, batch: int, steps: int, chec
 
 
 def throughput(steps: list[dict[str, Any]], a, peak_tflops: float | None) -> dict[str, Any]:
-    """bench_train.rates over the logged steps after WARMUP_STEPS (model FLOPs at arch a's shape), plus MFU."""
-    import bench_train
+    """bench_train.rates over the logged steps after WARMUP_STEPS (the training log's FLOP model at arch a's
+    shape), plus MFU."""
+    from bench import bench_train
 
     result = bench_train.rates(steps[WARMUP_STEPS:], a, full_head=False)
     losses = [s["loss"] for s in steps]
@@ -217,7 +216,7 @@ def throughput(steps: list[dict[str, Any]], a, peak_tflops: float | None) -> dic
 
 def predicted_peak(plan: list[dict[str, int]], a, checkpointing: bool) -> dict[str, Any]:
     """memory_model's total at the run's widest step (most tokens), as B rows of its mean length."""
-    import memory_model
+    from bench import memory_model
 
     widest = max(plan, key=lambda s: s["tokens"])
     batch, seq = widest["rows"], math.ceil(widest["tokens"] / widest["rows"])
@@ -228,7 +227,7 @@ def predicted_peak(plan: list[dict[str, int]], a, checkpointing: bool) -> dict[s
 
 def scale_check_command(runs: list[str], out: Path) -> list[str]:
     """bench/scale_check.py on the GPU at Qwen2.5-0.5B's shapes, all 24 layers, SCALE_BATCH rows of SCALE_SEQ."""
-    return [sys.executable, str(BENCH / "scale_check.py"), "--device", "cuda", "--layers", "24", "--batch",
+    return [sys.executable, "-m", "bench.scale_check", "--device", "cuda", "--layers", "24", "--batch",
             str(SCALE_BATCH), "--seq", str(SCALE_SEQ), "--runs", *runs, "--json", str(out)]
 
 
@@ -238,7 +237,7 @@ def scale_steps(runs: list[str], out: Path) -> dict[str, Any]:
                           text=True, timeout=SUBPROCESS_TIMEOUT_S)
     if proc.returncode:
         raise RuntimeError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-    report = json.loads(out.read_text())
+    report = read_json(out)
     ratios = [r for row in report["rows"] for r in row["measured_over_predicted"].values()]
     return {"passed": all(abs(r - 1) <= SCALE_RTOL for r in ratios), "tolerance": SCALE_RTOL, **report}
 
@@ -260,7 +259,7 @@ class Run:
     @cached_property
     def checkpoint(self) -> Path:
         """A random arch() in bf16 with Qwen's tokenizer, made on the GPU, where random init of 0.5B takes no time."""
-        import bench_train
+        from bench import bench_train
 
         folder = self.workdir / "qwen05b-random"
         bench_train.copy_tokenizer(self.tokenizer, folder)
@@ -274,8 +273,7 @@ class Run:
 
     def train_qwen05b(self) -> dict[str, Any]:
         """In process, without then with gradient checkpointing: rates, MFU, measured vs predicted peak memory."""
-        import bench_train
-
+        from bench import bench_train
         from ncal_core.cli import parse_config
         from ncal_core.train.config import TrainConfig
         from ncal_core.train.loop import train
@@ -299,7 +297,7 @@ class Run:
 
     def train_2proc(self) -> dict[str, Any]:
         """The no-checkpointing run through 2 processes (accelerate, one GPU each); rates over the global batch."""
-        import bench_train
+        from bench import bench_train
 
         if torch.cuda.device_count() < 2:
             raise SkipPart(f"{torch.cuda.device_count()} CUDA device here; the 2-process run needs 2")

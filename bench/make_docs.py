@@ -1,6 +1,7 @@
 """Write the generated pages of docs/ from the code and from bench/results.
 
-    python -m bench.make_docs           # rewrite docs/flags.md, docs/results.md, docs/speed.md
+    python -m bench.make_docs           # rewrite docs/flags.md, results.md, speed.md and the generated parts of
+                                        # docs/scale.md and README.md
     python -m bench.make_docs --check   # exit 1, naming the stale pages, if any differs from what it would write
 
 docs/flags.md comes from the commands' config dataclasses (the text --help prints), docs/results.md from
@@ -12,11 +13,14 @@ EXPERIMENTS and SOURCES; a results file that neither names is an error, so a new
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import inspect
+import io
 import json
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +28,7 @@ from typing import Any
 
 from scipy.stats import spearmanr
 
+from bench import memory_model, scale_check
 from bench.reproduce import METHODS, PINNED, delta_cell, results_table
 from ncal_core.cli import default_text
 
@@ -133,9 +138,9 @@ SOURCES = [
            "python -m bench.bench_infer --model Qwen2.5-0.5B --head --no_generate --rows 120 --threads 1 "
            "--json bench/results/bench_infer_head_qwen05b.json"),
     Source("memory_profile_qwen05b.json", "2026-12-03", "python -m bench.memory_profile --model Qwen2.5-0.5B"),
-    # shown in docs/scale.md (bench/scale_doc.py), beside the memory model's per-GPU table
+    # shown in docs/scale.md (its generated parts, below), beside the memory model's per-GPU table
     Source("scale_check_qwen05b.json", "2026-12-07",
-           "python bench/scale_check.py --json bench/results/scale_check_qwen05b.json"),
+           "python -m bench.scale_check --json bench/results/scale_check_qwen05b.json"),
 ]
 
 
@@ -477,13 +482,38 @@ def speed_page() -> str:
     ])
 
 
-PAGES: dict[str, Callable[[], str]] = {"flags.md": flags_page, "results.md": results_page, "speed.md": speed_page}
+# Hand-written pages with generated parts: each part sits between `<!-- generated: python -m MODULE ARGS -->` and
+# `<!-- end generated -->` and holds what that command prints now.
+BLOCK = re.compile(r"(<!-- generated: python -m (\S+)(.*?) -->\n).*?(<!-- end generated -->)", re.S)
+BLOCK_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"bench.memory_model": memory_model.main,
+                                                         "bench.scale_check": scale_check.main}
+
+
+def _printed(module: str, args: str) -> str:
+    """What `python -m MODULE ARGS` prints, run in this process from the repository root."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.chdir(REPO):
+        BLOCK_COMMANDS[module](shlex.split(args))
+    return buffer.getvalue()
+
+
+def with_blocks(path: Path) -> Callable[[], str]:
+    """The page at path with every generated part replaced by its command's output now."""
+    def build() -> str:
+        text = path.read_text(encoding="utf-8")
+        return BLOCK.sub(lambda m: m.group(1) + _printed(m.group(2), m.group(3)) + m.group(4), text)
+    return build
+
+
+PAGES: dict[str, Callable[[], str]] = {"docs/flags.md": flags_page, "docs/results.md": results_page,
+                                       "docs/speed.md": speed_page, "docs/scale.md": with_blocks(DOCS / "scale.md"),
+                                       "README.md": with_blocks(REPO / "README.md")}
 
 
 def stale_pages() -> list[str]:
     """The generated pages whose file differs from what this script writes now."""
     return [name for name, build in PAGES.items()
-            if not (DOCS / name).is_file() or (DOCS / name).read_text(encoding="utf-8") != build()]
+            if not (REPO / name).is_file() or (REPO / name).read_text(encoding="utf-8") != build()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,12 +523,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_pages()
         for name in stale:
-            print(f"docs/{name} is stale: run {REGENERATE}", file=sys.stderr)
+            print(f"{name} is stale: run {REGENERATE}", file=sys.stderr)
         return 1 if stale else 0
     DOCS.mkdir(exist_ok=True)
     for name, build in PAGES.items():
-        (DOCS / name).write_text(build(), encoding="utf-8")
-        print(f"wrote docs/{name}")
+        text = build()
+        (REPO / name).write_text(text, encoding="utf-8")
+        print(f"wrote {name}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Training memory of LoRA fine-tuning, computed (not measured) for Qwen2.5-0.5B, -1.5B and -7B at a batch and length.
 
-    python bench/memory_model.py --batch 8 --seq 512 [--lora_r 8] [--label_tokens 3] [--json PATH] [--scale]
+    python -m bench.memory_model --batch 8 --seq 512 [--lora_r 8] [--label_tokens 3] [--json PATH] [--scale]
 
 --scale: per GPU instead, for Qwen2.5-0.5B to -72B x {LoRA, QLoRA, full} x {DDP, FSDP2} x {1, 2, 4, 8} GPUs
 (per_gpu(): the terms below for the weights in their trained form, sharded by FSDP2, plus what FSDP2 gathers).
@@ -29,44 +29,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from ncal_core.durable import write_json
+from ncal_core.model.qwen import ModelConfig
 
 GIB = 2**30
 
 
-@dataclass(frozen=True)
-class Arch:
-    """The knobs of a Qwen2 decoder the memory terms depend on."""
-
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    tied: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+def qwen25(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+           tied: bool) -> ModelConfig:
+    """A Qwen2.5 architecture from the sizes in its config.json (RoPE and the context length enter no term here)."""
+    return ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=hidden // heads, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+                       attention_bias=True, max_position_embeddings=32768)
 
 
 # From the models' config.json on the Hugging Face Hub.
 QWEN25 = {
-    "Qwen2.5-0.5B": Arch("Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936, True),
-    "Qwen2.5-1.5B": Arch("Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936, True),
-    "Qwen2.5-7B": Arch("Qwen2.5-7B", 3584, 28, 28, 4, 18944, 152064, False),
+    "Qwen2.5-0.5B": qwen25(896, 24, 14, 2, 4864, 151936, True),
+    "Qwen2.5-1.5B": qwen25(1536, 28, 12, 2, 8960, 151936, True),
+    "Qwen2.5-7B": qwen25(3584, 28, 28, 4, 18944, 152064, False),
 }
 
 
 # The larger sizes docs/scale.md plans for, from their config.json on the Hugging Face Hub.
 QWEN25_LARGE = {
-    "Qwen2.5-14B": Arch("Qwen2.5-14B", 5120, 48, 40, 8, 13824, 152064, False),
-    "Qwen2.5-32B": Arch("Qwen2.5-32B", 5120, 64, 40, 8, 27648, 152064, False),
-    "Qwen2.5-72B": Arch("Qwen2.5-72B", 8192, 80, 64, 8, 29568, 152064, False),
+    "Qwen2.5-14B": qwen25(5120, 48, 40, 8, 13824, 152064, False),
+    "Qwen2.5-32B": qwen25(5120, 64, 40, 8, 27648, 152064, False),
+    "Qwen2.5-72B": qwen25(8192, 80, 64, 8, 29568, 152064, False),
 }
 SCALE_ARCHS = {name: {**QWEN25, **QWEN25_LARGE}[name]
                for name in ("Qwen2.5-0.5B", "Qwen2.5-7B", "Qwen2.5-14B", "Qwen2.5-32B", "Qwen2.5-72B")}
@@ -78,42 +72,42 @@ GPU_BYTES = 80 * 10**9  # an 80 GB H100
 FIT_SHARE = 0.9  # of it for the terms counted here: the CUDA context, NCCL buffers and fragmentation take the rest
 
 
-def parameter_count(a: Arch) -> int:
+def parameter_count(a: ModelConfig) -> int:
     """Every parameter: embedding, head (if untied), per layer q/k/v (with biases), o, MLP, two norms; final norm."""
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    per_layer = (
-        (a.hidden * q + q) + 2 * (a.hidden * kv + kv) + q * a.hidden + 3 * a.hidden * a.intermediate + 2 * a.hidden
-    )
-    return a.vocab * a.hidden * (1 if a.tied else 2) + a.layers * per_layer + a.hidden
+    H, q, kv = a.hidden_size, a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    per_layer = (H * q + q) + 2 * (H * kv + kv) + q * H + 3 * H * a.intermediate_size + 2 * H
+    return a.vocab_size * H * (1 if a.tie_word_embeddings else 2) + a.num_hidden_layers * per_layer + H
 
 
-def lora_parameter_count(a: Arch, r: int) -> int:
+def lora_parameter_count(a: ModelConfig, r: int) -> int:
     """r * (in + out) for q, k, v and o of every layer."""
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    return a.layers * r * ((a.hidden + q) + 2 * (a.hidden + kv) + (q + a.hidden))
+    H, q, kv = a.hidden_size, a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    return a.num_hidden_layers * r * ((H + q) + 2 * (H + kv) + (q + H))
 
 
-def layer_parameter_count(a: Arch) -> int:
+def layer_parameter_count(a: ModelConfig) -> int:
     """One decoder layer's parameters: q/k/v with biases, o, the MLP, two norms."""
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    return (a.hidden * q + q) + 2 * (a.hidden * kv + kv) + q * a.hidden + 3 * a.hidden * a.intermediate + 2 * a.hidden
+    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    H = a.hidden_size
+    return (H * q + q) + 2 * (H * kv + kv) + q * H + 3 * H * a.intermediate_size + 2 * H
 
 
-def layer_linear_count(a: Arch) -> int:
+def layer_linear_count(a: ModelConfig) -> int:
     """One decoder layer's linear weights (what NF4 stores in 4 bits): q, k, v, o, gate, up, down."""
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    return a.hidden * q + 2 * a.hidden * kv + q * a.hidden + 3 * a.hidden * a.intermediate
+    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    H = a.hidden_size
+    return H * q + 2 * H * kv + q * H + 3 * H * a.intermediate_size
 
 
-def per_gpu(a: Arch, method: str, strategy: str, gpus: int, batch: int, seq: int, r: int = 8,
+def per_gpu(a: ModelConfig, method: str, strategy: str, gpus: int, batch: int, seq: int, r: int = 8,
             label_tokens: int = 3, checkpointed: bool = True) -> dict[str, Any]:
     """Bytes one GPU holds at the peak of a step of ncal_core.train, term by term (see scale_terms_doc()).
 
     batch is per GPU; bf16 compute (--bf16 true, and --torch_dtype bfloat16 for LoRA/QLoRA); one process
     shards nothing (--fsdp true has nothing to split), so fsdp2 on 1 GPU is ddp on 1 GPU.
     """
-    P, P_layer, P_lin = parameter_count(a), layer_parameter_count(a), a.layers * layer_linear_count(a)
-    P_root = P - a.layers * P_layer  # embeddings, head, final norm: FSDP2's root unit
+    P, P_layer, P_lin = parameter_count(a), layer_parameter_count(a), a.num_hidden_layers * layer_linear_count(a)
+    P_root = P - a.num_hidden_layers * P_layer  # embeddings, head, final norm: FSDP2's root unit
     lora = lora_parameter_count(a, r)
     trainable = P if method == "full" else lora
     # fp32 master weights for full fine-tuning; the frozen base in bf16 (NF4 for QLoRA's linears) + fp32 factors
@@ -135,22 +129,22 @@ def per_gpu(a: Arch, method: str, strategy: str, gpus: int, batch: int, seq: int
         "activations": act["activations_checkpointed" if checkpointed else "activations"]
         + act["label_only_logits_and_grad"],
         # QLoRA: one linear dequantized to bf16 at a time
-        "dequantized_linear": 2 * a.hidden * a.intermediate if method == "qlora" else 0,
+        "dequantized_linear": 2 * a.hidden_size * a.intermediate_size if method == "qlora" else 0,
     }
     if sharded:
         layer_bytes = 2 * P_layer if method != "qlora" else \
             NF4_BYTES * layer_linear_count(a) + 2 * (P_layer - layer_linear_count(a))
         terms["fsdp_gathered"] = 2 * P_root + 2 * layer_bytes + (4 * (P_root + P_layer) if method == "full" else 0)
     total = sum(terms.values())
-    return {"model": a.name, "method": method, "strategy": strategy, "gpus": gpus, "batch": batch, "seq": seq,
+    return {"method": method, "strategy": strategy, "gpus": gpus, "batch": batch, "seq": seq,
             "lora_r": r, "checkpointed": checkpointed, "parameters": P, "trainable": trainable,
             **{k: int(v) for k, v in terms.items()}, "total": int(total), "fits_80gb": total <= FIT_SHARE * GPU_BYTES}
 
 
 def scale_rows(batch: int, seq: int, r: int, label_tokens: int) -> list[dict[str, Any]]:
     """per_gpu for every size x method x strategy x GPU count."""
-    return [per_gpu(a, method, strategy, gpus, batch, seq, r, label_tokens)
-            for a in SCALE_ARCHS.values() for method in METHODS for strategy in STRATEGIES for gpus in GPU_COUNTS]
+    return [{"model": name, **per_gpu(a, method, strategy, gpus, batch, seq, r, label_tokens)}
+            for name, a in SCALE_ARCHS.items() for method in METHODS for strategy in STRATEGIES for gpus in GPU_COUNTS]
 
 
 def scale_table(rows: list[dict[str, Any]]) -> str:
@@ -177,13 +171,14 @@ METHOD_FLAGS = {"lora": "--use_lora true --torch_dtype bfloat16", "qlora": "--us
                 "--quantization nf4", "full": "--use_lora false"}
 
 
-def plan(a: Arch, method: str, batch: int, seq: int, r: int, label_tokens: int) -> dict[str, Any]:
-    """The fewest 80 GB GPUs that fit a method (one GPU, then FSDP2 over more), with that prediction."""
+def plan(name: str, method: str, batch: int, seq: int, r: int, label_tokens: int) -> dict[str, Any]:
+    """The fewest 80 GB GPUs that fit a method on SCALE_ARCHS[name] (one GPU, then FSDP2 over more), with that
+    prediction."""
     for gpus in PLAN_GPU_COUNTS:
-        row = per_gpu(a, method, "fsdp2" if gpus > 1 else "ddp", gpus, batch, seq, r, label_tokens)
+        row = per_gpu(SCALE_ARCHS[name], method, "fsdp2" if gpus > 1 else "ddp", gpus, batch, seq, r, label_tokens)
         if row["fits_80gb"]:
-            return row
-    raise ValueError(f"{a.name} {method}: does not fit {PLAN_GPU_COUNTS[-1]} GPUs at this batch")
+            return {"model": name, **row}
+    raise ValueError(f"{name} {method}: does not fit {PLAN_GPU_COUNTS[-1]} GPUs at this batch")
 
 
 def launch_command(row: dict[str, Any]) -> str:
@@ -202,40 +197,49 @@ def scale_doc(batch: int, seq: int, r: int, label_tokens: int) -> str:
     """docs/scale.md's generated part: the table, and each size's plan with its launch command."""
     lines = [scale_table(scale_rows(batch, seq, r, label_tokens)), "",
              "| model | method | GPUs | GB per GPU | command |", "|---|---|---|---|---|"]
-    for a in SCALE_ARCHS.values():
+    for name in SCALE_ARCHS:
         for method in METHODS:
-            row = plan(a, method, batch, seq, r, label_tokens)
-            lines.append(f"| {a.name} | {method} | {row['gpus']} | {row['total'] / 1e9:.1f} | "
+            row = plan(name, method, batch, seq, r, label_tokens)
+            lines.append(f"| {name} | {method} | {row['gpus']} | {row['total'] / 1e9:.1f} | "
                          f"`{launch_command(row)}` |")
     return "\n".join(lines)
 
 
-def layer_activation_bytes(a: Arch, batch: int, seq: int, r: int, act_bytes: int = 2) -> int:
+def _gpus(row: dict[str, Any]) -> str:
+    n = row["gpus"]
+    return "1 GPU" if n == 1 else f"{n} GPUs, FSDP2" if n <= 8 else f"{n // 8} nodes of 8, FSDP2"
+
+
+def plan_summary(batch: int, seq: int, r: int, label_tokens: int) -> str:
+    """The README's table: for each size and method, the fewest 80 GB GPUs it fits on and the GB each holds."""
+    lines = [f"| model ({batch} rows x {seq} tokens per GPU) | " + " | ".join(METHODS) + " |",
+             "|---" * (len(METHODS) + 1) + "|"]
+    for name in SCALE_ARCHS:
+        rows = [plan(name, method, batch, seq, r, label_tokens) for method in METHODS]
+        lines.append(f"| {name} | " + " | ".join(f"{_gpus(row)}: {row['total'] / 1e9:.1f} GB" for row in rows) + " |")
+    return "\n".join(lines)
+
+
+def layer_activation_bytes(a: ModelConfig, batch: int, seq: int, r: int, act_bytes: int = 2) -> int:
     """Bytes one decoder layer keeps for its backward (the formula in the module docstring)."""
-    D = a.head_dim
-    per_token = (
-        act_bytes * (7 * a.hidden + (2 * a.heads + 2 * a.kv_heads) * D + 3 * a.intermediate + 4 * r)
-        + 4 * a.hidden
-        + 4 * a.heads
-        + 8
-    )
+    H, nh, nkv, D = a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
+    per_token = act_bytes * (7 * H + (2 * nh + 2 * nkv) * D + 3 * a.intermediate_size + 4 * r) + 4 * H + 4 * nh + 8
     return batch * seq * per_token
 
 
-def memory(a: Arch, batch: int, seq: int, r: int = 8, label_tokens: int = 3) -> dict[str, Any]:
+def memory(a: ModelConfig, batch: int, seq: int, r: int = 8, label_tokens: int = 3) -> dict[str, Any]:
     """Every term in bytes, and the totals with full logits (the reference) and with the label-only head."""
     layer = layer_activation_bytes(a, batch, seq, r)
     terms = {
         "weights_bf16": 2 * parameter_count(a),
         "lora_and_adamw_fp32": 16 * lora_parameter_count(a, r),
-        "activations": a.layers * layer,
-        "activations_checkpointed": a.layers * batch * seq * 2 * a.hidden + layer,
-        "full_logits_and_grad": 8 * batch * seq * a.vocab,
-        "label_only_logits_and_grad": 8 * batch * label_tokens * a.vocab,
+        "activations": a.num_hidden_layers * layer,
+        "activations_checkpointed": a.num_hidden_layers * batch * seq * 2 * a.hidden_size + layer,
+        "full_logits_and_grad": 8 * batch * seq * a.vocab_size,
+        "label_only_logits_and_grad": 8 * batch * label_tokens * a.vocab_size,
     }
     fixed = terms["weights_bf16"] + terms["lora_and_adamw_fp32"]
     return {
-        "model": a.name,
         "batch": batch,
         "seq": seq,
         "lora_r": r,
@@ -286,27 +290,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--label_tokens", type=int, default=3, help="target tokens per row (label + eos)")
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
+    parser.add_argument("--plan", action="store_true", help="instead: the fewest 80 GB GPUs each size and method fits "
+                        "on (the README's table)")
     parser.add_argument("--scale", action="store_true", help="instead: per-GPU memory of Qwen2.5-0.5B to -72B x "
                         "LoRA/QLoRA/full x DDP/FSDP2 x 1-8 GPUs, and the fewest GPUs each fits with its launch "
                         "command (docs/scale.md's generated part), as markdown")
     args = parser.parse_args(argv)
     if min(args.batch, args.seq, args.lora_r, args.label_tokens) < 1:
         parser.error("--batch, --seq, --lora_r and --label_tokens must be >= 1")
+    if args.plan:
+        print(plan_summary(args.batch, args.seq, args.lora_r, args.label_tokens))
+        return 0
     if args.scale:
         rows = scale_rows(args.batch, args.seq, args.lora_r, args.label_tokens)
         print(scale_doc(args.batch, args.seq, args.lora_r, args.label_tokens))
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"computed_not_measured": True, "gpu_bytes": GPU_BYTES,
-                                             "fit_share": FIT_SHARE, "rows": rows}, indent=1))
+            write_json(args.json, {"computed_not_measured": True, "gpu_bytes": GPU_BYTES, "fit_share": FIT_SHARE,
+                                   "rows": rows})
         return 0
-    rows = [memory(a, args.batch, args.seq, args.lora_r, args.label_tokens) for a in QWEN25.values()]
+    rows = [{"model": name, **memory(a, args.batch, args.seq, args.lora_r, args.label_tokens)}
+            for name, a in QWEN25.items()]
     print(table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps(
-                {"computed_not_measured": True, "archs": [asdict(a) for a in QWEN25.values()], "rows": rows}, indent=1
+                {"computed_not_measured": True, "archs": {name: asdict(a) for name, a in QWEN25.items()},
+                 "rows": rows}, indent=1
             )
         )
     return 0

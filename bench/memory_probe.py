@@ -1,6 +1,6 @@
 """`python -m ncal_core.train` with its memory taken phase by phase: the child bench/memory_profile.py runs.
 
-    python bench/memory_probe.py OUT.json TRAIN_FLAGS...
+    python -m bench.memory_probe OUT.json TRAIN_FLAGS...
 
 The run is ncal_core.train's own, unchanged: four of the loop's functions are wrapped, not rewritten
 (`load_model` in setup; `setup`, `train_step` and `finish` in the loop). Phases: the imports; loading the

@@ -1,6 +1,6 @@
 """Where a training run's peak RSS goes, phase by phase, against the memory model's floor.
 
-    python bench/memory_profile.py [--model Qwen2.5-0.5B|Qwen2.5-1.5B|bench] [--dtype float32|bfloat16]
+    python -m bench.memory_profile [--model Qwen2.5-0.5B|Qwen2.5-1.5B|bench] [--dtype float32|bfloat16]
         [--steps 3] [--threads 2] [--json PATH] [--workdir DIR] [--variant NAME=FLAGS ...]
 
 Trains bench_train.py's shape `qwen` (a random model of --model's architecture, Qwen's tokenizer, TMWPL rows,
@@ -31,10 +31,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import memory_model  # noqa: E402
-from bench_train import (  # noqa: E402
+from bench import memory_model
+from bench.bench_train import (
     ARCHS,
     DTYPES,
     LORA_R,
@@ -45,8 +43,8 @@ from bench_train import (  # noqa: E402
     run_measured,
     train_flags,
 )
-
-from ncal_core.data.registry import resolve_dataset  # noqa: E402
+from ncal_core.data.registry import resolve_dataset
+from ncal_core.model.qwen import ModelConfig
 
 MIB = 2**20
 TARGET = 1.3
@@ -71,14 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def floor(arch: memory_model.Arch, probe: dict[str, Any], act_bytes: int) -> dict[str, float]:
+def floor(arch: ModelConfig, probe: dict[str, Any], act_bytes: int) -> dict[str, float]:
     """The memory model's terms for the probe's widest step, MiB: the base weights as loaded and LoRA + AdamW as
     the run holds them, the activations computed for that step's real tokens."""
     widest = max(probe["steps"], key=lambda s: s["tokens"])
     terms = {"weights_mb": probe["weights"]["bytes"] / MIB,  # loaded before LoRA is added
              "lora_and_adamw_mb": 16 * probe["trainable"]["parameters"] / MIB,
-             "activations_mb": arch.layers * memory_model.layer_activation_bytes(arch, 1, widest["tokens"], LORA_R,
-                                                                                act_bytes) / MIB}
+             "activations_mb": arch.num_hidden_layers * memory_model.layer_activation_bytes(
+                 arch, 1, widest["tokens"], LORA_R, act_bytes) / MIB}
     terms["floor_mb"] = sum(terms.values())
     terms["target_mb"] = TARGET * terms["floor_mb"]
     terms["widest_step_tokens"] = widest["tokens"]
@@ -106,7 +104,7 @@ def phase_rows(name: str, probe: dict[str, Any], maxrss_mb: float) -> list[dict[
 def run_variant(name: str, flags: list[str], shape: Any, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """One probed training run; its phases, the floor and the peak against it."""
     out = workdir / f"probe-{name}.json"
-    cmd = [sys.executable, str(Path(__file__).with_name("memory_probe.py")), str(out),
+    cmd = [sys.executable, "-m", "bench.memory_probe", str(out),
            *train_flags(shape, BATCH, args.steps, workdir / f"run-{name}", flags)]
     proc = run_measured(cmd, workdir / f"probe-{name}", args.threads, args.timeout)
     probe = json.loads(out.read_text())

@@ -1,7 +1,7 @@
 """The paper's own code (the `code/` folder of its public repository) as the benchmarks' baseline, where a user has it.
 
-    bench/bench_train.py --reference_code DIR [--reference_python PY]   runs DIR/train.py
-    bench/bench_infer.py --reference_code DIR [--reference_python PY]   runs DIR/inference.py
+    python -m bench.bench_train --reference_code DIR [--reference_python PY]   runs DIR/train.py
+    python -m bench.bench_infer --reference_code DIR [--reference_python PY]   runs DIR/inference.py
 
 PY is an interpreter with that code's own stack (transformers 4.x, peft, accelerate; the default is this
 interpreter, whose transformers 5 that code may not run under). None of that code is part of this project:

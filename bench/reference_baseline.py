@@ -1,6 +1,6 @@
 """The reference's way of training, as the baseline of bench/bench_train.py: HF Trainer + PEFT LoRA + TC at position -1.
 
-    python bench/reference_baseline.py --model DIR --rows ROWS.jsonl --num_classes 7 --batch 8 --steps 30 \
+    python -m bench.reference_baseline --model DIR --rows ROWS.jsonl --num_classes 7 --batch 8 --steps 30 \
         --output_dir DIR --out OUT.json [--longest_first] [--dtype float32|bfloat16]
 
 Rebuilt from the behaviour of the paper's public code (code/trainer.py, code/dataset.py, code/model.py),

@@ -11,9 +11,9 @@ A method with TC is also compared with its SFT twin, the method that trains exac
 (the mean of their label log-probabilities, as `python -m ncal_core.infer --model_path A,B,C` scores
 them), and a TC method's ensemble is compared with its twin's.
 
-    python bench/reproduce.py                       # every method (several hours on 2 cores)
-    python bench/reproduce.py --methods sft,ncal --seeds 0,1,2
-    python bench/reproduce.py --quick               # a CI-sized run: asserts nothing about who wins
+    python -m bench.reproduce                       # every method (several hours on 2 cores)
+    python -m bench.reproduce --methods sft,ncal --seeds 0,1,2
+    python -m bench.reproduce --quick               # a CI-sized run: asserts nothing about who wins
     python -m bench.reproduce --model ~/.cache/ncal-real/qwen2.5-coder-0.5b-instruct --out bench/results/reproduce_real
 
 With --model (a pretrained checkpoint folder) every run trains LoRA adapters (r 8, alpha 32, q/k/v/o, lr 2e-4:
@@ -44,6 +44,7 @@ from ncal_core.cli import parse_config
 from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.registry import resolve_dataset
 from ncal_core.data.rows import load_examples
+from ncal_core.durable import read_json, write_json
 from ncal_core.evaluation.metrics import classification_report, paired_bootstrap
 from ncal_core.evaluation.predictor import class_scores, load_predictor
 from ncal_core.evaluation.scoring import ensemble_log_probs
@@ -200,7 +201,7 @@ def _score_splits(predictor, builder: PromptBuilder, label_counts: list[int], de
         scores = class_scores(predictor, builder.prompt_ids_all(rows), builder.label_ids, 32).cpu()
         result[name] = {"scores": scores.tolist(), "gold": [builder.labels.index(r.label) for r in rows]}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result, ensure_ascii=False))
+    write_json(cache, result)
     return result
 
 
@@ -208,7 +209,7 @@ def _scores(run_dir: Path, dev_rows, test_rows) -> dict:
     """Summed label log-probs of a trained run's dev and test rows, cached in run_dir/scores.json."""
     cache = run_dir / "scores.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        return read_json(cache, "scores cache")
     predictor = load_predictor(run_dir)
     builder = PromptBuilder(predictor.tokenizer, predictor.labels, cutoff_len=predictor.cutoff_len)
     return _score_splits(predictor, builder, RunRecord.read(run_dir).label_counts, dev_rows, test_rows, cache)
@@ -222,7 +223,7 @@ def _zero_shot_scores(model: str, common: list[str], test_rows, out: Path) -> di
                 "test_ids": [r.id for r in test_rows]}
     cache = out / "runs" / ZERO_SHOT / "scores.json"
     if cache.is_file():
-        cached = json.loads(cache.read_text())
+        cached = read_json(cache, "scores cache")
         if all(cached.get(k) == v for k, v in settings.items()):
             return cached
     predictor = load_predictor(model)
@@ -370,7 +371,7 @@ def write_table(rows: list[dict], path: Path) -> None:
 def write_results(results: dict[str, dict[int, dict]], out: Path, plot: bool = False) -> None:
     """OUT/results.json and OUT/results.md of the runs finished so far (and OUT/comparison.png with `plot`)."""
     rows = summarise(results, out)
-    (out / "results.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json(out / "results.json", rows)
     write_table(rows, out / "results.md")
     if plot:
         from ncal_core.evaluation.plots import comparison_plot

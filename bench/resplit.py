@@ -1,6 +1,6 @@
 """A second long-tailed training set from TMWPL train: another head class and a steeper tail.
 
-    python bench/resplit.py --out DIR        # writes DIR/train.jsonl (2,547 rows) and DIR/test.jsonl
+    python -m bench.resplit --out DIR        # writes DIR/train.jsonl (2,547 rows) and DIR/test.jsonl
 
 The project may not ship PMTD, and a default must not be tuned to one prior. This keeps TMWPL's questions and
 its balanced test split but redraws the training prior: the classes in ORDER get n_i = HEAD * RATIO^(-i / 6)

@@ -1,9 +1,9 @@
 """One training step at a Qwen2.5 model's shapes, in 1 process or sharded by FSDP2 over several, its memory measured
 per process and set against bench/memory_model.py's per_gpu prediction.
 
-    python bench/scale_check.py [--model Qwen2.5-0.5B] [--layers 2] [--runs lora:1 lora:2 qlora:1 ...]
+    python -m bench.scale_check [--model Qwen2.5-0.5B] [--layers 2] [--runs lora:1 lora:2 qlora:1 ...]
         [--batch 2] [--seq 64] [--json PATH] [--device cpu|cuda]
-    python bench/scale_check.py --table PATH   (an earlier run's JSON as a markdown table)
+    python -m bench.scale_check --table PATH   (an earlier run's JSON as a markdown table)
 
 Each METHOD:PROCESSES run is in its own processes (torch.distributed.run for more than one): a random
 model of the architecture (--layers of its decoder layers, to keep a CPU run short; the per-parameter terms do
@@ -29,13 +29,10 @@ from typing import Any
 
 import torch
 
+from bench import memory_model, memory_probe
+from ncal_core.model.qwen import ModelConfig
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import memory_model  # noqa: E402
-import memory_probe  # noqa: E402
-
 LORA_R = 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -52,17 +49,13 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def build(a: memory_model.Arch, method: str, device: torch.device):
+def build(config: ModelConfig, method: str, device: torch.device):
     """A random QwenModel of arch a (bf16 base under LoRA, fp32 for full fine-tuning), LoRA injected, NF4 for
     QLoRA, inside a TrainingObjective."""
     from ncal_core.loss.objective import TrainingObjective
     from ncal_core.model.lora import inject_lora
-    from ncal_core.model.qwen import ModelConfig, QwenModel, init_weights
+    from ncal_core.model.qwen import QwenModel, init_weights
 
-    config = ModelConfig(model_type="qwen2", vocab_size=a.vocab, hidden_size=a.hidden,
-                         intermediate_size=a.intermediate, num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                         num_key_value_heads=a.kv_heads, head_dim=a.head_dim, rope_theta=1e6, rms_norm_eps=1e-6,
-                         tie_word_embeddings=a.tied, attention_bias=True, max_position_embeddings=4096)
     dtype = torch.float32 if method == "full" else torch.bfloat16
     model = QwenModel(config, device="cpu", dtype=dtype)
     init_weights(model, seed=0)
@@ -95,7 +88,7 @@ def step(objective, batch: int, seq: int, device: torch.device) -> torch.optim.O
     return optimizer
 
 
-def measure(a: memory_model.Arch, method: str, batch: int, seq: int, device: torch.device) -> dict[str, Any]:
+def measure(a: ModelConfig, method: str, batch: int, seq: int, device: torch.device) -> dict[str, Any]:
     """This process's part of one step (after torch.distributed is set up when several run)."""
     import torch.distributed as dist
 
@@ -134,7 +127,7 @@ def measure(a: memory_model.Arch, method: str, batch: int, seq: int, device: tor
     return {"per_process": [measured]}
 
 
-def compare(a: memory_model.Arch, method: str, processes: int, batch: int, seq: int,
+def compare(a: ModelConfig, method: str, processes: int, batch: int, seq: int,
             measured: list[dict[str, int]]) -> dict[str, Any]:
     """The measured terms beside per_gpu's (fsdp2 for several processes), and their ratios."""
     predicted = memory_model.per_gpu(a, method, "fsdp2" if processes > 1 else "ddp", processes, batch, seq, LORA_R)
@@ -176,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(table(json.loads(args.table.read_text())))
         return 0
-    a = replace(memory_model.SCALE_ARCHS[args.model], layers=args.layers)
+    a = replace(memory_model.SCALE_ARCHS[args.model], num_hidden_layers=args.layers)
     device = torch.device(args.device)
     if args.one:
         result = measure(a, args.one[0], args.batch, args.seq, device)
@@ -188,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tempfile.mkdtemp(prefix="scale_check-")) / "run.json"
         launcher = [sys.executable] if n == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-        cmd = [*launcher, __file__, "--model", args.model, "--layers", str(args.layers), "--batch",
+        cmd = [*launcher, "-m", "bench.scale_check", "--model", args.model, "--layers", str(args.layers), "--batch",
                str(args.batch), "--seq", str(args.seq), "--device", args.device, "--one", method, str(out)]
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+        subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
                                                                                                 "1")})
         rows.append(compare(a, method, n, args.batch, args.seq, json.loads(out.read_text())["per_process"]))
         shutil.rmtree(out.parent)

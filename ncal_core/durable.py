@@ -1,19 +1,23 @@
-"""Writes that survive a crash, and the cache root they fill.
+"""Writes that survive a crash, the one JSON reader, and the cache root they fill.
 
 Every write here goes to a temporary sibling first, is fsynced, and is renamed into place, so a reader
-sees the old content or the new, never half of one: a file (`atomic_file`, `write_text`), a folder
-(`write_atomically`), or files added to a folder that holds others (`add_files`).
+sees the old content or the new, never half of one: a file (`atomic_file`, `write_text`, `write_json`), a
+folder (`write_atomically`), or files added to a folder that holds others (`add_files`). Every JSON file a
+run writes is written by `write_json` and read back by `read_json`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from ncal_core.errors import NCALError
 
 CACHE_DIR_ENV = "NCAL_CACHE_DIR"
 TMP_PREFIX = ".tmp-checkpoint-"  # half-written folders: ignored, and swept by a run starting over
@@ -66,6 +70,27 @@ def write_text(dest: Path, text: str) -> None:
     """Replace file `dest` by `text` (UTF-8) atomically."""
     with atomic_file(dest) as out:
         out.write(text.encode("utf-8"))
+
+
+def write_json(dest: Path, data: Any) -> None:
+    """Replace file `dest` by `data` as indented UTF-8 JSON with a final newline, atomically."""
+    write_text(dest, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path, what: str = "JSON file") -> dict[str, Any]:
+    """The JSON object in `path`; a missing or malformed file, or one that holds no object, is refused in one line
+    naming the file and `what` it should be."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NCALError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise NCALError(f"{path}: not a readable {what} (not valid JSON: {err})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise NCALError(f"{path}: not a readable {what} ({err})") from None
+    if not isinstance(data, dict):
+        raise NCALError(f"{path}: not a {what}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def add_files(folder: Path, fill: Callable[[Path], None]) -> None:

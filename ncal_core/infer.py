@@ -23,6 +23,7 @@ from ncal_core.data.rows import (
     table_delimiter,
     text_column_flag,
 )
+from ncal_core.durable import write_json
 from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.generate import greedy_generate
 from ncal_core.evaluation.metrics import classification_report, format_report
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             report["logit_adjust_tau"] = taus[0] if len(taus) == 1 else taus
         print(format_report(report))
         if cfg.metrics_file:
-            Path(cfg.metrics_file).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+            write_json(Path(cfg.metrics_file), report)
             print(f"wrote the report to {cfg.metrics_file}", file=sys.stderr)
     return 0
 

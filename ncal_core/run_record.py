@@ -7,12 +7,11 @@ analyze and bench/reproduce read it to score as the run's own evaluation did.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ncal_core.durable import write_text
+from ncal_core.durable import read_json, write_json
 from ncal_core.errors import NCALError
 
 RUN_FILE = "ncal_run.json"
@@ -35,7 +34,7 @@ class RunRecord:
         return self.config.get(name, default)
 
     def write(self, folder: Path) -> None:
-        write_text(folder / RUN_FILE, json.dumps(asdict(self), indent=2, ensure_ascii=False))
+        write_json(folder / RUN_FILE, asdict(self))
 
     @classmethod
     def read(cls, folder: Path) -> RunRecord | None:
@@ -43,11 +42,8 @@ class RunRecord:
         path = folder / RUN_FILE
         if not path.is_file():
             return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise NCALError(f"{path}: not a readable run record ({err})") from None
+        data = read_json(path, "run record of ncal_core.train")
         known = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or set(data) - known:
+        if not isinstance(data.get("config"), dict) or set(data) - known:
             raise NCALError(f"{path}: not a run record of ncal_core.train (expected the fields {sorted(known)})")
         return cls(**data)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -12,22 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench import bench_infer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def bench_infer(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    return importlib.import_module("bench_infer")
-
-
-def test_a_row_subset_spreads_over_the_class_sorted_test_file(bench_infer):
+def test_a_row_subset_spreads_over_the_class_sorted_test_file():
     assert bench_infer.spaced(350, 7) == [0, 50, 100, 150, 200, 250, 300]
     assert bench_infer.spaced(350, 350) == list(range(350))
 
 
-def test_the_one_prompt_at_a_time_side_is_capped_for_qwen25_only_and_quick_trains_its_own_model(bench_infer,
-                                                                                              tmp_path):
+def test_the_one_prompt_at_a_time_side_is_capped_for_qwen25_only_and_quick_trains_its_own_model(tmp_path):
     (tmp_path / "inference.py").write_text("")
     qwen = bench_infer.parse_args(["--model", "Qwen2.5-0.5B"])
     assert (qwen.rows, qwen.single_rows, qwen.threads) == (None, 50, min(2, os.cpu_count() or 1))
@@ -66,7 +60,7 @@ json.dump({"max_length": args.max_length, "model_path": args.model_path},
 
 
 @pytest.mark.slow
-def test_quick_benchmark_runs_every_side_on_the_same_rows_and_writes_the_report(tmp_path, tmwpl_dir, bench_infer,
+def test_quick_benchmark_runs_every_side_on_the_same_rows_and_writes_the_report(tmp_path, tmwpl_dir,
                                                                               monkeypatch, capsys):
     # A tiny model of 20 steps, 30 rows on 1 thread: about 20 s on this 2-core machine. Timings are never asserted.
     # The paper's inference.py is a stand-in that keeps its command line.
@@ -127,18 +121,18 @@ def test_quick_benchmark_runs_every_side_on_the_same_rows_and_writes_the_report(
 
 
 def test_reference_code_without_inference_py_is_refused_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, str(BENCH / "bench_infer.py"), "--quick", "--reference_code", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "bench.bench_infer", "--quick", "--reference_code", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode != 0
     assert out.stderr.strip() == f"--reference_code {tmp_path}: no inference.py there; give the paper's code/ folder"
 
 
 @pytest.mark.slow
-def test_quick_benchmark_times_a_head_beside_label_scoring_on_the_same_rows(tmp_path, tmwpl_dir, bench_infer):
-    out = subprocess.run([sys.executable, str(BENCH / "bench_infer.py"), "--quick", "--head", "--no_generate",
+def test_quick_benchmark_times_a_head_beside_label_scoring_on_the_same_rows(tmp_path, tmwpl_dir):
+    out = subprocess.run([sys.executable, "-m", "bench.bench_infer", "--quick", "--head", "--no_generate",
                           "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "w")],
                          capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "NCAL_DATA_DIR": str(tmwpl_dir)})
+                         env={**os.environ, "NCAL_DATA_DIR": str(tmwpl_dir)}, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "b.json").read_text())
     assert [side["side"] for side in report["sides"]] == ["ours", "head"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,21 +10,17 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
+from bench import bench_kernels
 
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
     # The bench sets TRITON_INTERPRET itself per mode; start it from a clean environment either way.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
-        [sys.executable, str(BENCH), *args], check=False, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "bench.bench_kernels", *args], check=False, env=env, capture_output=True, text=True,
+        timeout=timeout, cwd=REPO
     )
 
 
@@ -35,7 +30,7 @@ def test_compile_only_builds_every_launchable_kernel_for_sm80_and_sm90_without_s
     out = _run("--compile-only", "--arch", "sm_80,sm_90", "--json", str(tmp_path / "c.json"), timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    names = {spec.name for spec in _bench_module().kernel_specs()}
+    names = {spec.name for spec in bench_kernels.kernel_specs()}
     expected = {(n, arch, align) for n in names for arch in ("sm_80", "sm_90") for align in (1, 16)}
     assert {(r["kernel"], r["arch"], r["align"]) for r in rows} == expected
     assert all(r["ok"] and 0 < r["registers"] <= 255 and not r["spills"] for r in rows)
@@ -57,7 +52,7 @@ def test_without_a_gpu_the_benchmark_says_so_and_reports_interpreter_errors_not_
 
 
 def test_a_stack_frame_or_local_memory_counts_as_a_spill():
-    parse = _bench_module().parse_res_usage
+    parse = bench_kernels.parse_res_usage
     assert parse(" Function k:\n  REG:64 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:424")["spills"] is False
     assert parse("  REG:255 STACK:8 SHARED:0 LOCAL:0")["spills"] is True
     assert parse("  REG:255 STACK:0 SHARED:0 LOCAL:16")["spills"] is True

@@ -3,7 +3,6 @@ to end (no timing asserted)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -12,23 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_runs import TINY, command_env, run, tmwpl_rows, write_jsonl
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench import bench_train
+from bench.paper_code import differenced_rate, differenced_runs, write_slow_tokenizer_files
+from ncal_core.model.qwen import ModelConfig
 
-
-@pytest.fixture
-def bench_train(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    return importlib.import_module("bench_train")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str, timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    """`python -m bench.<script> args` from the repository root."""
+    return subprocess.run([sys.executable, "-m", f"bench.{script}", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
 
 
 def test_memory_model_matches_a_hand_computation_for_qwen25_05b_at_batch_8_by_512(tmp_path):
-    out = _run("memory_model.py", "--batch", "8", "--seq", "512", "--json", str(tmp_path / "m.json"), timeout=60)
+    out = _run("memory_model", "--batch", "8", "--seq", "512", "--json", str(tmp_path / "m.json"), timeout=60)
     assert out.returncode == 0, out.stderr
     assert "computed, not measured" in out.stdout
     report = json.loads((tmp_path / "m.json").read_text())
@@ -54,11 +53,11 @@ def test_memory_model_matches_a_hand_computation_for_qwen25_05b_at_batch_8_by_51
     assert small["total_full_logits"] == 2 * 494_032_768 + 16 * lora + 24 * layer + 8 * 512 * 151936 * 8
 
 
-def test_a_qwen25_model_plans_its_architecture_one_short_run_at_batch_8_and_no_levers_unless_asked(bench_train):
+def test_a_qwen25_model_plans_its_architecture_one_short_run_at_batch_8_and_no_levers_unless_asked():
     plan = bench_train.resolve_plan(bench_train.parse_args(["--model", "Qwen2.5-0.5B"]))
     a = plan.arch
-    assert (a.name, a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab, a.tied) == (
-        "Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936, True)
+    assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+            a.intermediate_size, a.vocab_size, a.tie_word_embeddings) == (896, 24, 14, 2, 64, 4864, 151936, True)
     assert plan.runs == {("qwen", 8): (8, 2)}
     assert (plan.repeats, plan.levers, plan.dtype, plan.row_limit) == (1, False, "float32", None)
     assert plan.threads == min(2, os.cpu_count() or 1)
@@ -66,17 +65,18 @@ def test_a_qwen25_model_plans_its_architecture_one_short_run_at_batch_8_and_no_l
     asked = bench_train.resolve_plan(bench_train.parse_args(["--model", "Qwen2.5-1.5B", "--dtype", "bfloat16",
                                                              "--levers"]))
     a = asked.arch
-    assert (a.name, a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.vocab, a.tied) == (
-        "Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936, True)
+    assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+            a.intermediate_size, a.vocab_size, a.tie_word_embeddings) == (1536, 28, 12, 2, 128, 8960, 151936, True)
     assert asked.runs == plan.runs and asked.levers and asked.dtype == "bfloat16"
     with pytest.raises(SystemExit):
         bench_train.parse_args(["--model", "Qwen2.5-0.5B", "--quick"])
 
 
-def test_the_bench_model_keeps_its_full_and_quick_plans(bench_train):
+def test_the_bench_model_keeps_its_full_and_quick_plans():
     full = bench_train.resolve_plan(bench_train.parse_args([]))
     a = full.arch
-    assert (a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.tied) == (256, 4, 4, 2, 1024, True)
+    assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads, a.intermediate_size,
+            a.tie_word_embeddings) == (256, 4, 4, 2, 1024, True)
     assert full.runs == {("bpe4k", 8): (60, 10), ("bpe4k", 32): (30, 5), ("qwen", 8): (30, 5), ("qwen", 32): (12, 3)}
     assert (full.repeats, full.levers, full.dtype, full.row_limit) == (2, True, "float32", None)
     quick = bench_train.resolve_plan(bench_train.parse_args(["--quick", "--levers"]))
@@ -88,7 +88,7 @@ def test_the_bench_model_keeps_its_full_and_quick_plans(bench_train):
 def test_quick_benchmark_runs_both_sides_and_writes_every_section_of_the_report(tmp_path, tmwpl_dir):
     # Shape bpe4k only, 10 steps of batch 8 on 1 thread: about 20 s on this 2-core machine, loaded or not.
     # Timings are never asserted.
-    out = _run("bench_train.py", "--quick", "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "w"),
+    out = _run("bench_train", "--quick", "--json", str(tmp_path / "b.json"), "--workdir", str(tmp_path / "w"),
                timeout=900, env={"NCAL_DATA_DIR": str(tmwpl_dir)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # ours trains on every row the baseline reads: no development split held out, none scored after training
@@ -99,11 +99,11 @@ def test_quick_benchmark_runs_both_sides_and_writes_every_section_of_the_report(
     assert report["mode"] == "quick"
     assert {"machine", "runs", "comparisons", "levers", "head_microbench", "memory_model"} <= set(report)
     assert {"mfu_denominator_gflops", "matmul_gflops_before", "matmul_gflops_after", "loadavg"} <= set(report["machine"])
-    assert sorted(run["side"] for run in report["runs"]) == ["baseline", "ours"]
-    for run in report["runs"]:
+    assert sorted(side["side"] for side in report["runs"]) == ["baseline", "ours"]
+    for side in report["runs"]:
         assert {"samples_per_s", "real_tokens_per_s", "peak_rss_mb", "model_gflops_per_step", "mfu",
-                "stalled_steps"} <= set(run)
-        assert run["peak_rss_mb"] > 0 and run["samples_per_s"] > 0
+                "stalled_steps"} <= set(side)
+        assert side["peak_rss_mb"] > 0 and side["samples_per_s"] > 0
     (comparison,) = report["comparisons"]
     assert {"samples_ratio", "real_tokens_ratio", "rss_ratio", "targets_met"} <= set(comparison)
     assert report["head_microbench"][0]["vocab"] == 4096
@@ -111,10 +111,30 @@ def test_quick_benchmark_runs_both_sides_and_writes_every_section_of_the_report(
     assert "Ours / baseline" in out.stdout and "computed, not measured" in out.stdout
 
 
+def test_the_benchmark_counts_a_training_runs_model_flops_as_the_runs_own_log_does(tmp_path):
+    # one FLOP model: bench_train's model FLOPs of each logged step, over its seconds, are the step line's
+    # model_tflops_per_s to the last bit, so the MFU of a benchmark and of a training log cannot disagree
+    rows = write_jsonl(tmp_path / "train.jsonl", tmwpl_rows(24))
+    out = tmp_path / "run"
+    proc = run("ncal_core.train", [*TINY, "--dataset_path", rows, "--eval_dataset_path", "none", "--output_dir", out,
+                                   "--use_lora", "true", "--lora_r", bench_train.LORA_R, "--target_modules",
+                                   ",".join(bench_train.LORA_TARGETS), "--per_device_train_batch_size", "4",
+                                   "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no"],
+               command_env(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = Path(json.loads((out / "ncal_run.json").read_text())["base_model"])
+    flops = bench_train.flop_model(ModelConfig.from_hf(json.loads((base / "config.json").read_text()), str(base)))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = bench_train.logged_steps(out / "metrics.jsonl")
+    assert len(steps) == len(lines) == 3
+    for step, line in zip(steps, lines):
+        assert bench_train.model_flops(step, flops) / step["seconds"] / 1e12 == line["model_tflops_per_s"]
+
+
 def test_memory_profile_records_every_phase_of_a_real_training_run(tmp_path, tmwpl_dir, qwen3_tokenizer_dir):
     # the bench model (hidden 256, 4 layers, Qwen's vocabulary), 2 steps: about 30 s; no figure is asserted but
     # what the phases must add up to
-    out = _run("memory_profile.py", "--model", "bench", "--steps", "2", "--json", str(tmp_path / "m.json"),
+    out = _run("memory_profile", "--model", "bench", "--steps", "2", "--json", str(tmp_path / "m.json"),
                timeout=900, env={"NCAL_DATA_DIR": str(tmwpl_dir), "NCAL_SHARED_DIR": str(qwen3_tokenizer_dir.parents[1])})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run,) = json.loads((tmp_path / "m.json").read_text())["runs"]
@@ -177,7 +197,7 @@ with open(training.output_dir + "/standin.json", "w") as out:
 
 
 @pytest.mark.slow
-def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_path, tmwpl_dir, bench_train,
+def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_path, tmwpl_dir,
                                                                           monkeypatch, capsys):
     """In process, the stand-in's wall times given (10 s of start-up and 0.5 s a step) rather than measured: a loaded
     machine cannot make its longer run look shorter."""
@@ -230,15 +250,12 @@ def test_quick_benchmark_runs_the_papers_own_train_py_when_given_its_folder(tmp_
 
 
 def test_reference_code_without_train_py_is_refused_in_one_line(tmp_path):
-    out = _run("bench_train.py", "--quick", "--reference_code", str(tmp_path), timeout=60)
+    out = _run("bench_train", "--quick", "--reference_code", str(tmp_path), timeout=60)
     assert out.returncode != 0
     assert out.stderr.strip() == f"--reference_code {tmp_path}: no train.py there; give the paper's code/ folder"
 
 
 def test_a_differenced_rate_discards_the_cold_first_run_and_needs_the_longer_run_to_take_longer(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    from paper_code import differenced_rate, differenced_runs
-
     assert differenced_rate({"wall_s": 10.0}, {"wall_s": 14.0}, 16, 48) == 8.0
     with pytest.raises(RuntimeError, match="must do more work and take longer"):
         differenced_rate({"wall_s": 10.0}, {"wall_s": 9.0}, 16, 48)
@@ -255,9 +272,6 @@ def test_a_differenced_rate_discards_the_cold_first_run_and_needs_the_longer_run
 
 
 def test_the_slow_tokenizer_files_keep_those_a_model_folder_has_and_fill_in_the_missing(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCH))
-    from paper_code import write_slow_tokenizer_files
-
     vocab = {"a": 0, "b": 1, "ab": 2}
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab,
                                                                    "merges": [["a", "b"]]}}))

@@ -148,7 +148,7 @@ CASES = [
          "{models}/hf_trainer_checkpoint/trainer_state.json: not a checkpoint of ncal_core.train"),
     Case("resume_from_an_unreadable_trainer_state", "train",
          ["--model_name_or_path", "{models}/ok", "--use_lora", "false", "--resume_from_checkpoint",
-          "{models}/truncated_state"], "{models}/truncated_state/trainer_state.json: unreadable trainer state"),
+          "{models}/truncated_state"], "{models}/truncated_state/trainer_state.json: not a readable trainer state"),
     # the base checkpoint
     Case("model_path_missing", "train", ["--model_name_or_path", "{tmp}/no_model"],
          "--model_name_or_path {tmp}/no_model: not a checkpoint folder"),
@@ -175,6 +175,9 @@ CASES = [
          {"adapter/adapter_config.json": json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
                                                      "base_model_name_or_path": "/nonexistent/base",
                                                      "target_modules": ["q_proj"]})}),
+    Case("infer_adapter_config_not_an_object", "infer", ["--model_path", "{tmp}/adapter", "--prompt", "三角形"],
+         "{tmp}/adapter/adapter_config.json: not a PEFT adapter config: expected a JSON object, got list",
+         {"adapter/adapter_config.json": "[]"}),
     Case("infer_malformed_prompts_file", "infer", [*INFER, "--prompts_file", "{tmp}/p.jsonl"],
          "p.jsonl:2: malformed JSON", {"p.jsonl": jsonl(GOOD[0], "{oops")}),
     Case("infer_gold_label_outside_labels", "infer", [*INFER[:2], "--labels", "回忆,识别", "--prompts_file",

@@ -24,8 +24,8 @@ FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
 @pytest.mark.parametrize("name", list(make_docs.PAGES))
 def test_generated_page_is_what_make_docs_writes_now(name):
-    written = (REPO / "docs" / name).read_text(encoding="utf-8")
-    assert written == make_docs.PAGES[name](), f"docs/{name} is stale: run `python -m bench.make_docs`"
+    written = (REPO / name).read_text(encoding="utf-8")
+    assert written == make_docs.PAGES[name](), f"{name} is stale: run `python -m bench.make_docs`"
 
 
 @pytest.mark.parametrize("config", [TrainConfig, InferConfig, AnalyzeConfig, ExportConfig, ServeConfig])
@@ -84,12 +84,14 @@ def test_a_results_folder_nobody_describes_stops_the_script(tmp_path, monkeypatc
 
 
 def test_check_names_a_stale_page_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(make_docs, "PAGES", {"flags.md": lambda: "now\n"})
-    monkeypatch.setattr(make_docs, "DOCS", tmp_path)
-    (tmp_path / "flags.md").write_text("before\n", encoding="utf-8")
+    monkeypatch.setattr(make_docs, "PAGES", {"docs/flags.md": lambda: "now\n"})
+    monkeypatch.setattr(make_docs, "REPO", tmp_path)
+    monkeypatch.setattr(make_docs, "DOCS", tmp_path / "docs")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "flags.md").write_text("before\n", encoding="utf-8")
     assert make_docs.main(["--check"]) == 1
     assert "docs/flags.md is stale: run python -m bench.make_docs" in capsys.readouterr().err
-    assert (tmp_path / "flags.md").read_text(encoding="utf-8") == "before\n"
+    assert (tmp_path / "docs" / "flags.md").read_text(encoding="utf-8") == "before\n"
     assert make_docs.main([]) == 0 and make_docs.main(["--check"]) == 0
 
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from ncal_core.durable import CACHE_DIR_ENV, add_files, atomic_file, cache_root, write_atomically, write_text
+from ncal_core.durable import (
+    CACHE_DIR_ENV,
+    add_files,
+    atomic_file,
+    cache_root,
+    read_json,
+    write_atomically,
+    write_json,
+    write_text,
+)
+from ncal_core.errors import NCALError
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -36,3 +46,29 @@ def test_the_cache_root_is_the_variable_when_set_and_not_empty(tmp_path, monkeyp
     assert cache_root() == tmp_path
     monkeypatch.setenv(CACHE_DIR_ENV, "")
     assert cache_root().name == "ncal" and cache_root().is_absolute()
+
+
+def test_json_is_written_atomically_and_read_back_unescaped(tmp_path):
+    path = tmp_path / "eval.json"
+    write_json(path, {"labels": ["回忆", "识别"], "macro_f1": 0.5})
+    assert path.read_text(encoding="utf-8") == '{\n  "labels": [\n    "回忆",\n    "识别"\n  ],\n  "macro_f1": 0.5\n}\n'
+    assert read_json(path) == {"labels": ["回忆", "识别"], "macro_f1": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "f.json: file not found"),
+    ('{"step": 2, "epo', "f.json: not a readable trainer state (not valid JSON: Unterminated string starting at: "
+                        "line 1 column 13 (char 12))"),
+    (b"\xff\xfe", "f.json: not a readable trainer state ("),
+    ("[1, 2]", "f.json: not a trainer state: expected a JSON object, got list"),
+])
+def test_a_missing_or_malformed_json_file_is_refused_in_one_line_naming_it(tmp_path, content, message):
+    path = tmp_path / "f.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(NCALError) as err:
+        read_json(path, "trainer state")
+    assert str(err.value).startswith(str(tmp_path / message)) and "\n" not in str(err.value)

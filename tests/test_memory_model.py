@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import memory_model  # noqa: E402
+from bench import memory_model
 
 B, T, R = 8, 512, 8
 
@@ -59,18 +53,10 @@ def test_sharding_shrinks_with_gpus_and_ddp_does_not(method):
 
 def test_a_plan_is_the_fewest_gpus_that_fit_and_its_command_launches_that_many():
     a = memory_model.SCALE_ARCHS["Qwen2.5-72B"]
-    row = memory_model.plan(a, "full", B, T, R, 3)
+    row = memory_model.plan("Qwen2.5-72B", "full", B, T, R, 3)
     assert row["gpus"] == 32 and row["fits_80gb"]
     assert not memory_model.per_gpu(a, "full", "fsdp2", 16, B, T, R)["fits_80gb"]
     command = memory_model.launch_command(row)
     assert "--nnodes 4 --nproc_per_node 8" in command and "--fsdp true" in command
-    one = memory_model.launch_command(memory_model.plan(memory_model.SCALE_ARCHS["Qwen2.5-7B"], "qlora", B, T, R, 3))
+    one = memory_model.launch_command(memory_model.plan("Qwen2.5-7B", "qlora", B, T, R, 3))
     assert one.startswith("python -m ncal_core.train ") and "--quantization nf4" in one and "--fsdp" not in one
-
-
-def test_docs_scale_md_holds_what_its_generating_commands_print_now():
-    import scale_doc
-
-    text = scale_doc.DOC.read_text(encoding="utf-8")
-    assert text.count("<!-- generated: ") == 2
-    assert scale_doc.render(text) == text, "docs/scale.md is stale: run python bench/scale_doc.py"

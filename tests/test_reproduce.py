@@ -23,7 +23,7 @@ def test_quick_reproduce_writes_the_table_json_and_plot(tmp_path, tmwpl_dir):
            "OMP_NUM_THREADS": "1"}
 
     def reproduce() -> str:
-        return subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--quick", "--out",
+        return subprocess.run([sys.executable, "-m", "bench.reproduce", "--quick", "--out",
                                str(tmp_path / "out")], check=True, env=env, capture_output=True, cwd=REPO,
                               text=True).stdout
 
@@ -50,9 +50,7 @@ def test_quick_reproduce_writes_the_table_json_and_plot(tmp_path, tmwpl_dir):
 
 
 def test_settings_of_a_part_that_is_off_do_not_make_a_run_stale():
-    sys.path.insert(0, str(REPO / "bench"))
-    from reproduce import METHODS, PINNED, stale_settings
-
+    from bench.reproduce import METHODS, PINNED, stale_settings
     from ncal_core.cli import parse_config
     from ncal_core.train.config import TrainConfig
 
@@ -71,8 +69,7 @@ def test_settings_of_a_part_that_is_off_do_not_make_a_run_stale():
 
 
 def test_sft_twin_is_the_method_that_trains_alike_with_tc_off():
-    sys.path.insert(0, str(REPO / "bench"))
-    from reproduce import sft_twin
+    from bench.reproduce import sft_twin
 
     assert sft_twin("ncal") == sft_twin("ncal_mean_l1") == sft_twin("etf_target") == "sft"
     assert sft_twin("ncal_mean_l1_sqrt") == sft_twin("ncal_sqrt") == "sft_sqrt"
@@ -84,9 +81,9 @@ def test_sft_twin_is_the_method_that_trains_alike_with_tc_off():
 
 
 def test_seed_ensembles_score_the_mean_label_log_probabilities_with_tau_from_dev(tmp_path):
-    sys.path.insert(0, str(REPO / "bench"))
-    from reproduce import summarise, write_table
     from sklearn.metrics import f1_score
+
+    from bench.reproduce import summarise, write_table
 
     labels, counts = ["a", "b", "c"], [80, 15, 5]
     gen = torch.Generator().manual_seed(0)
@@ -128,11 +125,10 @@ def test_seed_ensembles_score_the_mean_label_log_probabilities_with_tau_from_dev
 
 @pytest.mark.slow
 def test_with_model_lora_runs_train_on_a_long_tailed_fraction_and_zero_shot_scores_as_infer_does(tmp_path):
-    sys.path.insert(0, str(REPO / "bench"))
     from checkpoint_with_tokenizer import TEXTS, make_checkpoint_with_tokenizer
-    from reproduce import ZERO_SHOT_INSTRUCTION
     from training_runs import command_env, write_jsonl
 
+    from bench.reproduce import ZERO_SHOT_INSTRUCTION
     from ncal_core.infer import main as infer_main
 
     base = make_checkpoint_with_tokenizer(tmp_path / "base", hidden_size=32, intermediate_size=64, layers=1, heads=2,
@@ -146,7 +142,7 @@ def test_with_model_lora_runs_train_on_a_long_tailed_fraction_and_zero_shot_scor
     out = tmp_path / "out"
 
     def reproduce() -> str:
-        return subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--model", str(base), "--train",
+        return subprocess.run([sys.executable, "-m", "bench.reproduce", "--model", str(base), "--train",
                                str(tmp_path / "train.jsonl"), "--test", str(test), "--train_fraction", "0.5",
                                "--dev_per_class", "2", "--methods", "zero_shot,sft,ncal", "--seeds", "0", "--out",
                                str(out), "--", "--max_steps", "2", "--per_device_train_batch_size", "4"],

@@ -4,17 +4,12 @@ every time, with TMWPL's balanced test split beside it."""
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_resplit_draws_its_class_sizes_from_tmwpl_train_the_same_way_every_time(tmp_path, tmwpl_dir,
                                                                                      monkeypatch):
-    sys.path.insert(0, str(REPO / "bench"))
-    import resplit
+    from bench import resplit
 
     monkeypatch.setenv("NCAL_DATA_DIR", str(tmwpl_dir))
     train, test = resplit.write(tmp_path / "a")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from torch import Tensor
 from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.rows import Example
 from ncal_core.distributed import gather_shards, shard
-from ncal_core.durable import write_text
+from ncal_core.durable import write_json
 from ncal_core.evaluation.classify import classify
 from ncal_core.evaluation.collapse import neural_collapse
 from ncal_core.evaluation.features import pooled_features
@@ -86,7 +85,7 @@ def write_report(output_dir: Path, report: dict[str, Any], features: Tensor, gol
         training_curves,
     )
 
-    write_text(output_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
+    write_json(output_dir / "eval.json", report)
     print(format_report(report))
     if report.get("logit_adjust_tau"):
         print(f"(label scores logit-adjusted with tau {report['logit_adjust_tau']}; without: accuracy "

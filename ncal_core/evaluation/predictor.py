@@ -7,7 +7,6 @@ Hugging Face checkpoint (base, merged or fully fine-tuned).
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from ncal_core.cli import DTYPES
 from ncal_core.data.prompts import PromptBuilder
 from ncal_core.data.rows import Example
+from ncal_core.durable import read_json
 from ncal_core.errors import NCALError, at
 from ncal_core.evaluation.classify import classify
 from ncal_core.evaluation.scoring import score_labels
@@ -67,13 +67,6 @@ class Predictor:
                              truncation=self.truncation)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise NCALError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-
-
 @dataclass
 class ModelFolder:
     """A model folder checked before any weight is read."""
@@ -92,7 +85,7 @@ def open_model_folder(model_path: str | Path, base_model_path: str | Path | None
     run = RunRecord.read(path)
     if (path / "adapter_config.json").is_file():
         base = base_model_path or (run and run.base_model) \
-            or _read_json(path / "adapter_config.json").get("base_model_name_or_path")
+            or read_json(path / "adapter_config.json", "PEFT adapter config").get("base_model_name_or_path")
         if not base:
             raise NCALError(f"{path / 'adapter_config.json'}: base_model_name_or_path: names no base checkpoint; "
                             "pass --base_model_path")
@@ -100,7 +93,7 @@ def open_model_folder(model_path: str | Path, base_model_path: str | Path | None
         return ModelFolder(path, run, checkpoint_folder(base, what=what), adapter_head_size(path))
     if (path / "config.json").is_file():
         config = path / "config.json"
-        return ModelFolder(path, run, None, num_labels(_read_json(config), config) if is_classifier_folder(path)
+        return ModelFolder(path, run, None, num_labels(read_json(config), config) if is_classifier_folder(path)
                            else None)
     raise NCALError(f"--model_path {model_path}: neither a checkpoint (config.json) nor an adapter "
                     "(adapter_config.json)")
@@ -224,7 +217,7 @@ def _generation_eos(folder: ModelFolder, eos_id: int) -> list[int]:
     """The tokenizer's eos and the eos_token_id (an id or a list) of the model's generation_config.json."""
     path = next((p / "generation_config.json" for p in (folder.path, folder.base)
                  if p is not None and (p / "generation_config.json").is_file()), None)
-    extra = _read_json(path).get("eos_token_id") if path else None
+    extra = read_json(path, "generation config").get("eos_token_id") if path else None
     extra = [] if extra is None else extra if isinstance(extra, list) else [extra]
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in extra):
         raise NCALError(f"{path}: eos_token_id: must be a token id or a list of them, not {extra!r}")
@@ -270,7 +263,7 @@ def load_folder(folder: ModelFolder, dtype: torch.dtype = torch.float32,
 def classifier_labels(path: Path) -> list[str] | None:
     """The class names a transformers sequence-classification config.json names (id2label), None without one."""
     config = path / "config.json"
-    id2label = _read_json(config).get("id2label") if config.is_file() else None
+    id2label = read_json(config, "model config").get("id2label") if config.is_file() else None
     if not isinstance(id2label, dict) or not id2label:
         return None
     try:

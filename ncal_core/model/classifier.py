@@ -16,19 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ncal_core.durable import read_json, write_json
 from ncal_core.errors import NCALError, at
 from ncal_core.layout import Ragged
 from ncal_core.model.lora import adapter_head
 from ncal_core.model.qwen import ARCHITECTURES, ModelConfig, QwenModel
-from ncal_core.model.weights import (
-    assign_parameters,
-    checkpoint_files,
-    hf_name,
-    read_json,
-    read_tensors,
-    write_json,
-    write_safetensors,
-)
+from ncal_core.model.weights import assign_parameters, checkpoint_files, hf_name, read_tensors, write_safetensors
 
 HEADS = ("lm", "linear", "etf")  # lm: label scoring with the LM head, no classifier
 SCORE_KEY = "score.weight"       # transformers' name of the head's weight

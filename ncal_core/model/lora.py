@@ -9,16 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ncal_core.durable import read_json, write_json
 from ncal_core.errors import NCALError, at
-from ncal_core.model.weights import (
-    assign_parameters,
-    hf_name,
-    read_json,
-    read_tensors,
-    tensor_shapes,
-    write_json,
-    write_safetensors,
-)
+from ncal_core.model.weights import assign_parameters, hf_name, read_tensors, tensor_shapes, write_safetensors
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LORA_PARAMS = ("lora_A", "lora_B")

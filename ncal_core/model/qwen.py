@@ -13,18 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ncal_core.durable import read_json, write_json
 from ncal_core.errors import NCALError, at
 from ncal_core.layout import Ragged
 from ncal_core.model.swiglu import silu_mul
-from ncal_core.model.weights import (
-    assign_parameters,
-    checkpoint_files,
-    hf_name,
-    read_json,
-    read_tensors,
-    write_json,
-    write_safetensors,
-)
+from ncal_core.model.weights import assign_parameters, checkpoint_files, hf_name, read_tensors, write_safetensors
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 DEFAULT_ROPE_THETA = 10_000.0  # transformers' default when a config names none

@@ -7,13 +7,12 @@ written once into a cache folder named by a hash of everything that went into it
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ncal_core.durable import cache_root, write_atomically
+from ncal_core.durable import cache_root, read_json, write_atomically, write_json
 from ncal_core.model.qwen import ModelConfig, QwenModel, init_weights, save_model
 from ncal_core.model.tiny_tokenizer import TOKENIZER_VERSION, train_tokenizer
 from ncal_core.model.tokenizer import load_tokenizer
@@ -41,9 +40,9 @@ def build_tiny_checkpoint(folder: Path, texts: Sequence[str], *, seed: int, voca
     model = QwenModel(tiny_config(len(tokenizer), hidden_size, num_layers, tied))
     init_weights(model, seed=seed)
     save_model(model, folder, dtype=torch.float32)
-    hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    hf = read_json(folder / "config.json")
     hf.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    (folder / "config.json").write_text(json.dumps(hf, indent=2), encoding="utf-8")
+    write_json(folder / "config.json", hf)
     return folder
 
 

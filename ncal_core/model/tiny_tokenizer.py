@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from ncal_core.durable import write_json
 
 PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -66,6 +67,4 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
         "model_max_length": 32768,
         "chat_template": CHAT_TEMPLATE,
     }
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
+    write_json(out_dir / "tokenizer_config.json", config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ncal_core.durable import read_json, write_json
 from ncal_core.errors import NCALError, at
 
 # Only safetensors is read: a pytorch_model.bin is a pickle, and loading it could run code.
@@ -21,24 +21,6 @@ INDEX_FILE = "model.safetensors.index.json"
 def hf_name(name: str) -> str:
     """Our parameter name -> the Hugging Face checkpoint key (everything but the LM head sits under `model.`)."""
     return name if name.startswith("lm_head.") else f"model.{name}"
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`; a missing or malformed file is the user's mistake."""
-    if not path.is_file():
-        raise NCALError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise NCALError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise NCALError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write `data` as indented JSON with a trailing newline."""
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def checkpoint_files(directory: Path) -> tuple[list[Path], Path]:

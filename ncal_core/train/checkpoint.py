@@ -10,7 +10,6 @@ temporary folder left by a crash is ignored with a warning.
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import shutil
@@ -25,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ncal_core.durable import TMP_PREFIX, write_atomically
+from ncal_core.durable import TMP_PREFIX, read_json, write_atomically, write_json
 from ncal_core.errors import NCALError
 from ncal_core.train.state import TrainState
 
@@ -44,7 +43,7 @@ def save_checkpoint(output_dir: Path, *, save_weights: Callable[[Path], None],
         save_weights(folder)
         save_optimizer(folder)
         save_file({k: v.contiguous() for k, v in rng.items()}, str(folder / "rng.safetensors"))
-        (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, ensure_ascii=False), encoding="utf-8")
+        write_json(folder / STATE_FILE, asdict(state))
 
     return write_atomically(output_dir / f"{PREFIX}{state.step}", fill)
 
@@ -79,11 +78,7 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
 def read_state(folder: Path) -> TrainState:
     """trainer_state.json of a checkpoint."""
     path = folder / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise NCALError(f"{path}: unreadable trainer state: {err}") from None
-    return TrainState.from_json(state, path)
+    return TrainState.from_json(read_json(path, "trainer state"), path)
 
 
 def read_optimizer_state(folder: Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ and checkpoints; the run ends with the weights that split chose scored once on t
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -22,7 +21,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ncal_core.cli import parse_config
-from ncal_core.durable import add_files, write_text
+from ncal_core.durable import add_files, write_json, write_text
 from ncal_core.errors import NCALError
 from ncal_core.evaluation.evaluate import evaluate, write_report
 from ncal_core.model.classifier import QwenClassifier, save_classifier
@@ -346,7 +345,7 @@ def evaluate_trained(run: Run, log: MetricsLog, phase: AfterTraining) -> dict[st
     if run.main_proc:
         phase.now = "writing the report"
         if data.dev_rows:
-            write_text(run.output_dir / "dev_ids.json", json.dumps([r.id for r in data.dev_rows], ensure_ascii=False))
+            write_json(run.output_dir / "dev_ids.json", [r.id for r in data.dev_rows])
         if data.eval_rows:
             gold = [data.labels.index(row.label) for row in data.eval_rows]
             write_report(run.output_dir, report, features, gold, data.labels)
