@@ -22,9 +22,9 @@ from ncal_core.errors import NCALError, run_cli
 from ncal_core.evaluation.predictor import ModelFolder, open_model_folder
 from ncal_core.model.classifier import SCORE_KEY, is_classifier_folder, seq_cls_config
 from ncal_core.model.lora import CONFIG_FILE, WEIGHTS_FILE, merge_lora_weights, read_adapter_config
-from ncal_core.model.tokenizer import TOKENIZER_FILES, load_tokenizer
+from ncal_core.model.tokenizer import load_tokenizer
 from ncal_core.model.weights import checkpoint_files, read_tensors, write_safetensors
-from ncal_core.outputs import check_new_folder
+from ncal_core.outputs import TOKENIZER_FILES, check_new_folder
 from ncal_core.run_record import RunRecord
 
 SHARD_BYTES = 5 * 10**9

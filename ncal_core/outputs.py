@@ -16,9 +16,11 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from ncal_core.errors import NCALError
-from ncal_core.model.tokenizer import TOKENIZER_FILES
 from ncal_core.run_record import RUN_FILE
 
+# what a tokenizer folder may hold (a run's own, saved by save_pretrained, else the base's)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 # files that make a folder a model's or a training run's (a run, a checkpoint, an export, a base checkpoint)
 RECORD_FILES = (RUN_FILE, "config.json", "adapter_config.json", "metrics.jsonl", "trainer_state.json")
 # the files of such a folder no output may replace: its records, weights, optimizer and RNG state, tokenizer, the

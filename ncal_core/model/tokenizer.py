@@ -9,9 +9,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ncal_core.errors import NCALError, at
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-# what a tokenizer folder may hold (a run's own, saved by save_pretrained, else the base's)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
