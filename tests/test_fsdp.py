@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,15 +20,17 @@ import pytest
 from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
 from training_runs import (
     REPO,
+    accelerate_command,
     command_env,
     eval_report,
     final_weights,
-    free_port,
+    launch_to_end,
     logged_steps,
     max_abs_diff,
     metrics,
     run,
     tmwpl_rows,
+    torchrun_command,
     write_jsonl,
 )
 
@@ -50,34 +51,14 @@ BF16_TOLERANCE = (2e-2, 5e-3)  # loss rtol, weight atol
 RESUME_ATOL = 1e-6  # a resumed run repeats the same arithmetic: measured 0
 
 
-def torchrun_command(args: list) -> list[str]:
-    """`torch.distributed.run` of 2 CPU processes running ncal_core.train with args."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "-m", "ncal_core.train", *map(str, args)]
-
-
 def torchrun(args: list, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run torchrun_command(args) to completion (killed whole on timeout)."""
-    return _launch(torchrun_command(args), env, timeout)
+    """torchrun of 2 CPU processes running ncal_core.train with args, to completion."""
+    return launch_to_end(torchrun_command(args), env, timeout)
 
 
 def accelerate_launch(args: list, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu` of 2 CPU processes (how accelerate starts several on a CPU machine)."""
-    return _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", str(free_port()), "-m", "ncal_core.train", *map(str, args)], env, timeout)
-
-
-def _launch(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return launch_to_end(accelerate_command(args), env, timeout)
 
 
 @pytest.fixture(scope="module")

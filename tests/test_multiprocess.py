@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +22,11 @@ from checkpoint_with_tokenizer import make_checkpoint_with_tokenizer
 from training_runs import (
     REPO,
     TINY,
+    accelerate_command,
     command_env,
     eval_report,
     final_weights,
-    free_port,
+    launch_to_end,
     logged_steps,
     max_abs_diff,
     metrics,
@@ -49,27 +49,10 @@ KEY_BIAS_ATOL = 1e-3
 LOSS_RTOL = 1e-5  # measured ~2e-7
 
 
-def launch_command(args: list, script: Path | None = None) -> list[str]:
-    """`accelerate launch` of 2 processes on the CPU, running ncal_core.train (or a script) with args."""
-    target = ["-m", "ncal_core.train"] if script is None else [str(script)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), *target, *map(str, args)]
-
-
 def launch(args: list, env: dict[str, str], *, script: Path | None = None,
            timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the launch to completion; on timeout kill the launcher and its ranks (one process group), then fail."""
-    cmd = launch_command(args, script)
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    """accelerate launch of 2 CPU processes, run to completion."""
+    return launch_to_end(accelerate_command(args, script), env, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +146,7 @@ def test_ctrl_c_stops_both_ranks_at_one_step_and_resuming_matches(setup):
     seed = int(os.environ.get("NCAL_TEST_SEED", random.randrange(10**6)))
     at = random.Random(seed).randint(3, 11)
     with open(setup["root"] / "interrupted.log", "w") as log:
-        proc = subprocess.Popen(launch_command([*setup["lora"], "--output_dir", run_dir]), env=setup["env"],
+        proc = subprocess.Popen(accelerate_command([*setup["lora"], "--output_dir", run_dir]), env=setup["env"],
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
     while logged_steps(run_dir) < at:

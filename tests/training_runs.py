@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +66,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def accelerate_command(args: list, script: Path | None = None) -> list[str]:
+    """`accelerate launch` of 2 processes on the CPU, running ncal_core.train (or a script) with args."""
+    target = ["-m", "ncal_core.train"] if script is None else [str(script)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), *target, *map(str, args)]
+
+
+def torchrun_command(args: list) -> list[str]:
+    """`torch.distributed.run` of 2 CPU processes running ncal_core.train with args."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "ncal_core.train", *map(str, args)]
+
+
+def launch_to_end(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a launcher to completion; on timeout kill it and its ranks (one process group), then fail."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
