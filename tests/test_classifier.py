@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from random_checkpoints import make_hf_checkpoint, rel_err
+from random_checkpoints import make_hf_checkpoint, randomise_lora_b, rel_err
 from safetensors.torch import load_file
 
 from ncal_core.errors import NCALError
@@ -108,10 +108,7 @@ def test_a_seq_cls_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     base = make_hf_checkpoint(tmp_path / "base", model_type="qwen3")
     model = load_model(base)
     inject_lora(model, 4, 8.0, 0.0, ["q_proj", "v_proj"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0.0, 0.1)
+    randomise_lora_b(model, std=0.1)
     classifier = attach_head(model, 3, "linear", seed=2)
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base), r=4, alpha=8.0, dropout=0.0,
                  target_modules=["q_proj", "v_proj"], head=classifier.score.weight)
@@ -182,10 +179,7 @@ def test_a_qwen3_head_adapter_exports_to_what_the_text_classification_pipeline_r
     tokenizer.save_pretrained(base)
     model = load_model(base)
     inject_lora(model, 2, 4.0, 0.0, ["q_proj", "o_proj"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0.0, 0.2)
+    randomise_lora_b(model, std=0.2)
     classifier = attach_head(model, 3, "linear", seed=5)
     run = tmp_path / "run"
     save_adapter(model, run, base_model_name_or_path=str(base), r=2, alpha=4.0, dropout=0.0,
