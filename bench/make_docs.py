@@ -21,6 +21,7 @@ import io
 import json
 import re
 import shlex
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,7 @@ class Experiment:
     command: str
     about: str
     screen: bool = False  # one of the screen's folders, whose rows docs/results.md also ranks together
+    real: bool = False  # trains a pretrained checkpoint (bench/reproduce.py --model), shown before the tiny model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,14 +220,12 @@ def results_page() -> str:
     used = [m for e in EXPERIMENTS for row in _read(RESULTS / e.folder / "results.json")
             for m in [row["method"].removesuffix("+LA")]]
     methods = ["| method | its flags |", "|---|---|"]
-    methods += [f"| `{m}` | `{' '.join(METHODS[m])}` |" for m in dict.fromkeys(used)]
+    methods += [f"| `{m}` | `{' '.join(METHODS[m])}` |" for m in dict.fromkeys(used) if m in METHODS]
     parts = [GENERATED, "# Results\n",
              "Every table here is built from the `results.json` that `bench/reproduce.py` wrote beside it, under "
-             "the command that reproduces it. Each run trains the built-in tiny model (a 4-layer, 256-wide Qwen2 "
-             "with a BPE tokenizer trained on TMWPL) from scratch with `python -m ncal_core.train`: full "
-             "fine-tuning, 3 epochs of random batches of 32, learning rate 1e-3, on the training set minus a "
-             "class-balanced development split (`--dev_per_class`, the same rows for every run). It scores that "
-             "split and the test set once. Finished runs are reused, so a command run again only adds what is "
+             "the command that reproduces it. Every run trains with `python -m ncal_core.train` on the training set "
+             "minus a class-balanced development split (`--dev_per_class`, the same rows for every run), and scores "
+             "that split and the test set once. Finished runs are reused, so a command run again only adds what is "
              "missing. The digits are those of the machine that ran them: another CPU trains to other weights "
              "from the same code and seed. How the main job's own figures and the defaults came about is in "
              "[log.md](log.md).\n",
@@ -244,14 +244,45 @@ def results_page() -> str:
              "training randomness.\n",
              "The methods, as `bench/reproduce.py`'s `METHODS` defines them: the flags of `python -m "
              f"ncal_core.train` on top of `{' '.join(PINNED)}`, which every run starts from so that a method does "
-             "not change when a default does (a later flag wins):\n", "\n".join(methods) + "\n"]
-    for e in EXPERIMENTS:
-        rows = _read(RESULTS / e.folder / "results.json")
-        parts.append(f"## {e.title}\n\nMeasured {e.measured}; [`bench/results/{e.folder}/`]"
-                     f"(../bench/results/{e.folder}/results.json). {e.about}\n\n{_code(e.command)}\n"
-                     f"{_leaders(rows)}\n\n" + results_table(rows))
+             "not change when a default does (a later flag wins); `zero_shot` trains nothing:\n",
+             "\n".join(methods) + "\n", REAL_MODEL_INTRO]
+    parts += [_experiment(e) for e in EXPERIMENTS if e.real]
+    parts.append(TINY_MODEL_INTRO)
+    parts += [_experiment(e) for e in EXPERIMENTS if not e.real]
     parts.append(_screen_ranking([e for e in EXPERIMENTS if e.screen]))
     return "\n".join(parts)
+
+
+REAL_MODEL_INTRO = (
+    "## A real pretrained LLM: Qwen2.5-Coder-0.5B-Instruct with LoRA\n\n"
+    "The real checkpoint of [real_model.md](real_model.md), fine-tuned with LoRA adapters as the paper does (r 8, alpha 32, dropout 0.1, q/k/v/o, learning rate 2e-4) "
+    "in 8-row steps, on the protocol that fits two CPU cores: a fixed quarter of every TMWPL training class "
+    "(2,066 rows, the full imbalance), 10 development rows a class held out of it, 2 epochs (498 steps), "
+    "TMWPL test's 350 rows. `zero_shot` is the checkpoint as it is, prompted with an instruction that names and "
+    "defines the seven classes; it is scored once and stands for every seed.\n")
+TINY_MODEL_INTRO = (
+    "## The built-in tiny model\n\n"
+    "Each run trains the built-in tiny model (a 4-layer, 256-wide Qwen2 with a BPE tokenizer trained on TMWPL) "
+    "from scratch: full fine-tuning, 3 epochs of random batches of 32, learning rate 1e-3. Here TC has no "
+    "pretrained features to reshape, so these tables say little about what it does to an LLM.\n")
+
+
+def _experiment(e: Experiment) -> str:
+    """One experiment's section: what it is, its command, which row the development split ranks first, its table."""
+    rows = _read(RESULTS / e.folder / "results.json")
+    return (f"### {e.title}\n\nMeasured {e.measured}; [`bench/results/{e.folder}/`]"
+            f"(../bench/results/{e.folder}/results.json). {e.about}{_train_time(rows)}\n\n{_code(e.command)}\n"
+            f"{_leaders(rows)}\n\n" + results_table(rows))
+
+
+def _train_time(rows: list[dict]) -> str:
+    """' Training took …' from the runs' recorded wall times, where results.json has them (written since 2026-12-08)."""
+    seconds = {(row["method"].removesuffix("+LA"), i): s for row in rows
+               for i, s in enumerate(row.get("train_seconds") or []) if s is not None}
+    if not seconds:
+        return ""
+    return (f" A training run took {statistics.mean(seconds.values()) / 60:.0f} minutes on average ({len(seconds)} "
+            f"runs, the wall time of `python -m ncal_core.train`, loading and saving included).")
 
 
 def _adjusted(rows: list[dict]) -> list[dict]:
@@ -283,7 +314,7 @@ def _screen_ranking(screens: list[Experiment]) -> str:
         lines.append(f"| {rank} | `{row['method']}` | {row['dev_macro_f1_mean']:.3f} | {row['macro_f1_mean']:.3f} | "
                      f"{vs_sft} | {delta_cell(row.get('delta_vs_twin'))} |")
     folders = " and ".join(f"`{e.folder}`" for e in screens)
-    return (f"## The screen ranked by the development split\n\nThe rows with post-hoc adjustment of {folders} "
+    return (f"### The screen ranked by the development split\n\nThe rows with post-hoc adjustment of {folders} "
             f"(a method run in both: the first's row), {len(ranked)} methods ranked by the development split's "
             f"macro-F1. One seed each; the Spearman correlation of their development and test macro-F1 is "
             f"{rho.statistic:.2f}.\n\n" + "\n".join(lines) + "\n")
@@ -407,6 +438,35 @@ def _memory_tables(sources: dict[str, tuple[Source, dict[str, Any]]]) -> list[st
     return tables
 
 
+def _profile_section(sources: dict[str, tuple[Source, dict[str, Any]]]) -> list[str]:
+    tables = _profile_tables(sources)
+    if not tables:
+        return []
+    return ["## Where a step's time goes, on real weights\n",
+            "`bench/profile_step.py` trains the real Qwen2.5-0.5B ([real_model.md](real_model.md)) with the paper's "
+            "LoRA settings under `torch.profiler`, after two unrecorded steps, in each precision, and puts every op's "
+            "self CPU time in one kind of work. *bf16 autocast* keeps fp32 weights and casts every frozen weight to "
+            "bf16 at every use; *bf16 weights + autocast* loads the frozen base in bf16 (`--torch_dtype bfloat16 "
+            "--bf16 true`), which for this checkpoint, stored in bf16, changes no weight.\n", *tables]
+
+
+def _profile_tables(sources: dict[str, tuple[Source, dict[str, Any]]]) -> list[str]:
+    """bench/profile_step.py's reports: each precision's time per step and its shares by kind of work."""
+    tables = []
+    for source, report in sources.values():
+        if not source.file.startswith("profile_step"):
+            continue
+        groups = list(report["precisions"][0]["shares"])
+        base = report["precisions"][0]["seconds_per_step"]
+        rows = ["| precision | seconds a step | speed vs " + report["precisions"][0]["precision"] + " | "
+                + " | ".join(groups) + " |", "|---" * (3 + len(groups)) + "|"]
+        rows += [f"| {r['precision']} | {r['seconds_per_step']:.2f} | {base / r['seconds_per_step']:.2f}× | "
+                 + " | ".join(_pct(r["shares"][g]) for g in groups) + " |" for r in report["precisions"]]
+        tables.append(f"{report['model']}, {report['threads']} threads, {report['steps']} recorded steps of 8 rows "
+                      f"({_link(source)}):\n\n" + "\n".join(rows) + "\n")
+    return tables
+
+
 def _memory_model_table(sources: dict[str, tuple[Source, dict[str, Any]]]) -> str:
     source, report = sources["bench_train.json"]
     gib = 2**30
@@ -461,6 +521,7 @@ def speed_page() -> str:
         "## What each lever gives\n",
         "One flag changed from our default each; one run each, so read differences under about 10% as noise.\n",
         *_lever_tables(sources),
+        *_profile_section(sources),
         "## The label-only LM head\n",
         "Only the LM head rows of label tokens are computed in training; forward + backward of the head alone "
         "against full logits and masked cross-entropy:\n",

@@ -311,6 +311,7 @@ def summarise(results: dict[str, dict[int, dict]], out: Path) -> list[dict]:
             row = {"method": name, "seeds": sorted(by_seed), "taus": taus, "dev_macro_f1_mean": statistics.mean(dev),
                    "accuracy_mean": acc[0], "accuracy_std": acc[1], "macro_f1_mean": f1[0], "macro_f1_std": f1[1],
                    "macro_f1_per_seed": [r["macro_f1"] for r in reports],
+                   "train_seconds": [res.get("train_seconds") for _, res in sorted(by_seed.items())],
                    "tail_f1": {labels[c]: _mean_std([r["per_class"][labels[c]]["f1"] for r in reports])[0]
                                for c in tail},
                    "ensemble": ensemble}
@@ -364,6 +365,21 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline_table(rows: list[dict]) -> str:
+    """The short table of `summarise`'s rows the README shows: each method's test macro-F1 with post-hoc adjustment
+    (the development split's choice of tau), and TC's share over its SFT twin."""
+    lines = ["| method | seeds | dev macro-F1 | test macro-F1 | Δ vs `sft+LA` [95% CI] | TC's share: Δ vs its SFT twin "
+             "[95% CI] |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        if not row["method"].endswith("+LA"):
+            continue
+        vs_sft = row.get("delta_vs_sft") if row["method"] != "sft+LA" else None  # sft+LA's own is against plain sft
+        lines.append(f"| `{row['method']}` | {len(row['seeds'])} | {row['dev_macro_f1_mean']:.3f} | "
+                     f"{row['macro_f1_mean']:.3f} ± {row['macro_f1_std']:.3f} | {delta_cell(vs_sft)} | "
+                     f"{delta_cell(row.get('delta_vs_twin'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(rows: list[dict], path: Path) -> None:
     path.write_text(results_table(rows), encoding="utf-8")
 
@@ -396,8 +412,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"set (default: 1, with --model {MODEL_PROTOCOL['train_fraction']})")
     parser.add_argument("--epochs", type=float, help=f"epochs of every run (default: ncal_core.train's, with --model "
                         f"{MODEL_PROTOCOL['epochs']:g})")
+    parser.add_argument("--table", type=Path, metavar="DIR", help="only print the short table (rows with post-hoc "
+                        "adjustment) of the results.json in DIR, as the README shows it")
     parser.add_argument("extra", nargs="*", help="more flags for every training run, after --")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        if not (args.table / "results.json").is_file():
+            parser.error(f"--table {args.table}: no results.json there")
+        print(headline_table(json.loads((args.table / "results.json").read_text(encoding="utf-8"))), end="")
+        return 0
     protocol = MODEL_PROTOCOL if args.model else {"train_fraction": 1.0, "dev_per_class": 20, "epochs": None}
     for name, value in protocol.items():
         if getattr(args, name) is None:
@@ -435,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = _run(method, seed, out, common)
             dev_ids = set(json.loads((run_dir / "dev_ids.json").read_text()))
             dev_rows = [r for r in train_rows if r.id in dev_ids]
-            results.setdefault(method, {})[seed] = _scores(run_dir, dev_rows, test_rows)
+            seconds = run_dir / "train_seconds.txt"
+            results.setdefault(method, {})[seed] = {**_scores(run_dir, dev_rows, test_rows), "train_seconds":
+                                                    float(seconds.read_text()) if seconds.is_file() else None}
             write_results(results, out)  # the table so far: a long sitting that stops keeps what it finished
             print(f"{method} seed {seed}: done", flush=True)
     write_results(results, out, plot=True)

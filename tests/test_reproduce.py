@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.reproduce import delta_cell, main
 from ncal_core.evaluation.tau_choice import TAU_GRID
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,20 @@ def test_quick_reproduce_writes_the_table_json_and_plot(tmp_path, tmwpl_dir):
     table = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     assert table.count("\n") == 2 + len(rows)
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
+    assert all(len(row["train_seconds"]) == 1 and row["train_seconds"][0] > 0 for row in rows)
+    short = subprocess.run([sys.executable, "-m", "bench.reproduce", "--table", str(tmp_path / "out")], check=True,
+                           env=env, capture_output=True, cwd=REPO, text=True).stdout.splitlines()
+    assert [line.split(" | ")[0] for line in short[2:]] == ["| `sft+LA`", "| `ncal+LA`"]  # adjusted rows only
+    sft_la, ncal_la = rows[1], rows[3]
+    assert short[2].endswith(f"| {sft_la['dev_macro_f1_mean']:.3f} | {sft_la['macro_f1_mean']:.3f} ± 0.000 | – | – |")
+    assert short[3].endswith(f"| {delta_cell(ncal_la['delta_vs_sft'])} | {delta_cell(ncal_la['delta_vs_twin'])} |")
+
+
+def test_table_of_a_folder_without_results_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--table", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--table {tmp_path}: no results.json there" in capsys.readouterr().err
 
 
 def test_settings_of_a_part_that_is_off_do_not_make_a_run_stale():

@@ -123,7 +123,8 @@ class TrainConfig:
     lr_scheduler_type: str = flag("linear", "decay after warm-up: linear or cosine")
     max_grad_norm: float = flag(1.0, "gradient-norm clipping; 0 disables it")
     seed: int = flag(42, "seed for weights init, LoRA init, data order and dropout")
-    bf16: bool = flag(False, "bfloat16 autocast (CPU or GPU)")
+    bf16: bool = flag(False, "bfloat16 autocast (CPU or GPU); with LoRA, load the frozen base in bf16 too "
+                             "(--torch_dtype bfloat16), or every frozen weight is cast again at every use")
     fp16: bool = flag(False, "float16 autocast with a gradient scaler (GPU only)")
     gradient_checkpointing: bool = flag(False, "recompute each decoder layer in the backward pass to save memory")
     fsdp: bool = flag(False, "shard weights, gradients and optimizer state over the processes (PyTorch FSDP2: each "
