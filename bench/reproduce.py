@@ -117,6 +117,9 @@ PAPER_LORA = ["--use_lora", "true", "--lora_r", "8", "--lora_alpha", "32", "--ta
 # held out for development, two epochs of 8-row steps (~500 optimizer steps; 32-row steps would give ~125)
 MODEL_PROTOCOL = {"train_fraction": 0.25, "dev_per_class": 10, "epochs": 2.0}
 MODEL_BATCH = ["--per_device_train_batch_size", "8"]
+# the training precision of --model runs (scoring is fp32 either way): bf16 trains twice as fast on these CPUs, and
+# its SFT run matched fp32's on the development split (docs/real_model.md)
+PRECISIONS = {"bf16": ["--bf16", "true", "--torch_dtype", "bfloat16"], "fp32": []}
 ZERO_SHOT_INSTRUCTION = (
     "你是小学数学题的认知领域分类器。根据TIMSS认知领域，判断这道题主要考查学生的哪一种能力，只回答下列七个类别名称之一：\n"
     "回忆（Recall）：回忆定义、术语、数的性质、单位、计算法则等已学知识。\n"
@@ -412,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"set (default: 1, with --model {MODEL_PROTOCOL['train_fraction']})")
     parser.add_argument("--epochs", type=float, help=f"epochs of every run (default: ncal_core.train's, with --model "
                         f"{MODEL_PROTOCOL['epochs']:g})")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="bf16", help="with --model: train LoRA "
+                        "over a bf16 base under bf16 autocast, or in fp32 (default: bf16)")
     parser.add_argument("--table", type=Path, metavar="DIR", help="only print the short table (rows with post-hoc "
                         "adjustment) of the results.json in DIR, as the README shows it")
     parser.add_argument("extra", nargs="*", help="more flags for every training run, after --")
@@ -441,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     # the flag as given: a run records it, and a cached run is reused while its recorded flags are unchanged
     common = ["--dataset_path", dataset, "--dev_per_class", str(args.dev_per_class)]
     if args.model:
-        common += ["--model_name_or_path", args.model, *PAPER_LORA, *MODEL_BATCH]
+        common += ["--model_name_or_path", args.model, *PAPER_LORA, *MODEL_BATCH, *PRECISIONS[args.precision]]
     if args.epochs is not None:
         common += ["--num_train_epochs", f"{args.epochs:g}"]
     common += args.extra

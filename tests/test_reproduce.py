@@ -156,11 +156,12 @@ def test_with_model_lora_runs_train_on_a_long_tailed_fraction_and_zero_shot_scor
                                                  for i, label in enumerate(list(sizes) * 3)])
     out = tmp_path / "out"
 
-    def reproduce() -> str:
+    def reproduce(methods: str = "zero_shot,sft,ncal", precision: str = "bf16") -> str:
         return subprocess.run([sys.executable, "-m", "bench.reproduce", "--model", str(base), "--train",
                                str(tmp_path / "train.jsonl"), "--test", str(test), "--train_fraction", "0.5",
-                               "--dev_per_class", "2", "--methods", "zero_shot,sft,ncal", "--seeds", "0", "--out",
-                               str(out), "--", "--max_steps", "2", "--per_device_train_batch_size", "4"],
+                               "--dev_per_class", "2", "--methods", methods, "--seeds", "0", "--out", str(out),
+                               "--precision", precision, "--", "--max_steps", "2", "--per_device_train_batch_size",
+                               "4"],
                               check=True, env=command_env(tmp_path / "cache"), capture_output=True, cwd=REPO,
                               text=True).stdout
 
@@ -170,10 +171,12 @@ def test_with_model_lora_runs_train_on_a_long_tailed_fraction_and_zero_shot_scor
     assert all(r in train for r in subset)  # rows of the training file, as they were
     config = json.loads((out / "runs" / "sft-s0" / "ncal_run.json").read_text())["config"]
     assert {k: config[k] for k in ("model_name_or_path", "use_lora", "lora_r", "lora_alpha", "target_modules",
-                                   "learning_rate", "dataset_path", "num_train_epochs", "dev_per_class")} == {
+                                   "learning_rate", "dataset_path", "num_train_epochs", "dev_per_class", "bf16",
+                                   "torch_dtype")} == {
         "model_name_or_path": str(base), "use_lora": True, "lora_r": 8, "lora_alpha": 32.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "learning_rate": 2e-4,
-        "dataset_path": str(out / "train_f0.5.jsonl"), "num_train_epochs": 2.0, "dev_per_class": 2}
+        "dataset_path": str(out / "train_f0.5.jsonl"), "num_train_epochs": 2.0, "dev_per_class": 2, "bf16": True,
+        "torch_dtype": "bfloat16"}  # the default --precision bf16
 
     cache = out / "runs" / "zero_shot" / "scores.json"
     zero_shot = json.loads(cache.read_text(encoding="utf-8"))
@@ -194,3 +197,6 @@ def test_with_model_lora_runs_train_on_a_long_tailed_fraction_and_zero_shot_scor
     assert "delta_vs_sft" in rows[0] and "twin" not in rows[0] and rows[4]["twin"] == "sft"
     scored = cache.stat().st_mtime_ns
     assert "training again" not in reproduce() and cache.stat().st_mtime_ns == scored  # all of it reused
+    retrained = reproduce("sft", "fp32")
+    assert "training again" in retrained and "bf16 True -> False" in retrained
+    assert "torch_dtype 'bfloat16' -> 'float32'" in retrained
