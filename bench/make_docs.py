@@ -77,7 +77,8 @@ EXPERIMENTS = [
                "python -m bench.reproduce --model ~/.cache/ncal-real/qwen2.5-coder-0.5b-instruct "
                "--out bench/results/reproduce_real_bf16 --methods zero_shot,sft,ncal --seeds 0",
                "LoRA over the bf16 base under bf16 autocast (`--precision bf16`, the default), scored in fp32. One "
-               "seed: the first look, not yet the three-seed table.", real=True),
+               "seed: the first look, not yet the three-seed table. `ncal`'s share over its twin `sft` is within "
+               "noise either way.", real=True),
     Experiment("reproduce_real", "The precision check (fp32): zero-shot and SFT, one seed", "2026-12-08",
                "python -m bench.reproduce --model ~/.cache/ncal-real/qwen2.5-coder-0.5b-instruct "
                "--out bench/results/reproduce_real --methods zero_shot,sft --seeds 0 --precision fp32",
