@@ -273,8 +273,8 @@ def results_page() -> str:
 
 REAL_MODEL_INTRO = (
     "## A real pretrained LLM: Qwen2.5-Coder-0.5B-Instruct with LoRA\n\n"
-    "The real checkpoint of [real_model.md](real_model.md), fine-tuned with LoRA adapters as the paper does (r 8, alpha 32, dropout 0.1, q/k/v/o, learning rate 2e-4) "
-    "in 8-row steps, on the protocol that fits two CPU cores: a fixed quarter of every TMWPL training class "
+    "The real checkpoint of [real_model.md](real_model.md), fine-tuned with LoRA adapters as the paper does "
+    "(r 8, alpha 32, dropout 0.1, q/k/v/o, learning rate 2e-4) in 8-row steps, on the protocol that fits two CPU cores: a fixed quarter of every TMWPL training class "
     "(2,066 rows, the full imbalance), 10 development rows a class held out of it, 2 epochs (498 steps), "
     "TMWPL test's 350 rows. `zero_shot` is the checkpoint as it is, prompted with an instruction that names and "
     "defines the seven classes; it is scored once and stands for every seed.\n")
@@ -465,8 +465,8 @@ def _profile_section(sources: dict[str, tuple[Source, dict[str, Any]]]) -> list[
             "`bench/profile_step.py` trains the real Qwen2.5-0.5B ([real_model.md](real_model.md)) with the paper's "
             "LoRA settings (and the training defaults otherwise, TC on) under `torch.profiler`, after two unrecorded "
             "steps, in each precision, on the same batches, and puts every op's self CPU time in one kind of work; "
-            "*seconds a step* is the main thread's time inside ops. *bf16 autocast* keeps fp32 weights and casts every frozen weight to "
-            "bf16 at every use; *bf16 weights + autocast* loads the frozen base in bf16 (`--torch_dtype bfloat16 "
+            "*seconds a step* is the main thread's time inside ops. *bf16 autocast* keeps fp32 weights and casts "
+            "every frozen weight to bf16 at every use; *bf16 weights + autocast* loads the frozen base in bf16 (`--torch_dtype bfloat16 "
             "--bf16 true`), which for this checkpoint, stored in bf16, changes no weight.\n", *tables]
 
 

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_train import child_env, print_table
+from bench.reproduce import MODEL_BATCH, PAPER_LORA
+from bench.reproduce import PRECISIONS as REPRODUCE_PRECISIONS
 
-PRECISIONS = {"float32": [], "bf16 autocast": ["--bf16", "true"],
-              "bf16 weights + autocast": ["--bf16", "true", "--torch_dtype", "bfloat16"]}
-LORA = ["--use_lora", "true", "--lora_r", "8", "--lora_alpha", "32", "--target_modules", "q_proj,k_proj,v_proj,o_proj",
-        "--learning_rate", "2e-4", "--per_device_train_batch_size", "8"]
+PRECISIONS = {"float32": REPRODUCE_PRECISIONS["fp32"], "bf16 autocast": ["--bf16", "true"],
+              "bf16 weights + autocast": REPRODUCE_PRECISIONS["bf16"]}
+LORA = [*PAPER_LORA, *MODEL_BATCH]
 SKIPPED_STEPS = 2
 # (group, pattern of the aten op names it takes), first match wins
 GROUPS = [
